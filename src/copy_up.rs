@@ -1,0 +1,218 @@
+//! Copy-up: giving a lower object an upper copy before it is changed.
+//!
+//! Parents first, each with its own metadata. The copy is built in the work
+//! directory under a temporary name — data (sparse-aware, by reflink or
+//! `copy_file_range` where the filesystem allows), owner, mode, xattrs and
+//! times — synced, then renamed into place, so no reader and no crash ever
+//! sees a half-made copy. The parent's times are restored afterwards, as the
+//! kernel does. One copy-up per node at a time; later callers find it done.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tracing::debug;
+
+use crate::format;
+use crate::node::Node;
+use crate::superblock::{Union, remove_tree};
+use crate::sys::{self, Errno, Result, Stat};
+
+const FICLONE: libc::c_ulong = 0x4004_9409;
+const CHUNK: usize = 1 << 30;
+
+impl Union {
+    /// The upper object of `node`, copying it (and its parents) up if needed.
+    pub fn ensure_upper(&self, node: &Arc<Node>) -> Result<Arc<OwnedFd>> {
+        loop {
+            if let Some(u) = node.upper() {
+                return Ok(u);
+            }
+            let (parent, _) = node.parent_and_name();
+            let parent = parent.ok_or(Errno::EIO)?;
+            let parent_upper = self.ensure_upper(&parent)?;
+            let _guard = node.copy_up_lock.lock();
+            if let Some(u) = node.upper() {
+                return Ok(u);
+            }
+            let (now_parent, name) = node.parent_and_name();
+            if !now_parent.is_some_and(|p| Arc::ptr_eq(&p, &parent)) {
+                continue; // renamed meanwhile: copy its new parent first
+            }
+            let lower = node.real().0;
+            let upper = self.copy_up_object(parent_upper.as_fd(), &name, lower.as_fd())?;
+            let upper_stat = sys::stat_fd(upper.as_fd())?;
+            let lower_nlink = sys::stat_fd(lower.as_fd())?.st_nlink;
+            if node.is_dir() || lower_nlink <= 1 {
+                self.table.record_origin(upper_stat.st_ino, node.id);
+            }
+            let upper = Arc::new(upper);
+            node.state.write().upper = Some(upper.clone());
+            node.copied_up.store(true, Ordering::Release);
+            debug!(name = ?name, id = node.id, "copied up");
+            return Ok(upper);
+        }
+    }
+
+    /// Copies the lower object `src` to `name` in the upper directory `dir`.
+    fn copy_up_object(&self, dir: BorrowedFd<'_>, name: &OsStr, src: BorrowedFd<'_>) -> Result<OwnedFd> {
+        let st = sys::stat_fd(src)?;
+        let dir_times = sys::stat_fd(dir)?;
+        let tmp = self.temp_name();
+        let work = self.work_fd();
+        let built = self.build_copy(&tmp, src, &st).and_then(|obj| {
+            sys::rename_at(work, &tmp, dir, name, libc::RENAME_NOREPLACE)?;
+            Ok(obj)
+        });
+        let obj = match built {
+            Ok(obj) => obj,
+            Err(e) => {
+                let _ = remove_tree(work, &tmp);
+                return Err(e);
+            }
+        };
+        let (atime, mtime) = sys::stat_times(&dir_times);
+        sys::set_times_fd(dir, atime, mtime)?;
+        Ok(obj)
+    }
+
+    /// Builds the full copy of `src` as `tmp` in the work directory.
+    fn build_copy(&self, tmp: &OsStr, src: BorrowedFd<'_>, st: &Stat) -> Result<OwnedFd> {
+        let work = self.work_fd();
+        let kind = sys::file_type(st.st_mode);
+        let data = match kind {
+            libc::S_IFREG => Some(sys::create_file(work, tmp, libc::O_WRONLY, 0o600)?),
+            libc::S_IFDIR => {
+                sys::mkdir_at(work, tmp, 0o700)?;
+                None
+            }
+            libc::S_IFLNK => {
+                let target = sys::readlink_fd(src)?;
+                sys::symlink_at(OsStr::from_bytes(&target), work, tmp)?;
+                None
+            }
+            _ => {
+                sys::mknod_at(work, tmp, kind | 0o600, st.st_rdev)?;
+                None
+            }
+        };
+        if let Some(dst) = &data {
+            let from = sys::reopen(src, libc::O_RDONLY)?;
+            copy_data(from.as_fd(), dst.as_fd(), st.st_size as u64)?;
+        }
+        let obj = sys::open_path(work, tmp)?;
+        copy_metadata(src, obj.as_fd(), st)?;
+        if let Some(dst) = &data {
+            if !self.tuning.volatile {
+                sys::fsync(dst.as_fd(), true)?;
+            }
+        }
+        Ok(obj)
+    }
+}
+
+/// Owner, mode, xattrs and times of `src` onto `dst`.
+fn copy_metadata(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, st: &Stat) -> Result<()> {
+    let is_link = sys::file_type(st.st_mode) == libc::S_IFLNK;
+    sys::chown_fd(dst, Some(st.st_uid), Some(st.st_gid))?;
+    if !is_link {
+        sys::chmod_fd(dst, st.st_mode)?;
+    }
+    copy_xattrs(src, dst)?;
+    let (atime, mtime) = sys::stat_times(st);
+    sys::set_times_fd(dst, atime, mtime)
+}
+
+/// Every xattr but the overlay-private ones.
+fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
+    let names = match sys::list_xattr(src) {
+        Ok(n) => n,
+        Err(e) if e == Errno::ENOTSUP => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for name in names {
+        if format::is_private_xattr(&name) {
+            continue;
+        }
+        let value = match sys::get_xattr(src, &name) {
+            Ok(v) => v,
+            Err(Errno::ENODATA) => continue,
+            Err(e) => return Err(e),
+        };
+        match sys::set_xattr(dst, &name, &value, 0) {
+            Ok(()) => {}
+            // Some namespaces (security.*) may be refused by the upper filesystem.
+            Err(e) if (e == Errno::ENOTSUP || e == Errno::EPERM) && !name_is_user(&name) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn name_is_user(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(b"user.")
+}
+
+/// Copies `size` bytes, keeping holes: a reflink when the filesystem can,
+/// else the data extents one by one with `copy_file_range`.
+pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> Result<()> {
+    if size == 0 {
+        return Ok(());
+    }
+    if unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    let mut pos = 0u64;
+    while pos < size {
+        let data = match sys::lseek(src, pos as i64, libc::SEEK_DATA) {
+            Ok(off) => off as u64,
+            Err(Errno(libc::ENXIO)) => break, // only a hole is left
+            Err(_) => pos,                    // no SEEK_DATA: copy everything
+        };
+        if data >= size {
+            break;
+        }
+        let end = match sys::lseek(src, data as i64, libc::SEEK_HOLE) {
+            Ok(off) => (off as u64).min(size),
+            Err(_) => size,
+        };
+        copy_range(src, dst, data, end)?;
+        pos = end;
+    }
+    sys::ftruncate(dst, size)
+}
+
+fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, mut from: u64, end: u64) -> Result<()> {
+    while from < end {
+        let want = ((end - from) as usize).min(CHUNK);
+        let n = match sys::copy_file_range(src, from, dst, from, want) {
+            Ok(0) => return Ok(()), // the source shrank under us
+            Ok(n) => n,
+            Err(e) if matches!(e.0, libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+                return copy_range_by_hand(src, dst, from, end);
+            }
+            Err(e) => return Err(e),
+        };
+        from += n as u64;
+    }
+    Ok(())
+}
+
+fn copy_range_by_hand(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, mut from: u64, end: u64) -> Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    while from < end {
+        let want = ((end - from) as usize).min(buf.len());
+        let n = sys::pread(src, &mut buf[..want], from)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut done = 0;
+        while done < n {
+            done += sys::pwrite(dst, &buf[done..n], from + done as u64)?;
+        }
+        from += n as u64;
+    }
+    Ok(())
+}

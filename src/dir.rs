@@ -1,0 +1,406 @@
+//! Directory operations: create, mkdir, mknod, symlink, link, unlink, rmdir
+//! and rename, with whiteouts and opaque directories.
+//!
+//! Anything that replaces a whiteout, or turns an object into one, is built
+//! in the work directory and swapped in by one `renameat2`, so a crash never
+//! leaves a lower object showing through half-way.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use crate::format;
+use crate::namei::Found;
+use crate::node::{Node, NodeState, UPPER};
+use crate::superblock::{Caller, Union, remove_tree};
+use crate::sys::{self, Errno, Result, Stat};
+
+/// Where a new object goes: the parent's upper directory, and whether a
+/// whiteout is there now.
+struct Slot {
+    dir: Arc<OwnedFd>,
+    over_whiteout: bool,
+}
+
+/// How a new object is made and owned.
+struct NewObject<'a> {
+    /// `S_IFMT` bits and permission bits of the object.
+    mode: u32,
+    /// Give the object the caller as owner (not for hard links).
+    take_owner: bool,
+    /// Makes the object at (dir, name); returns an open file for `create`.
+    make: &'a mut dyn FnMut(BorrowedFd<'_>, &OsStr) -> Result<Option<OwnedFd>>,
+}
+
+/// What a rename moves, resolved once.
+struct Side {
+    parent: Arc<Node>,
+    found: Found,
+}
+
+impl Union {
+    fn prepare_slot(&self, parent: &Arc<Node>, name: &OsStr) -> Result<Slot> {
+        match self.resolve(parent, name) {
+            Ok(_) => return Err(Errno::EEXIST),
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        let dir = self.ensure_upper(parent)?;
+        let over_whiteout = match sys::stat_at(dir.as_fd(), name) {
+            Ok(st) if format::is_whiteout_dev(&st) => true,
+            Ok(_) => return Err(Errno::EEXIST),
+            Err(Errno::ENOENT) => false,
+            Err(e) => return Err(e),
+        };
+        Ok(Slot { dir, over_whiteout })
+    }
+
+    /// True when a lower layer has anything at all called `name` under
+    /// `parent`, whiteouts included: a directory made there must be opaque.
+    fn lower_has_any(&self, parent: &Node, name: &OsStr) -> bool {
+        let dirs = parent.state.read().lowers.clone();
+        dirs.iter().any(|d| {
+            sys::stat_at(d.fd.as_fd(), name).is_ok()
+                || sys::stat_at(d.fd.as_fd(), &format::aufs_whiteout_name(name)).is_ok()
+        })
+    }
+
+    /// Makes a new object at `name` in `parent` and enters it in the table.
+    fn create_object(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        caller: Caller,
+        new: NewObject<'_>,
+    ) -> Result<(Arc<Node>, Stat, Option<OwnedFd>)> {
+        let slot = self.prepare_slot(parent, name)?;
+        let is_dir = sys::file_type(new.mode) == libc::S_IFDIR;
+        let opaque = is_dir && (slot.over_whiteout || self.lower_has_any(parent, name));
+        let (build_dir, build_name) = if slot.over_whiteout {
+            (self.work_fd(), self.temp_name())
+        } else {
+            (slot.dir.as_fd(), name.to_os_string())
+        };
+        let opened = (new.make)(build_dir, &build_name)?;
+        let finish = || -> Result<OwnedFd> {
+            let obj = sys::open_path(build_dir, &build_name)?;
+            if new.take_owner {
+                set_owner(obj.as_fd(), slot.dir.as_fd(), caller, new.mode)?;
+            }
+            if opaque {
+                format::set_opaque(obj.as_fd(), self.ns)?;
+            }
+            if slot.over_whiteout {
+                if is_dir {
+                    sys::rename_at(build_dir, &build_name, slot.dir.as_fd(), name, libc::RENAME_EXCHANGE)?;
+                    let _ = sys::unlink_at(build_dir, &build_name, false);
+                } else {
+                    sys::rename_at(build_dir, &build_name, slot.dir.as_fd(), name, 0)?;
+                }
+            }
+            Ok(obj)
+        };
+        let obj = match finish() {
+            Ok(obj) => obj,
+            Err(e) => {
+                if slot.over_whiteout || new.take_owner {
+                    let _ = remove_tree(build_dir, &build_name);
+                }
+                return Err(e);
+            }
+        };
+        let stat = sys::stat_fd(obj.as_fd())?;
+        let id = self.table.id_for(UPPER, stat.st_ino);
+        let node = self.table.acquire(id, || {
+            Node::new(
+                id,
+                sys::file_type(stat.st_mode),
+                NodeState {
+                    parent: Some(parent.clone()),
+                    name: name.to_os_string(),
+                    upper: Some(Arc::new(obj)),
+                    lowers: vec![],
+                    unlinked: false,
+                },
+            )
+        });
+        node.set_location(parent.clone(), name.to_os_string());
+        let stat = node.present(stat);
+        Ok((node, stat, opened))
+    }
+
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(Arc<Node>, Stat, OwnedFd)> {
+        let parent = self.node(parent)?;
+        let mut make = |d: BorrowedFd<'_>, n: &OsStr| {
+            sys::create_file(d, n, flags & !libc::O_DIRECT, mode & 0o777).map(Some)
+        };
+        let new = NewObject { mode: libc::S_IFREG | (mode & 0o7777), take_owner: true, make: &mut make };
+        let (node, stat, file) = self.create_object(&parent, name, caller, new)?;
+        Ok((node, stat, file.ok_or(Errno::EIO)?))
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<(Arc<Node>, Stat)> {
+        let parent = self.node(parent)?;
+        let mut make = |d: BorrowedFd<'_>, n: &OsStr| sys::mkdir_at(d, n, mode & 0o7777).map(|_| None);
+        let new = NewObject { mode: libc::S_IFDIR | (mode & 0o7777), take_owner: true, make: &mut make };
+        let (node, stat, _) = self.create_object(&parent, name, caller, new)?;
+        Ok((node, stat))
+    }
+
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u64,
+        caller: Caller,
+    ) -> Result<(Arc<Node>, Stat)> {
+        if sys::file_type(mode) == libc::S_IFCHR && rdev == 0 {
+            return Err(Errno::EPERM); // that is a whiteout
+        }
+        let parent = self.node(parent)?;
+        let mut make = |d: BorrowedFd<'_>, n: &OsStr| sys::mknod_at(d, n, mode, rdev).map(|_| None);
+        let new = NewObject { mode, take_owner: true, make: &mut make };
+        let (node, stat, _) = self.create_object(&parent, name, caller, new)?;
+        Ok((node, stat))
+    }
+
+    pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<(Arc<Node>, Stat)> {
+        let parent = self.node(parent)?;
+        let mut make = |d: BorrowedFd<'_>, n: &OsStr| sys::symlink_at(target, d, n).map(|_| None);
+        let new = NewObject { mode: libc::S_IFLNK | 0o777, take_owner: true, make: &mut make };
+        let (node, stat, _) = self.create_object(&parent, name, caller, new)?;
+        Ok((node, stat))
+    }
+
+    pub fn link(&self, id: u64, new_parent: u64, new_name: &OsStr) -> Result<(Arc<Node>, Stat)> {
+        let node = self.node(id)?;
+        let parent = self.node(new_parent)?;
+        let src = self.ensure_upper(&node)?;
+        let mut make = |d: BorrowedFd<'_>, n: &OsStr| sys::link_fd(src.as_fd(), d, n).map(|_| None);
+        let new = NewObject { mode: node.kind, take_owner: false, make: &mut make };
+        let (linked, stat, _) = self.create_object(&parent, new_name, Caller { uid: 0, gid: 0 }, new)?;
+        Ok((linked, stat))
+    }
+
+    /// Turns the upper object at `name` in `dir` into a whiteout, atomically.
+    fn replace_with_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> Result<()> {
+        let work = self.work_fd();
+        let tmp = self.temp_name();
+        format::make_whiteout(work, &tmp)?;
+        let flags = if is_dir { libc::RENAME_EXCHANGE } else { 0 };
+        if let Err(e) = sys::rename_at(work, &tmp, dir, name, flags) {
+            let _ = sys::unlink_at(work, &tmp, false);
+            return Err(e);
+        }
+        if is_dir { remove_tree(work, &tmp) } else { Ok(()) }
+    }
+
+    /// Removes the upper directory `name` of `dir`, with any whiteouts in it.
+    fn remove_upper_dir(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        match sys::unlink_at(dir, name, true) {
+            Err(Errno::ENOTEMPTY) => {
+                let tmp = self.temp_name();
+                sys::rename_at(dir, name, self.work_fd(), &tmp, 0)?;
+                remove_tree(self.work_fd(), &tmp)
+            }
+            other => other,
+        }
+    }
+
+    /// Removes `name` from the union view of `parent`.
+    fn remove_name(&self, parent: &Arc<Node>, name: &OsStr, found: &Found) -> Result<()> {
+        let is_dir = found.is_dir();
+        let dir = self.ensure_upper(parent)?;
+        let lower_remains = self.name_in_lowers(parent, name)?;
+        match (&found.upper, lower_remains) {
+            (Some(_), true) => self.replace_with_whiteout(dir.as_fd(), name, is_dir)?,
+            (Some(_), false) if is_dir => self.remove_upper_dir(dir.as_fd(), name)?,
+            (Some(_), false) => sys::unlink_at(dir.as_fd(), name, false)?,
+            (None, _) => format::make_whiteout(dir.as_fd(), name)?,
+        }
+        if let Some(node) = self.existing_node(found) {
+            node.mark_unlinked();
+        }
+        if found.upper.is_some() && !is_dir && found.stat.st_nlink <= 1 {
+            self.table.drop_origin(found.stat.st_ino);
+        }
+        Ok(())
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let parent = self.node(parent)?;
+        let found = self.resolve(&parent, name)?;
+        if found.is_dir() {
+            return Err(Errno::EISDIR);
+        }
+        self.remove_name(&parent, name, &found)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let parent = self.node(parent)?;
+        let found = self.resolve(&parent, name)?;
+        if !found.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        if !self.merged_entries(found.upper.as_ref(), &found.lowers)?.is_empty() {
+            return Err(Errno::ENOTEMPTY);
+        }
+        self.remove_name(&parent, name, &found)
+    }
+
+    /// A directory that is not purely upper cannot be moved (EXDEV), as with
+    /// the kernel's default `redirect_dir=off`.
+    fn check_movable(&self, side: &Side, name: &OsStr) -> Result<()> {
+        if side.found.is_dir()
+            && (!side.found.lowers.is_empty() || self.name_in_lowers(&side.parent, name)?)
+        {
+            return Err(Errno::EXDEV);
+        }
+        Ok(())
+    }
+
+    fn node_for(&self, side: &Side, name: &OsStr) -> Arc<Node> {
+        let found = Found {
+            upper: side.found.upper.clone(),
+            lowers: side.found.lowers.clone(),
+            stat: side.found.stat,
+            top_layer: side.found.top_layer,
+        };
+        match self.existing_node(&found) {
+            Some(n) => n,
+            None => Arc::new(self.node_from(&side.parent, name, found)),
+        }
+    }
+
+    pub fn rename(&self, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr, flags: u32) -> Result<()> {
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0
+            || flags == libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE
+        {
+            return Err(Errno::EINVAL);
+        }
+        let parent = self.node(parent)?;
+        let new_parent = self.node(new_parent)?;
+        let src = Side { found: self.resolve(&parent, name)?, parent: parent.clone() };
+        self.check_movable(&src, name)?;
+        let dst = match self.resolve(&new_parent, new_name) {
+            Ok(found) => Some(Side { found, parent: new_parent.clone() }),
+            Err(Errno::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            let dst = dst.ok_or(Errno::ENOENT)?;
+            return self.rename_exchange(src, name, dst, new_name);
+        }
+        if let Some(d) = &dst {
+            if flags & libc::RENAME_NOREPLACE != 0 {
+                return Err(Errno::EEXIST);
+            }
+            if src.found.stat.st_ino == d.found.stat.st_ino && src.found.top_layer == d.found.top_layer {
+                return Ok(()); // two links of one file: nothing to do
+            }
+            match (src.found.is_dir(), d.found.is_dir()) {
+                (true, false) => return Err(Errno::ENOTDIR),
+                (false, true) => return Err(Errno::EISDIR),
+                (true, true) if !self.merged_entries(d.found.upper.as_ref(), &d.found.lowers)?.is_empty() => {
+                    return Err(Errno::ENOTEMPTY);
+                }
+                _ => {}
+            }
+        }
+        self.rename_replace(src, name, new_parent, dst, new_name)
+    }
+
+    fn rename_exchange(&self, src: Side, name: &OsStr, dst: Side, new_name: &OsStr) -> Result<()> {
+        self.check_movable(&dst, new_name)?;
+        let src_node = self.node_for(&src, name);
+        let dst_node = self.node_for(&dst, new_name);
+        self.ensure_upper(&src_node)?;
+        self.ensure_upper(&dst_node)?;
+        let from = self.ensure_upper(&src.parent)?;
+        let to = self.ensure_upper(&dst.parent)?;
+        sys::rename_at(from.as_fd(), name, to.as_fd(), new_name, libc::RENAME_EXCHANGE)?;
+        src_node.set_location(dst.parent.clone(), new_name.to_os_string());
+        dst_node.set_location(src.parent.clone(), name.to_os_string());
+        Ok(())
+    }
+
+    fn rename_replace(
+        &self,
+        src: Side,
+        name: &OsStr,
+        new_parent: Arc<Node>,
+        dst: Option<Side>,
+        new_name: &OsStr,
+    ) -> Result<()> {
+        let src_node = self.node_for(&src, name);
+        let src_upper = self.ensure_upper(&src_node)?;
+        let from = self.ensure_upper(&src.parent)?;
+        let to = self.ensure_upper(&new_parent)?;
+        let src_is_dir = src.found.is_dir();
+        let src_lower_remains = self.name_in_lowers(&src.parent, name)?;
+        let dst_upper = match sys::stat_at(to.as_fd(), new_name) {
+            Ok(st) => Some(st),
+            Err(Errno::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
+        let dst_is_whiteout = dst_upper.as_ref().is_some_and(format::is_whiteout_dev);
+        let dst_is_dir = dst_upper.as_ref().is_some_and(sys::is_dir);
+        if src_is_dir && (dst_is_whiteout || self.lower_has_any(&new_parent, new_name)) {
+            // Whatever a lower layer has at the new name must stay hidden.
+            format::set_opaque(src_upper.as_fd(), self.ns)?;
+        }
+        let dst_holds_whiteouts = dst_is_dir && !sys::read_dir(sys::open_path(to.as_fd(), new_name)?.as_fd())?.is_empty();
+        if (src_is_dir && dst_is_whiteout) || dst_holds_whiteouts {
+            // renameat2 cannot replace these: swap, then deal with what
+            // landed at the old name.
+            sys::rename_at(from.as_fd(), name, to.as_fd(), new_name, libc::RENAME_EXCHANGE)?;
+            match (src_lower_remains, dst_is_whiteout) {
+                (true, true) => {} // it is the very whiteout the old name needs
+                (true, false) => self.replace_with_whiteout(from.as_fd(), name, dst_is_dir)?,
+                (false, _) if dst_is_dir => self.remove_upper_dir(from.as_fd(), name)?,
+                (false, _) => sys::unlink_at(from.as_fd(), name, false)?,
+            }
+        } else {
+            let flags = if src_lower_remains { libc::RENAME_WHITEOUT } else { 0 };
+            sys::rename_at(from.as_fd(), name, to.as_fd(), new_name, flags)?;
+        }
+        if let Some(node) = dst.as_ref().and_then(|d| self.existing_node(&d.found)) {
+            node.mark_unlinked();
+        }
+        src_node.set_location(new_parent, new_name.to_os_string());
+        Ok(())
+    }
+}
+
+/// Gives a new object its owner: the caller, with the group of a setgid
+/// parent directory; then the mode bits a chown would have cleared.
+fn set_owner(obj: BorrowedFd<'_>, parent: BorrowedFd<'_>, caller: Caller, mode: u32) -> Result<()> {
+    let pst = sys::stat_fd(parent)?;
+    let sgid_parent = pst.st_mode & libc::S_ISGID != 0;
+    let gid = if sgid_parent { pst.st_gid } else { caller.gid };
+    let st = sys::stat_fd(obj)?;
+    if st.st_uid != caller.uid || st.st_gid != gid {
+        sys::chown_fd(obj, Some(caller.uid), Some(gid))?;
+    }
+    let kind = sys::file_type(mode);
+    if kind == libc::S_IFLNK {
+        return Ok(());
+    }
+    let mut want = mode & 0o7777;
+    if kind == libc::S_IFDIR && sgid_parent {
+        want |= libc::S_ISGID;
+    }
+    let now = sys::stat_fd(obj)?.st_mode & 0o7777;
+    if now != want {
+        sys::chmod_fd(obj, want)?;
+    }
+    Ok(())
+}

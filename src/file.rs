@@ -1,0 +1,127 @@
+//! File I/O: open (copy-up for writing), read, write, fsync, fallocate,
+//! lseek and release.
+//!
+//! A file opened read-only on a lower layer switches to the upper copy on its
+//! next read once the file has been copied up, as kernel overlayfs readers do;
+//! the lower file is never opened for writing.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::RwLock;
+
+use crate::node::Node;
+use crate::superblock::Union;
+use crate::sys::{self, Errno, Result};
+
+/// One open file of the union.
+#[derive(Debug)]
+pub struct OpenFile {
+    pub node: Arc<Node>,
+    fd: RwLock<Arc<OwnedFd>>,
+    on_upper: AtomicBool,
+    flags: i32,
+}
+
+fn wants_write(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
+/// Flags for opening the real file: O_DIRECT is served through our buffers.
+fn real_flags(flags: i32) -> i32 {
+    flags & !(libc::O_DIRECT | libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY)
+}
+
+impl OpenFile {
+    pub fn fd(&self) -> Arc<OwnedFd> {
+        self.fd.read().clone()
+    }
+
+    pub fn is_writable_upper(&self) -> bool {
+        self.on_upper.load(Ordering::Acquire) && self.flags & libc::O_ACCMODE != libc::O_RDONLY
+    }
+
+    /// The descriptor to read from: the upper copy once there is one.
+    fn read_fd(&self) -> Result<Arc<OwnedFd>> {
+        if !self.on_upper.load(Ordering::Acquire) && self.node.copied_up.load(Ordering::Acquire) {
+            if let Some(upper) = self.node.upper() {
+                let fd = Arc::new(sys::reopen(upper.as_fd(), real_flags(self.flags) & !libc::O_TRUNC)?);
+                *self.fd.write() = fd;
+                self.on_upper.store(true, Ordering::Release);
+            }
+        }
+        Ok(self.fd())
+    }
+}
+
+impl Union {
+    fn register_file(&self, node: Arc<Node>, fd: OwnedFd, on_upper: bool, flags: i32) -> u64 {
+        let fh = self.next_handle();
+        let file = OpenFile { node, fd: RwLock::new(Arc::new(fd)), on_upper: AtomicBool::new(on_upper), flags };
+        self.files.insert(fh, Arc::new(file));
+        fh
+    }
+
+    pub fn open(&self, id: u64, flags: i32) -> Result<u64> {
+        let node = self.node(id)?;
+        if wants_write(flags) {
+            self.ensure_upper(&node)?;
+        }
+        let (real, on_upper) = node.real();
+        let fd = sys::reopen(real.as_fd(), real_flags(flags))?;
+        Ok(self.register_file(node, fd, on_upper, flags))
+    }
+
+    /// Registers the file `create` opened.
+    pub fn created(&self, node: Arc<Node>, fd: OwnedFd, flags: i32) -> u64 {
+        self.register_file(node, fd, true, flags)
+    }
+
+    fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {
+        self.files.get(&fh).map(|f| f.clone()).ok_or(Errno::EBADF)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let fd = self.file(fh)?.read_fd()?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = sys::pread(fd.as_fd(), &mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let fd = self.file(fh)?.fd();
+        let n = sys::pwrite(fd.as_fd(), data, offset)?;
+        Ok(n as u32)
+    }
+
+    pub fn fsync(&self, fh: u64, data_only: bool) -> Result<()> {
+        if self.tuning.volatile {
+            return Ok(());
+        }
+        let fd = self.file(fh)?.fd();
+        sys::fsync(fd.as_fd(), data_only)
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        let fd = self.file(fh)?.fd();
+        sys::fallocate(fd.as_fd(), mode, offset, len)
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let fd = self.file(fh)?.read_fd()?;
+        sys::lseek(fd.as_fd(), offset, whence)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.files.remove(&fh);
+    }
+}

@@ -1,0 +1,144 @@
+//! Attributes and xattrs: getattr, setattr (copy-up first), readlink,
+//! get/set/list/removexattr with the overlay-private names hidden, statfs.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use crate::format;
+use crate::node::Node;
+use crate::superblock::Union;
+use crate::sys::{self, Errno, Result, SetTime, Stat};
+
+/// The attribute changes of one setattr.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttrChange {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    /// An open file of the caller's (ftruncate).
+    pub fh: Option<u64>,
+}
+
+/// What statfs reports.
+#[derive(Clone, Copy, Debug)]
+pub struct FsStats {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+impl Union {
+    pub fn getattr(&self, id: u64, fh: Option<u64>) -> Result<Stat> {
+        let node = self.node(id)?;
+        if let Some(file) = fh.and_then(|fh| self.files.get(&fh).map(|f| f.clone())) {
+            // The open file itself: right for unlinked files (nlink 0).
+            let st = sys::stat_fd(file.fd().as_fd())?;
+            return Ok(node.present(st));
+        }
+        node.stat()
+    }
+
+    pub fn setattr(&self, id: u64, ch: AttrChange) -> Result<Stat> {
+        let node = self.node(id)?;
+        let upper = self.ensure_upper(&node)?;
+        if let Some(size) = ch.size {
+            self.truncate(&node, ch.fh, size)?;
+        }
+        if ch.uid.is_some() || ch.gid.is_some() {
+            sys::chown_fd(upper.as_fd(), ch.uid, ch.gid)?;
+        }
+        if let Some(mode) = ch.mode {
+            if node.kind == libc::S_IFLNK {
+                return Err(Errno::ENOTSUP);
+            }
+            sys::chmod_fd(upper.as_fd(), mode)?;
+        }
+        if ch.atime.is_some() || ch.mtime.is_some() {
+            sys::set_times_fd(
+                upper.as_fd(),
+                ch.atime.unwrap_or(SetTime::Omit),
+                ch.mtime.unwrap_or(SetTime::Omit),
+            )?;
+        }
+        node.stat()
+    }
+
+    fn truncate(&self, node: &Arc<Node>, fh: Option<u64>, size: u64) -> Result<()> {
+        if let Some(file) = fh.and_then(|fh| self.files.get(&fh).map(|f| f.clone())) {
+            if file.is_writable_upper() {
+                return sys::ftruncate(file.fd().as_fd(), size);
+            }
+        }
+        if node.kind != libc::S_IFREG {
+            return Err(if node.is_dir() { Errno::EISDIR } else { Errno::EINVAL });
+        }
+        let upper = self.ensure_upper(node)?;
+        let f = sys::reopen(upper.as_fd(), libc::O_WRONLY)?;
+        sys::ftruncate(f.as_fd(), size)
+    }
+
+    pub fn readlink(&self, id: u64) -> Result<Vec<u8>> {
+        let node = self.node(id)?;
+        if node.kind != libc::S_IFLNK {
+            return Err(Errno::EINVAL);
+        }
+        sys::readlink_fd(node.real().0.as_fd())
+    }
+
+    pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
+        if format::is_private_xattr(name) {
+            return Err(Errno::ENODATA);
+        }
+        let node = self.node(id)?;
+        sys::get_xattr(node.real().0.as_fd(), name)
+    }
+
+    pub fn listxattr(&self, id: u64) -> Result<Vec<OsString>> {
+        let node = self.node(id)?;
+        let names = sys::list_xattr(node.real().0.as_fd())?;
+        Ok(names.into_iter().filter(|n| !format::is_private_xattr(n)).collect())
+    }
+
+    pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        if format::is_private_xattr(name) {
+            return Err(Errno::EPERM);
+        }
+        let node = self.node(id)?;
+        let upper = self.ensure_upper(&node)?;
+        sys::set_xattr(upper.as_fd(), name, value, flags)
+    }
+
+    pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
+        if format::is_private_xattr(name) {
+            return Err(Errno::EPERM);
+        }
+        let node = self.node(id)?;
+        // A missing attribute is ENODATA and must not copy anything up.
+        sys::get_xattr(node.real().0.as_fd(), name)?;
+        let upper = self.ensure_upper(&node)?;
+        sys::remove_xattr(upper.as_fd(), name)
+    }
+
+    pub fn statfs(&self) -> Result<FsStats> {
+        let st = sys::statfs_fd(self.upper_root.as_fd())?;
+        Ok(FsStats {
+            blocks: st.f_blocks,
+            bfree: st.f_bfree,
+            bavail: st.f_bavail,
+            files: st.f_files,
+            ffree: st.f_ffree,
+            bsize: st.f_bsize as u32,
+            namelen: 255,
+            frsize: st.f_frsize as u32,
+        })
+    }
+}

@@ -1,0 +1,165 @@
+//! Bringing a union up and down: opening the layers, claiming and cleaning
+//! the work directory, mounting through fuser, serving until unmounted, and
+//! unmounting on SIGINT, SIGTERM or SIGHUP.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use tracing::{info, warn};
+
+use crate::fuse::UnionFs;
+use crate::options::MountPlan;
+use crate::superblock::{Tuning, Union, clear_dir};
+use crate::sys;
+
+/// Name of the scratch directory inside the work directory (as the kernel's).
+const WORK_SUBDIR: &str = "work";
+
+fn open_layer(what: &str, p: &Path) -> Result<OwnedFd, String> {
+    sys::open_dir_path(p).map_err(|e| format!("cannot open {what} {}: {e}", p.display()))
+}
+
+/// Checks that /dev/fuse can be opened, so a failure is named before mounting.
+fn check_dev_fuse() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map(drop)
+        .map_err(|e| format!("/dev/fuse is not usable: {e}"))
+}
+
+/// Lifts the open-file limit to its hard maximum: the union holds one
+/// descriptor per object the kernel caches.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// The work directory, locked for this mount and emptied of what an earlier
+/// run (or crash) left.
+struct WorkDir {
+    _lock: OwnedFd,
+    scratch: OwnedFd,
+}
+
+fn claim_workdir(plan: &MountPlan) -> Result<WorkDir, String> {
+    let wd = &plan.workdir;
+    if plan.create_workdir {
+        match std::fs::create_dir(wd) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create work directory {}: {e}", wd.display())),
+        }
+    }
+    let path = sys::cstr(wd.as_os_str()).map_err(|_| "bad work directory path".to_string())?;
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("cannot open work directory {}: {}", wd.display(), std::io::Error::last_os_error()));
+    }
+    let lock = unsafe { OwnedFd::from_raw_fd(fd) };
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!("work directory {} is in use by another mount", wd.display()));
+    }
+    let name = OsStr::new(WORK_SUBDIR);
+    match sys::mkdir_at(lock.as_fd(), name, 0o700) {
+        Ok(()) | Err(sys::Errno::EEXIST) => {}
+        Err(e) => return Err(format!("cannot create {}/{WORK_SUBDIR}: {e}", wd.display())),
+    }
+    let scratch = sys::open_path(lock.as_fd(), name)
+        .map_err(|e| format!("cannot open {}/{WORK_SUBDIR}: {e}", wd.display()))?;
+    match clear_dir(scratch.as_fd()) {
+        Ok(0) => {}
+        Ok(n) => info!(leftovers = n, "removed leftovers of an earlier run from the work directory"),
+        Err(e) => return Err(format!("cannot clean {}/{WORK_SUBDIR}: {e}", wd.display())),
+    }
+    Ok(WorkDir { _lock: lock, scratch })
+}
+
+fn block_stop_signals() -> libc::sigset_t {
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Detaches the mount; the session then ends on its own.
+pub fn unmount_lazily(mnt: &Path) {
+    let p = sys::cstr(mnt.as_os_str()).expect("path without NUL");
+    if unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return;
+    }
+    let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(mnt).status();
+}
+
+/// Waits for a stop signal in a thread of its own, then unmounts.
+fn spawn_signal_watcher(set: libc::sigset_t, mnt: PathBuf) {
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        unsafe { libc::sigwait(&set, &mut sig) };
+        info!(signal = sig, "unmounting");
+        unmount_lazily(&mnt);
+    });
+}
+
+fn session_config(n_threads: usize) -> Config {
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName("unionfs".into()),
+        MountOption::CUSTOM("subtype=unionfs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    if unsafe { libc::geteuid() } == 0 {
+        cfg.mount_options.extend([MountOption::Suid, MountOption::Dev]);
+    }
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(n_threads);
+    cfg.clone_fd = true;
+    cfg
+}
+
+/// Mounts the planned union and serves it until it is unmounted.
+pub fn serve(plan: &MountPlan) -> Result<(), String> {
+    check_dev_fuse()?;
+    raise_fd_limit();
+    unsafe { libc::umask(0) };
+    let upper = open_layer("upper directory", &plan.upper)?;
+    let lowers = plan
+        .lowers
+        .iter()
+        .map(|l| open_layer("lower directory", l))
+        .collect::<Result<Vec<_>, _>>()?;
+    let work = claim_workdir(plan)?;
+    let tuning = Tuning { volatile: plan.volatile };
+    let union = Arc::new(Union::new(upper, lowers, work.scratch, tuning));
+    let signals = block_stop_signals();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8) * 2;
+    let session = Session::new(UnionFs(union.clone()), &plan.mountpoint, &session_config(threads))
+        .map_err(|e| format!("cannot mount on {}: {e}", plan.mountpoint.display()))?;
+    info!(
+        mountpoint = %plan.mountpoint.display(),
+        workdir = %plan.workdir.display(),
+        xattrs = ?union.ns,
+        "mounted"
+    );
+    spawn_signal_watcher(signals, plan.mountpoint.clone());
+    if let Err(e) = session.run() {
+        warn!("session ended: {e}");
+    }
+    drop(work._lock);
+    info!("unmounted");
+    Ok(())
+}

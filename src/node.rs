@@ -1,0 +1,227 @@
+//! The inode table: one [`Node`] per union object the kernel holds, keyed by a
+//! node id that is also the object's `st_ino`.
+//!
+//! A node id is derived from the layer and inode number of the topmost real
+//! object (`(layer + 1) << 48 | ino`), so `readdir` can give the same `d_ino`
+//! as `lookup` without opening anything. A copied-up object keeps the id of its
+//! lower original for the life of the mount (the `origins` map). Nodes are
+//! dropped when the kernel forgets them, so memory follows what the kernel
+//! caches, not the size of the tree.
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use parking_lot::{Mutex, RwLock};
+
+use crate::sys::{self, Result, Stat};
+
+/// The FUSE id of the mount's root.
+pub const ROOT_ID: u64 = 1;
+
+/// Layer index of the upper layer; lowers are 1.. from the top.
+pub const UPPER: u16 = 0;
+
+const LAYER_SHIFT: u32 = 48;
+const INO_MASK: u64 = (1 << LAYER_SHIFT) - 1;
+const BIG_BASE: u64 = 1 << 63;
+
+/// A real object in one lower layer.
+#[derive(Clone, Debug)]
+pub struct LowerObj {
+    pub layer: u16,
+    pub fd: Arc<OwnedFd>,
+    /// For directories: holds kernel xattr whiteouts (`overlay.opaque=x`).
+    pub xwhiteouts: bool,
+}
+
+/// What a node is made of; changes with copy-up, rename and unlink.
+#[derive(Debug)]
+pub struct NodeState {
+    /// Parent and name the node was last seen under (copy-up needs a path).
+    pub parent: Option<Arc<Node>>,
+    pub name: OsString,
+    pub upper: Option<Arc<OwnedFd>>,
+    /// For a directory: the lower directories merged under it, top first.
+    /// For anything else: at most the one lower object it shows.
+    pub lowers: Vec<LowerObj>,
+    /// A lower-only object whose name was removed (its real nlink stays 1).
+    pub unlinked: bool,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub id: u64,
+    /// `S_IFMT` bits of the object.
+    pub kind: u32,
+    lookups: AtomicU64,
+    pub state: RwLock<NodeState>,
+    /// Serialises copy-up of this node, so concurrent writers copy once.
+    pub copy_up_lock: Mutex<()>,
+    /// Set once the node has an upper object (lets lower readers switch over).
+    pub copied_up: AtomicBool,
+}
+
+impl Node {
+    pub fn new(id: u64, kind: u32, state: NodeState) -> Node {
+        let copied_up = state.upper.is_some();
+        Node {
+            id,
+            kind,
+            lookups: AtomicU64::new(0),
+            state: RwLock::new(state),
+            copy_up_lock: Mutex::new(()),
+            copied_up: AtomicBool::new(copied_up),
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+
+    pub fn upper(&self) -> Option<Arc<OwnedFd>> {
+        self.state.read().upper.clone()
+    }
+
+    /// The topmost real object and whether it is the upper one.
+    pub fn real(&self) -> (Arc<OwnedFd>, bool) {
+        let st = self.state.read();
+        match &st.upper {
+            Some(u) => (u.clone(), true),
+            None => (st.lowers[0].fd.clone(), false),
+        }
+    }
+
+    pub fn parent_and_name(&self) -> (Option<Arc<Node>>, OsString) {
+        let st = self.state.read();
+        (st.parent.clone(), st.name.clone())
+    }
+
+    /// `stat` of the topmost real object, as the union shows it.
+    pub fn stat(&self) -> Result<Stat> {
+        let (fd, _) = self.real();
+        let st = sys::stat_fd(fd.as_fd())?;
+        Ok(self.present(st))
+    }
+
+    /// Rewrites a real `stat` into the union's view of this node.
+    pub fn present(&self, mut st: Stat) -> Stat {
+        st.st_ino = self.id;
+        let state = self.state.read();
+        if self.is_dir() && state.upper.is_some() && !state.lowers.is_empty() {
+            // As the kernel: counting subdirectories of a merged directory is
+            // not worth it, and nlink 1 tells `find` not to rely on it.
+            st.st_nlink = 1;
+        } else if state.unlinked && state.upper.is_none() {
+            st.st_nlink = 0;
+        }
+        st
+    }
+
+    pub fn set_location(&self, parent: Arc<Node>, name: OsString) {
+        let mut st = self.state.write();
+        st.parent = Some(parent);
+        st.name = name;
+    }
+
+    pub fn mark_unlinked(&self) {
+        self.state.write().unlinked = true;
+    }
+}
+
+/// All nodes the kernel currently holds.
+#[derive(Debug, Default)]
+pub struct NodeTable {
+    nodes: DashMap<u64, Arc<Node>>,
+    /// Upper inode number of a copied-up object -> the id it had before.
+    origins: DashMap<u64, u64>,
+    /// Inode numbers too large to pack -> an allocated id.
+    big: DashMap<(u16, u64), u64>,
+    next_big: AtomicU64,
+}
+
+impl NodeTable {
+    pub fn new(root: Node) -> NodeTable {
+        let t = NodeTable::default();
+        root.lookups.store(1, Ordering::Relaxed);
+        t.nodes.insert(ROOT_ID, Arc::new(root));
+        t
+    }
+
+    /// The id of the object with inode `ino` in `layer`.
+    pub fn id_for(&self, layer: u16, ino: u64) -> u64 {
+        if layer == UPPER {
+            if let Some(id) = self.origins.get(&ino) {
+                return *id;
+            }
+        }
+        if ino <= INO_MASK {
+            return ((layer as u64 + 1) << LAYER_SHIFT) | ino;
+        }
+        *self
+            .big
+            .entry((layer, ino))
+            .or_insert_with(|| BIG_BASE + self.next_big.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Remembers that the upper inode `upper_ino` continues node `id`.
+    pub fn record_origin(&self, upper_ino: u64, id: u64) {
+        self.origins.insert(upper_ino, id);
+    }
+
+    /// Forgets an origin whose upper inode is gone.
+    pub fn drop_origin(&self, upper_ino: u64) {
+        self.origins.remove(&upper_ino);
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<Node>> {
+        self.nodes.get(&id).map(|n| n.clone())
+    }
+
+    /// The node `id` with one more kernel reference, made by `make` if new.
+    pub fn acquire(&self, id: u64, make: impl FnOnce() -> Node) -> Arc<Node> {
+        let node = match self.nodes.entry(id) {
+            Entry::Occupied(e) => e.get().clone(),
+            Entry::Vacant(e) => e.insert(Arc::new(make())).clone(),
+        };
+        node.lookups.fetch_add(1, Ordering::Relaxed);
+        node
+    }
+
+    /// Adds a kernel reference to a node already in the table.
+    pub fn acquire_existing(&self, node: &Arc<Node>) {
+        node.lookups.fetch_add(1, Ordering::Relaxed);
+        if let Entry::Vacant(e) = self.nodes.entry(node.id) {
+            e.insert(node.clone());
+        }
+    }
+
+    /// Drops `n` kernel references; the node goes when none is left.
+    pub fn forget(&self, id: u64, n: u64) {
+        if id == ROOT_ID {
+            return;
+        }
+        if let Entry::Occupied(e) = self.nodes.entry(id) {
+            let left = e.get().lookups.fetch_sub(n, Ordering::Relaxed).saturating_sub(n);
+            if left == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+/// Borrows the fd of an `Arc<OwnedFd>`.
+pub fn bfd(fd: &Arc<OwnedFd>) -> BorrowedFd<'_> {
+    fd.as_fd()
+}

@@ -1,0 +1,184 @@
+//! readdir: the merged listing of a union directory.
+//!
+//! Upper entries first, then each lower directory's; a name is shown once,
+//! from the topmost layer that has it; whiteouts and what they hide are never
+//! shown. The listing is taken when a stream starts (or is rewound) and kept
+//! for the open directory, so it stays consistent while entries come and go.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::format;
+use crate::node::{LowerObj, Node, ROOT_ID, UPPER};
+use crate::superblock::Union;
+use crate::sys::{self, RawDirEntry, Result};
+
+/// One entry of a merged listing.
+#[derive(Clone, Debug)]
+pub struct MergedEntry {
+    pub name: OsString,
+    pub id: u64,
+    /// `S_IFMT` bits.
+    pub kind: u32,
+}
+
+/// An open directory: the listing it serves.
+#[derive(Debug, Default)]
+pub struct DirStream {
+    pub entries: Vec<MergedEntry>,
+}
+
+fn dtype_kind(dtype: u8) -> Option<u32> {
+    Some(match dtype {
+        libc::DT_REG => libc::S_IFREG,
+        libc::DT_DIR => libc::S_IFDIR,
+        libc::DT_LNK => libc::S_IFLNK,
+        libc::DT_CHR => libc::S_IFCHR,
+        libc::DT_BLK => libc::S_IFBLK,
+        libc::DT_FIFO => libc::S_IFIFO,
+        libc::DT_SOCK => libc::S_IFSOCK,
+        _ => return None,
+    })
+}
+
+/// What an entry of one layer is.
+enum Kind {
+    Whiteout,
+    Object(u32),
+}
+
+fn classify(dir: &OwnedFd, e: &RawDirEntry, xwhiteouts: bool) -> Result<Kind> {
+    let kind = dtype_kind(e.dtype);
+    let needs_stat = matches!(kind, None | Some(libc::S_IFCHR))
+        || (xwhiteouts && kind == Some(libc::S_IFREG));
+    if !needs_stat {
+        return Ok(Kind::Object(kind.unwrap_or(libc::S_IFREG)));
+    }
+    let st = match sys::stat_at(dir.as_fd(), &e.name) {
+        Ok(st) => st,
+        Err(sys::Errno::ENOENT) => return Ok(Kind::Whiteout), // gone meanwhile
+        Err(err) => return Err(err),
+    };
+    if format::is_whiteout_dev(&st) {
+        return Ok(Kind::Whiteout);
+    }
+    if xwhiteouts && sys::file_type(st.st_mode) == libc::S_IFREG {
+        let fd = sys::open_path(dir.as_fd(), &e.name)?;
+        if format::is_xattr_whiteout(fd.as_fd(), &st) {
+            return Ok(Kind::Whiteout);
+        }
+    }
+    Ok(Kind::Object(sys::file_type(st.st_mode)))
+}
+
+impl Union {
+    /// The merged entries (no `.`/`..`) of a directory made of `upper` over
+    /// `lowers`.
+    pub fn merged_entries(
+        &self,
+        upper: Option<&Arc<OwnedFd>>,
+        lowers: &[LowerObj],
+    ) -> Result<Vec<MergedEntry>> {
+        let mut seen: HashSet<OsString> = HashSet::new();
+        let mut out = Vec::new();
+        if let Some(dir) = upper {
+            for e in sys::read_dir(dir.as_fd())? {
+                seen.insert(e.name.clone());
+                if let Kind::Object(kind) = classify(dir, &e, false)? {
+                    out.push(MergedEntry { id: self.table.id_for(UPPER, e.ino), kind, name: e.name });
+                }
+            }
+        }
+        for lower in lowers {
+            let mut hidden_below = Vec::new();
+            for e in sys::read_dir(lower.fd.as_fd())? {
+                if format::is_aufs_marker(&e.name) {
+                    let target = &e.name.as_encoded_bytes()[format::AUFS_WHITEOUT_PREFIX.len()..];
+                    // SAFETY-free: the bytes come from a valid OsString minus an ASCII prefix.
+                    hidden_below.push(unsafe { OsString::from_encoded_bytes_unchecked(target.to_vec()) });
+                    continue;
+                }
+                if !seen.insert(e.name.clone()) {
+                    continue;
+                }
+                if let Kind::Object(kind) = classify(&lower.fd, &e, lower.xwhiteouts)? {
+                    out.push(MergedEntry { id: self.table.id_for(lower.layer, e.ino), kind, name: e.name });
+                }
+            }
+            seen.extend(hidden_below);
+        }
+        Ok(out)
+    }
+
+    /// The merged entries of the directory node `dir`.
+    pub fn entries_of(&self, dir: &Node) -> Result<Vec<MergedEntry>> {
+        let (upper, lowers) = {
+            let st = dir.state.read();
+            (st.upper.clone(), st.lowers.clone())
+        };
+        self.merged_entries(upper.as_ref(), &lowers)
+    }
+
+    /// Starts a directory stream.
+    pub fn opendir(&self, id: u64) -> Result<u64> {
+        let node = self.node(id)?;
+        if !node.is_dir() {
+            return Err(sys::Errno::ENOTDIR);
+        }
+        let fh = self.next_handle();
+        self.dirs.insert(fh, Arc::new(Mutex::new(DirStream::default())));
+        Ok(fh)
+    }
+
+    /// Entries from `offset` on: `.`, `..`, then the merged ones. Offset 0
+    /// (a new stream or a rewind) takes a fresh listing.
+    pub fn readdir(
+        &self,
+        id: u64,
+        fh: u64,
+        offset: u64,
+        mut emit: impl FnMut(&MergedEntry, u64) -> bool,
+    ) -> Result<()> {
+        let node = self.node(id)?;
+        let stream = self.dirs.get(&fh).map(|s| s.clone()).ok_or(sys::Errno::EBADF)?;
+        let mut stream = stream.lock();
+        if offset == 0 {
+            let parent_id = node.parent_and_name().0.map(|p| p.id).unwrap_or(ROOT_ID);
+            let mut entries = vec![
+                MergedEntry { name: ".".into(), id: node.id, kind: libc::S_IFDIR },
+                MergedEntry { name: "..".into(), id: parent_id, kind: libc::S_IFDIR },
+            ];
+            entries.extend(self.entries_of(&node)?);
+            stream.entries = entries;
+        }
+        for (i, e) in stream.entries.iter().enumerate().skip(offset as usize) {
+            if emit(e, i as u64 + 1) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.remove(&fh);
+    }
+
+    /// fsyncdir: syncs the upper directory, if there is one.
+    pub fn fsyncdir(&self, id: u64, data_only: bool) -> Result<()> {
+        let node = self.node(id)?;
+        if self.tuning.volatile {
+            return Ok(());
+        }
+        match node.upper() {
+            Some(u) => {
+                let d = sys::reopen(u.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                sys::fsync(d.as_fd(), data_only)
+            }
+            None => Ok(()),
+        }
+    }
+}

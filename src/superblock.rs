@@ -1,0 +1,129 @@
+//! The mounted union as a whole: its layers, work directory, inode table and
+//! open handles. Every other module adds operations to [`Union`].
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+
+use crate::file::OpenFile;
+use crate::format::{self, Opacity, XattrNamespace};
+use crate::node::{LowerObj, Node, NodeState, NodeTable, ROOT_ID};
+use crate::readdir::DirStream;
+use crate::sys::{self, Errno, Result};
+
+/// Who asked: the owner new objects get.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Settings of one mount.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// fsync becomes a no-op (for throwaway containers).
+    pub volatile: bool,
+}
+
+pub struct Union {
+    pub upper_root: Arc<OwnedFd>,
+    /// `WORKDIR/work`: where objects are built before they appear.
+    pub work: OwnedFd,
+    pub ns: XattrNamespace,
+    pub tuning: Tuning,
+    pub table: NodeTable,
+    pub files: DashMap<u64, Arc<OpenFile>>,
+    pub dirs: DashMap<u64, Arc<Mutex<DirStream>>>,
+    next_fh: AtomicU64,
+    tmp_seq: AtomicU64,
+}
+
+impl Union {
+    /// Builds the union over already opened layer roots. `work` must be an
+    /// empty directory on the upper filesystem.
+    pub fn new(upper: OwnedFd, lowers: Vec<OwnedFd>, work: OwnedFd, tuning: Tuning) -> Union {
+        let ns = format::probe_namespace(work.as_fd());
+        let lowers = lowers
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                let xwhiteouts = format::dir_opacity(fd.as_fd(), false) == Opacity::HasXattrWhiteouts;
+                LowerObj { layer: i as u16 + 1, fd: Arc::new(fd), xwhiteouts }
+            })
+            .collect();
+        let upper_root = Arc::new(upper);
+        let root = Node::new(
+            ROOT_ID,
+            libc::S_IFDIR,
+            NodeState {
+                parent: None,
+                name: OsString::new(),
+                upper: Some(upper_root.clone()),
+                lowers,
+                unlinked: false,
+            },
+        );
+        Union {
+            upper_root,
+            work,
+            ns,
+            tuning,
+            table: NodeTable::new(root),
+            files: DashMap::new(),
+            dirs: DashMap::new(),
+            next_fh: AtomicU64::new(1),
+            tmp_seq: AtomicU64::new(0),
+        }
+    }
+
+    /// The node the kernel calls `id`.
+    pub fn node(&self, id: u64) -> Result<Arc<Node>> {
+        self.table.get(id).ok_or(Errno(libc::ESTALE))
+    }
+
+    pub fn next_handle(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A fresh name for an object being built in the work directory.
+    pub fn temp_name(&self) -> OsString {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        OsString::from(format!("#u{}-{n}", std::process::id()))
+    }
+
+    pub fn work_fd(&self) -> BorrowedFd<'_> {
+        self.work.as_fd()
+    }
+}
+
+/// Removes `name` in `dir` and everything under it, never following a
+/// symlink. Used for the work directory and for upper directories that hold
+/// nothing but whiteouts.
+pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    let st = match sys::stat_at(dir, name) {
+        Ok(st) => st,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !sys::is_dir(&st) {
+        return sys::unlink_at(dir, name, false);
+    }
+    let sub = sys::open_path(dir, name)?;
+    for e in sys::read_dir(sub.as_fd())? {
+        remove_tree(sub.as_fd(), &e.name)?;
+    }
+    sys::unlink_at(dir, name, true)
+}
+
+/// Empties a directory (the work directory at mount).
+pub fn clear_dir(dir: BorrowedFd<'_>) -> Result<usize> {
+    let entries = sys::read_dir(dir)?;
+    for e in &entries {
+        remove_tree(dir, &e.name)?;
+    }
+    Ok(entries.len())
+}

@@ -1,0 +1,498 @@
+//! Thin, safe wrappers over the fd-relative system calls the union is built on.
+//!
+//! Every access to a layer goes through a file descriptor and a single path
+//! component with `O_NOFOLLOW`/`AT_SYMLINK_NOFOLLOW`, so a symlink inside a
+//! layer is never followed by the daemon. Errors come back as [`Errno`].
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+/// An error number from a failed system call (or one the union decides on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    pub const EEXIST: Errno = Errno(libc::EEXIST);
+    pub const ENOTEMPTY: Errno = Errno(libc::ENOTEMPTY);
+    pub const EXDEV: Errno = Errno(libc::EXDEV);
+    pub const EPERM: Errno = Errno(libc::EPERM);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const EIO: Errno = Errno(libc::EIO);
+    pub const EBADF: Errno = Errno(libc::EBADF);
+    pub const ENODATA: Errno = Errno(libc::ENODATA);
+    pub const ERANGE: Errno = Errno(libc::ERANGE);
+    pub const ENOTDIR: Errno = Errno(libc::ENOTDIR);
+    pub const EISDIR: Errno = Errno(libc::EISDIR);
+    pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
+    pub const ENOTSUP: Errno = Errno(libc::EOPNOTSUPP);
+
+    /// The calling thread's `errno`.
+    pub fn last() -> Errno {
+        Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+impl From<std::io::Error> for Errno {
+    fn from(e: std::io::Error) -> Self {
+        Errno(e.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Errno>;
+
+/// `stat` as the kernel returns it.
+pub type Stat = libc::stat;
+
+fn check(ret: libc::c_int) -> Result<libc::c_int> {
+    if ret < 0 { Err(Errno::last()) } else { Ok(ret) }
+}
+
+fn check_size(ret: isize) -> Result<usize> {
+    if ret < 0 { Err(Errno::last()) } else { Ok(ret as usize) }
+}
+
+/// Retries a call interrupted by a signal.
+fn retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    loop {
+        match f() {
+            Err(Errno(libc::EINTR)) => continue,
+            other => return other,
+        }
+    }
+}
+
+pub fn cstr(name: &OsStr) -> Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+const EMPTY: &CStr = c"";
+
+/// The `/proc/self/fd/N` path of a descriptor, for the few calls that have no
+/// fd-relative form. The magic link resolves to the very inode behind `fd`.
+pub fn proc_path(fd: RawFd) -> CString {
+    CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number")
+}
+
+/// `O_PATH|O_NOFOLLOW` handle on `name` inside `dir`.
+pub fn open_path(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
+    let name = cstr(name)?;
+    let fd = retry(|| {
+        check(unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        })
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens a directory given by an absolute or relative path (used only for
+/// the layer roots named on the command line).
+pub fn open_dir_path(path: &std::path::Path) -> Result<OwnedFd> {
+    let p = cstr(path.as_os_str())?;
+    let fd = check(unsafe {
+        libc::open(
+            p.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens the object behind an `O_PATH` handle for I/O with `flags`.
+pub fn reopen(fd: BorrowedFd<'_>, flags: libc::c_int) -> Result<OwnedFd> {
+    let p = proc_path(fd.as_raw_fd());
+    let flags = (flags | libc::O_CLOEXEC) & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+    let fd = retry(|| check(unsafe { libc::open(p.as_ptr(), flags) }))?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Creates and opens a regular file `name` in `dir` (`O_EXCL`).
+pub fn create_file(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    flags: libc::c_int,
+    mode: u32,
+) -> Result<OwnedFd> {
+    let name = cstr(name)?;
+    let flags = (flags | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        & !libc::O_NOCTTY;
+    let fd = retry(|| {
+        check(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) })
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Stat> {
+    let name = cstr(name)?;
+    let mut st: Stat = unsafe { std::mem::zeroed() };
+    check(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(st)
+}
+
+/// `stat` of the object behind any descriptor, `O_PATH` ones included.
+pub fn stat_fd(fd: BorrowedFd<'_>) -> Result<Stat> {
+    let mut st: Stat = unsafe { std::mem::zeroed() };
+    check(unsafe {
+        libc::fstatat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            &mut st,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(st)
+}
+
+pub fn mkdir_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
+    let name = cstr(name)?;
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })?;
+    Ok(())
+}
+
+pub fn mknod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> Result<()> {
+    let name = cstr(name)?;
+    check(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) })?;
+    Ok(())
+}
+
+pub fn symlink_at(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    let target = cstr(target)?;
+    let name = cstr(name)?;
+    check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })?;
+    Ok(())
+}
+
+/// Makes `name` in `dir` a new hard link to the object behind `fd`.
+pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    let name = cstr(name)?;
+    let ret = unsafe {
+        libc::linkat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if ret == 0 {
+        return Ok(());
+    }
+    // Without CAP_DAC_READ_SEARCH AT_EMPTY_PATH is refused; the proc link works.
+    let p = proc_path(fd.as_raw_fd());
+    check(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })?;
+    Ok(())
+}
+
+pub fn unlink_at(dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> Result<()> {
+    let name = cstr(name)?;
+    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })?;
+    Ok(())
+}
+
+pub fn rename_at(
+    old_dir: BorrowedFd<'_>,
+    old: &OsStr,
+    new_dir: BorrowedFd<'_>,
+    new: &OsStr,
+    flags: u32,
+) -> Result<()> {
+    let old = cstr(old)?;
+    let new = cstr(new)?;
+    check(unsafe {
+        libc::renameat2(
+            old_dir.as_raw_fd(),
+            old.as_ptr(),
+            new_dir.as_raw_fd(),
+            new.as_ptr(),
+            flags,
+        )
+    })?;
+    Ok(())
+}
+
+pub fn readlink_fd(fd: BorrowedFd<'_>) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    let n = check_size(unsafe {
+        libc::readlinkat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+pub fn chown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+    let uid = uid.unwrap_or(u32::MAX);
+    let gid = gid.unwrap_or(u32::MAX);
+    check(unsafe {
+        libc::fchownat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(())
+}
+
+/// chmod of the object behind an `O_PATH` handle (not for symlinks).
+pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
+    let p = proc_path(fd.as_raw_fd());
+    check(unsafe { libc::chmod(p.as_ptr(), mode & 0o7777) })?;
+    Ok(())
+}
+
+/// A timestamp to set: a value, "now" or "leave as is".
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    Omit,
+    Now,
+    At(libc::timespec),
+}
+
+impl SetTime {
+    fn timespec(self) -> libc::timespec {
+        match self {
+            SetTime::Omit => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+            SetTime::Now => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+            SetTime::At(ts) => ts,
+        }
+    }
+}
+
+pub fn set_times_fd(fd: BorrowedFd<'_>, atime: SetTime, mtime: SetTime) -> Result<()> {
+    let times = [atime.timespec(), mtime.timespec()];
+    check(unsafe {
+        libc::utimensat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            times.as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(())
+}
+
+/// The access and modification times of a `stat`, ready to set again.
+pub fn stat_times(st: &Stat) -> (SetTime, SetTime) {
+    (
+        SetTime::At(libc::timespec { tv_sec: st.st_atime, tv_nsec: st.st_atime_nsec }),
+        SetTime::At(libc::timespec { tv_sec: st.st_mtime, tv_nsec: st.st_mtime_nsec }),
+    )
+}
+
+// --- xattrs through the proc link: it resolves to the very object behind an
+// `O_PATH` handle, a symlink included (the link is not followed further).
+
+fn get_xattr_raw(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> Result<usize> {
+    let p = proc_path(fd.as_raw_fd());
+    check_size(unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+/// The value of xattr `name`.
+pub fn get_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<u8>> {
+    let name = cstr(name)?;
+    let mut buf = vec![0u8; 256];
+    loop {
+        match get_xattr_raw(fd, &name, &mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(Errno::ERANGE) if buf.len() < (1 << 16) => {
+                let need = get_xattr_raw(fd, &name, &mut [])?;
+                buf.resize(need.max(buf.len() * 2), 0);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub fn set_xattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    let name = cstr(name)?;
+    let p = proc_path(fd.as_raw_fd());
+    check(unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags) })
+        .map(drop)
+}
+
+fn list_xattr_raw(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize> {
+    let p = proc_path(fd.as_raw_fd());
+    check_size(unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+/// All xattr names of an object.
+pub fn list_xattr(fd: BorrowedFd<'_>) -> Result<Vec<OsString>> {
+    let mut buf = vec![0u8; 1024];
+    let n = loop {
+        match list_xattr_raw(fd, &mut buf) {
+            Ok(n) => break n,
+            Err(Errno::ERANGE) => {
+                let need = list_xattr_raw(fd, &mut [])?;
+                buf.resize(need.max(buf.len() * 2), 0);
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(buf[..n]
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| OsString::from_vec(s.to_vec()))
+        .collect())
+}
+
+pub fn remove_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    let name = cstr(name)?;
+    let p = proc_path(fd.as_raw_fd());
+    check(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
+}
+
+/// One entry as `getdents64` returns it.
+#[derive(Clone, Debug)]
+pub struct RawDirEntry {
+    pub name: OsString,
+    pub ino: u64,
+    pub dtype: u8,
+}
+
+/// Reads every entry (but `.` and `..`) of the directory behind `dir`.
+pub fn read_dir(dir: BorrowedFd<'_>) -> Result<Vec<RawDirEntry>> {
+    let dot = c".";
+    let fd = check(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            dot.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = check_size(unsafe {
+            libc::syscall(libc::SYS_getdents64, fd.as_raw_fd(), buf.as_mut_ptr(), buf.len())
+                as isize
+        })?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let mut pos = 0;
+        while pos < n {
+            // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+            let rec = &buf[pos..n];
+            let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap());
+            let reclen = u16::from_ne_bytes(rec[16..18].try_into().unwrap()) as usize;
+            let dtype = rec[18];
+            let name_bytes = &rec[19..reclen];
+            let len = name_bytes.iter().position(|b| *b == 0).unwrap_or(name_bytes.len());
+            let name = &name_bytes[..len];
+            if name != b"." && name != b".." {
+                out.push(RawDirEntry { name: OsStr::from_bytes(name).to_os_string(), ino, dtype });
+            }
+            pos += reclen;
+        }
+    }
+}
+
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize> {
+    retry(|| {
+        check_size(unsafe {
+            libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset as libc::off_t)
+        })
+    })
+}
+
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> Result<usize> {
+    retry(|| {
+        check_size(unsafe {
+            libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset as libc::off_t)
+        })
+    })
+}
+
+pub fn fsync(fd: BorrowedFd<'_>, data_only: bool) -> Result<()> {
+    let r = if data_only {
+        unsafe { libc::fdatasync(fd.as_raw_fd()) }
+    } else {
+        unsafe { libc::fsync(fd.as_raw_fd()) }
+    };
+    check(r).map(drop)
+}
+
+pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> Result<()> {
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) }).map(drop)
+}
+
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> Result<()> {
+    check(unsafe {
+        libc::fallocate(fd.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
+    })
+    .map(drop)
+}
+
+pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> Result<i64> {
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
+    if r < 0 { Err(Errno::last()) } else { Ok(r) }
+}
+
+pub fn copy_file_range(
+    src: BorrowedFd<'_>,
+    src_off: u64,
+    dst: BorrowedFd<'_>,
+    dst_off: u64,
+    len: usize,
+) -> Result<usize> {
+    let mut so = src_off as libc::loff_t;
+    let mut d = dst_off as libc::loff_t;
+    retry(|| {
+        check_size(unsafe {
+            libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, 0)
+                as isize
+        })
+    })
+}
+
+pub fn statfs_fd(fd: BorrowedFd<'_>) -> Result<libc::statvfs> {
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}
+
+/// File type bits of a mode.
+pub fn file_type(mode: u32) -> u32 {
+    mode & libc::S_IFMT
+}
+
+pub fn is_dir(st: &Stat) -> bool {
+    file_type(st.st_mode) == libc::S_IFDIR
+}
