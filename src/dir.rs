@@ -256,12 +256,11 @@ impl Union {
         self.remove_name(&parent, name, &found)
     }
 
-    /// A directory that is not purely upper cannot be moved (EXDEV), as with
-    /// the kernel's default `redirect_dir=off`.
-    fn check_movable(&self, side: &Side, name: &OsStr) -> Result<()> {
-        if side.found.is_dir()
-            && (!side.found.lowers.is_empty() || self.name_in_lowers(&side.parent, name)?)
-        {
+    /// A lower or merged directory cannot be moved (EXDEV), as with the
+    /// kernel's default `redirect_dir=off`; an upper one (opaque or new) can.
+    fn check_movable(side: &Side) -> Result<()> {
+        let f = &side.found;
+        if f.is_dir() && (f.upper.is_none() || !f.lowers.is_empty()) {
             return Err(Errno::EXDEV);
         }
         Ok(())
@@ -289,7 +288,7 @@ impl Union {
         let parent = self.node(parent)?;
         let new_parent = self.node(new_parent)?;
         let src = Side { found: self.resolve(&parent, name)?, parent: parent.clone() };
-        self.check_movable(&src, name)?;
+        Self::check_movable(&src)?;
         let dst = match self.resolve(&new_parent, new_name) {
             Ok(found) => Some(Side { found, parent: new_parent.clone() }),
             Err(Errno::ENOENT) => None,
@@ -319,7 +318,7 @@ impl Union {
     }
 
     fn rename_exchange(&self, src: Side, name: &OsStr, dst: Side, new_name: &OsStr) -> Result<()> {
-        self.check_movable(&dst, new_name)?;
+        Self::check_movable(&dst)?;
         let src_node = self.node_for(&src, name);
         let dst_node = self.node_for(&dst, new_name);
         self.ensure_upper(&src_node)?;

@@ -1,0 +1,476 @@
+//! Shared test fixtures: layer trees in temporary directories, unionfs and
+//! kernel overlayfs mounts that always unmount in teardown, tree snapshots.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr};
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_unionfs"))
+}
+
+/// A temporary directory removed at the end (after any mount on it is gone).
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        let base = std::env::var_os("UNIONFS_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new().prefix(&format!("unionfs-{tag}-")).tempdir_in(base).unwrap();
+        Scratch { path: dir.keep() }
+    }
+
+    pub fn dir(&self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = mnt.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(&want))
+}
+
+fn mount_source_type(mnt: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = mnt.to_string_lossy();
+    info.lines().find(|l| l.split(' ').nth(4) == Some(&want)).and_then(|l| {
+        let after = l.split(" - ").nth(1)?;
+        after.split(' ').next().map(str::to_string)
+    })
+}
+
+pub fn umount_lazy(mnt: &Path) {
+    let c = CString::new(mnt.as_os_str().as_bytes()).unwrap();
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Unionfs,
+    Kernel,
+}
+
+/// A mounted union; unmounted on drop, whatever happened.
+pub struct Mount {
+    pub kind: Kind,
+    pub mnt: PathBuf,
+    pub child: Option<Child>,
+}
+
+pub fn lower_arg(lowers: &[PathBuf]) -> String {
+    lowers.iter().map(|p| p.to_string_lossy().replace(':', "\\:")).collect::<Vec<_>>().join(":")
+}
+
+impl Mount {
+    /// `unionfs mount` in the background, waiting until the mount is live.
+    pub fn unionfs(lowers: &[PathBuf], upper: &Path, mnt: &Path, opts: &[&str]) -> Mount {
+        let mut cmd = Command::new(bin());
+        cmd.arg("mount");
+        for o in opts {
+            cmd.arg("-o").arg(o);
+        }
+        cmd.arg(lower_arg(lowers)).arg(upper).arg(mnt);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        let child = cmd.spawn().expect("spawn unionfs");
+        let mut m = Mount { kind: Kind::Unionfs, mnt: mnt.to_path_buf(), child: Some(child) };
+        m.wait_ready();
+        m
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if mount_source_type(&self.mnt).as_deref() == Some("fuse.unionfs") {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.as_mut().and_then(|c| c.stderr.take()) {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("unionfs exited before mounting ({status}): {err}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("unionfs did not mount {} in time", self.mnt.display());
+    }
+
+    /// Kernel overlayfs over the same kind of layers, the oracle.
+    pub fn kernel(lowers: &[PathBuf], upper: &Path, work: &Path, mnt: &Path) -> Mount {
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={},redirect_dir=off,index=off,metacopy=off",
+            lower_arg(lowers),
+            upper.display(),
+            work.display()
+        );
+        let st = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(mnt)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "kernel overlay mount failed: {opts}");
+        Mount { kind: Kind::Kernel, mnt: mnt.to_path_buf(), child: None }
+    }
+
+    /// Unmounts and waits for the daemon; returns its exit status.
+    pub fn unmount(mut self) -> Option<ExitStatus> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Option<ExitStatus> {
+        if is_mounted(&self.mnt) {
+            umount_lazy(&self.mnt);
+        }
+        let mut child = self.child.take()?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Drops the kernel's dentry and inode caches (so FUSE forgets nodes).
+pub fn drop_caches() {
+    unsafe { libc::sync() };
+    let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+// ---------------------------------------------------------------- snapshots
+
+/// One object of a tree as the tests compare it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Obj {
+    pub kind: &'static str,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Content hash, symlink target, device number or nothing.
+    pub data: String,
+    /// user.* xattrs (and the opaque marker for upper trees).
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
+
+pub fn fnv(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in data {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+pub fn lxattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n <= 0 {
+        return vec![];
+    }
+    let mut out = Vec::new();
+    for name in buf[..n as usize].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        let cname = CString::new(name).unwrap();
+        let mut v = vec![0u8; 65536];
+        let m = unsafe { libc::lgetxattr(c.as_ptr(), cname.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        if m >= 0 {
+            v.truncate(m as usize);
+            out.push((String::from_utf8_lossy(name).into_owned(), v));
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn lgetxattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    lxattrs(p).into_iter().find(|(n, _)| n == name).map(|(_, v)| v)
+}
+
+fn kind_name(ft: fs::FileType, rdev: u64) -> &'static str {
+    if ft.is_dir() {
+        "dir"
+    } else if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_file() {
+        "file"
+    } else if ft.is_fifo() {
+        "fifo"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() && rdev == 0 {
+        "whiteout"
+    } else if ft.is_char_device() {
+        "chardev"
+    } else {
+        "blockdev"
+    }
+}
+
+/// Which xattrs a snapshot keeps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// A mounted union: user.* only.
+    Merged,
+    /// An upper directory: user.* and the opaque marker, in either namespace.
+    Upper,
+}
+
+pub fn describe(p: &Path, view: View) -> Obj {
+    let m = fs::symlink_metadata(p).unwrap();
+    let kind = kind_name(m.file_type(), m.rdev());
+    let data = match kind {
+        "file" => format!("{}:{:x}", m.len(), fnv(&fs::read(p).unwrap_or_default())),
+        "symlink" => fs::read_link(p).unwrap().to_string_lossy().into_owned(),
+        "chardev" | "blockdev" => format!("{}", m.rdev()),
+        _ => String::new(),
+    };
+    let xattrs = lxattrs(p)
+        .into_iter()
+        .filter_map(|(n, v)| {
+            if n.starts_with("user.") && !n.starts_with("user.overlay.") {
+                Some((n, v))
+            } else if view == View::Upper && n.ends_with("overlay.opaque") {
+                Some(("overlay.opaque".to_string(), v))
+            } else {
+                None
+            }
+        })
+        .collect();
+    Obj { kind, mode: m.permissions().mode() & 0o7777, uid: m.uid(), gid: m.gid(), data, xattrs }
+}
+
+/// Every object below `root`, by relative path.
+pub fn snapshot(root: &Path, view: View) -> BTreeMap<String, Obj> {
+    let mut out = BTreeMap::new();
+    walk(root, root, view, &mut out);
+    out
+}
+
+fn walk(root: &Path, dir: &Path, view: View, out: &mut BTreeMap<String, Obj>) {
+    let mut names: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    for name in names {
+        let p = dir.join(&name);
+        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        let obj = describe(&p, view);
+        let is_dir = obj.kind == "dir";
+        out.insert(rel, obj);
+        if is_dir {
+            walk(root, &p, view, out);
+        }
+    }
+}
+
+/// Describes the differences of two snapshots, empty when equal.
+pub fn diff(a_name: &str, a: &BTreeMap<String, Obj>, b_name: &str, b: &BTreeMap<String, Obj>) -> String {
+    let mut out = String::new();
+    for (k, v) in a {
+        match b.get(k) {
+            None => out += &format!("only in {a_name}: {k} {v:?}\n"),
+            Some(w) if w != v => out += &format!("differs: {k}\n  {a_name}: {v:?}\n  {b_name}: {w:?}\n"),
+            _ => {}
+        }
+    }
+    for (k, v) in b {
+        if !a.contains_key(k) {
+            out += &format!("only in {b_name}: {k} {v:?}\n");
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- layers
+
+pub fn write(p: &Path, data: &str) {
+    if let Some(d) = p.parent() {
+        fs::create_dir_all(d).unwrap();
+    }
+    fs::write(p, data).unwrap();
+}
+
+pub fn mknod(p: &Path, mode: u32, dev: u64) {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mknod(c.as_ptr(), mode, dev) }, 0, "mknod {}", p.display());
+}
+
+pub fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    assert_eq!(r, 0, "setxattr {name} on {}: {}", p.display(), std::io::Error::last_os_error());
+}
+
+pub fn set_mtime(p: &Path, secs: i64) {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let t = [libc::timespec { tv_sec: secs, tv_nsec: 0 }, libc::timespec { tv_sec: secs, tv_nsec: 0 }];
+    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), t.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }, 0);
+}
+
+/// Two lower layers exercising merging, shadowing, whiteouts and opacity.
+pub fn standard_lowers(s: &Scratch) -> Vec<PathBuf> {
+    let top = s.dir("lower1");
+    let bottom = s.dir("lower2");
+    write(&top.join("top-only"), "top\n");
+    write(&top.join("shadowed"), "from top\n");
+    write(&bottom.join("shadowed"), "from bottom\n");
+    write(&bottom.join("bottom-only"), "bottom\n");
+    write(&top.join("merged/from-top"), "t\n");
+    write(&bottom.join("merged/from-bottom"), "b\n");
+    write(&bottom.join("merged/deep/file"), "deep\n");
+    write(&bottom.join("merged/gone"), "hidden by a whiteout\n");
+    mknod(&top.join("merged/gone"), libc::S_IFCHR, 0);
+    write(&top.join("opaque/visible"), "v\n");
+    set_xattr(&top.join("opaque"), "trusted.overlay.opaque", b"y");
+    write(&bottom.join("opaque/hidden"), "h\n");
+    write(&top.join("file-over-dir"), "a file hides the directory below\n");
+    write(&bottom.join("file-over-dir/inside"), "never seen\n");
+    write(&bottom.join("dir/sub/leaf"), "leaf\n");
+    write(&bottom.join("big"), &"0123456789abcdef".repeat(4096));
+    std::os::unix::fs::symlink("top-only", top.join("link")).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", top.join("evil")).unwrap();
+    mknod(&bottom.join("fifo"), libc::S_IFIFO | 0o640, 0);
+    mknod(&bottom.join("null"), libc::S_IFCHR | 0o666, libc::makedev(1, 3));
+    fs::create_dir_all(top.join("ro")).unwrap();
+    write(&top.join("ro/inner"), "in a 0555 directory\n");
+    fs::set_permissions(top.join("ro"), fs::Permissions::from_mode(0o555)).unwrap();
+    write(&bottom.join("sgid/child"), "in a setgid directory\n");
+    fs::set_permissions(bottom.join("sgid"), fs::Permissions::from_mode(0o2775)).unwrap();
+    std::os::unix::fs::chown(bottom.join("sgid"), Some(1234), Some(4321)).unwrap();
+    set_xattr(&bottom.join("bottom-only"), "user.tag", b"kept");
+    for p in [&top, &bottom] {
+        for e in walkdir_all(p) {
+            set_mtime(&e, 1_000_000_000);
+        }
+    }
+    vec![top, bottom]
+}
+
+/// Every path under `root`, deepest first (so setting times on files does not
+/// disturb their directories afterwards).
+pub fn walkdir_all(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    fn rec(d: &Path, out: &mut Vec<PathBuf>) {
+        for e in fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if fs::symlink_metadata(&p).unwrap().is_dir() {
+                rec(&p, out);
+            }
+            out.push(p);
+        }
+    }
+    rec(root, &mut out);
+    out
+}
+
+/// A fixture: standard lowers, an upper, and a unionfs mount.
+pub struct Fixture {
+    pub mount: Option<Mount>,
+    pub lowers: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub mnt: PathBuf,
+    pub lower_before: Vec<BTreeMap<String, Obj>>,
+    pub scratch: Scratch,
+}
+
+impl Fixture {
+    pub fn new(tag: &str) -> Fixture {
+        let scratch = Scratch::new(tag);
+        let lowers = standard_lowers(&scratch);
+        Self::over(scratch, lowers)
+    }
+
+    pub fn over(scratch: Scratch, lowers: Vec<PathBuf>) -> Fixture {
+        let upper = scratch.dir("upper");
+        let mnt = scratch.dir("mnt");
+        let lower_before = lowers.iter().map(|l| snapshot(l, View::Upper)).collect();
+        let mount = Some(Mount::unionfs(&lowers, &upper, &mnt, &[]));
+        Fixture { mount, lowers, upper, mnt, lower_before, scratch }
+    }
+
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn up(&self, rel: &str) -> PathBuf {
+        self.upper.join(rel)
+    }
+
+    pub fn remount(&mut self) {
+        drop(self.mount.take());
+        self.mount = Some(Mount::unionfs(&self.lowers, &self.upper, &self.mnt, &[]));
+    }
+
+    pub fn unmount(&mut self) -> Option<ExitStatus> {
+        self.mount.take().and_then(|m| m.unmount())
+    }
+
+    /// The lower layers are exactly as they were made.
+    pub fn assert_lowers_untouched(&self) {
+        for (l, before) in self.lowers.iter().zip(&self.lower_before) {
+            let now = snapshot(l, View::Upper);
+            let d = diff("before", before, "after", &now);
+            assert!(d.is_empty(), "lower layer {} changed:\n{d}", l.display());
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        drop(self.mount.take());
+    }
+}
+
+pub fn errno_of<T>(r: std::io::Result<T>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+/// Runs a shell command as an unprivileged user.
+pub fn as_user(uid: u32, gid: u32, script: &str) -> std::process::Output {
+    Command::new("setpriv")
+        .args([format!("--reuid={uid}"), format!("--regid={gid}"), "--clear-groups".into()])
+        .args(["sh", "-c", script])
+        .output()
+        .expect("setpriv")
+}
+
+pub fn name(s: &str) -> &OsStr {
+    OsStr::new(s)
+}

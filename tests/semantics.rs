@@ -1,0 +1,513 @@
+//! Behaviour of a mounted union, one rule of overlayfs at a time.
+
+mod common;
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirEntryExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use common::*;
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn read(p: &Path) -> String {
+    fs::read_to_string(p).unwrap()
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn lookup_follows_layer_order_whiteouts_and_opacity() {
+    let f = Fixture::new("lookup");
+    assert_eq!(read(&f.p("shadowed")), "from top\n");
+    assert_eq!(read(&f.p("top-only")), "top\n");
+    assert_eq!(read(&f.p("bottom-only")), "bottom\n");
+    assert_eq!(names(&f.p("merged")), ["deep", "from-bottom", "from-top"]);
+    assert_eq!(errno_of(fs::metadata(f.p("merged/gone"))), libc::ENOENT);
+    assert_eq!(names(&f.p("opaque")), ["visible"]);
+    assert_eq!(errno_of(fs::metadata(f.p("opaque/hidden"))), libc::ENOENT);
+    assert!(fs::metadata(f.p("file-over-dir")).unwrap().is_file());
+    assert_eq!(errno_of(fs::metadata(f.p("file-over-dir/inside"))), libc::ENOTDIR);
+    assert!(fs::metadata(f.p("fifo")).unwrap().file_type().is_fifo());
+    assert_eq!(fs::read_link(f.p("evil")).unwrap(), Path::new("/etc/shadow"));
+    assert_eq!(fs::read_link(f.p("link")).unwrap(), Path::new("top-only"));
+    assert_eq!(read(&f.p("link")), "top\n");
+    f.assert_lowers_untouched();
+}
+
+#[test]
+fn oci_and_xattr_whiteouts_are_read() {
+    let s = Scratch::new("ociwh");
+    let top = s.dir("l1");
+    let bottom = s.dir("l2");
+    write(&bottom.join("a"), "a");
+    write(&bottom.join("b"), "b");
+    write(&bottom.join("d/x"), "x");
+    write(&bottom.join("x/in-bottom"), "i");
+    write(&top.join(".wh.a"), "");
+    write(&top.join("d/.wh..wh..opq"), "");
+    write(&top.join("d/y"), "y");
+    // The kernel's xattr whiteouts: overlay.opaque=x on the directory, a
+    // zero-size file with overlay.whiteout.
+    write(&top.join("x/in-bottom"), "");
+    set_xattr(&top.join("x/in-bottom"), "trusted.overlay.whiteout", b"y");
+    set_xattr(&top.join("x"), "trusted.overlay.opaque", b"x");
+    write(&top.join("x/kept"), "k");
+    let f = Fixture::over(s, vec![top, bottom]);
+    assert_eq!(names(&f.mnt), ["b", "d", "x"]);
+    assert_eq!(errno_of(fs::metadata(f.p("a"))), libc::ENOENT);
+    assert_eq!(errno_of(fs::metadata(f.p(".wh.a"))), libc::ENOENT);
+    assert_eq!(names(&f.p("d")), ["y"]);
+    assert_eq!(names(&f.p("x")), ["kept"]);
+    assert_eq!(errno_of(fs::metadata(f.p("x/in-bottom"))), libc::ENOENT);
+}
+
+#[test]
+fn readdir_d_ino_matches_stat_and_streams_stay_consistent() {
+    let f = Fixture::new("readdir");
+    for dir in ["", "merged", "dir", "opaque"] {
+        for e in fs::read_dir(f.p(dir)).unwrap() {
+            let e = e.unwrap();
+            let st = fs::symlink_metadata(e.path()).unwrap();
+            assert_eq!(e.ino(), st.ino(), "d_ino of {}", e.path().display());
+        }
+    }
+    for i in 0..50 {
+        fs::write(f.p(&format!("merged/n{i:02}")), "x").unwrap();
+    }
+    let c = cpath(&f.p("merged"));
+    unsafe {
+        let d = libc::opendir(c.as_ptr());
+        assert!(!d.is_null());
+        let mut seen = Vec::new();
+        let mut pos_after_10 = 0;
+        for i in 0.. {
+            let ent = libc::readdir(d);
+            if ent.is_null() {
+                break;
+            }
+            seen.push(std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()).to_owned());
+            if i == 9 {
+                pos_after_10 = libc::telldir(d);
+                // Changes while the stream is open do not disturb it.
+                fs::remove_file(f.p("merged/from-bottom")).unwrap();
+                fs::write(f.p("merged/late"), "l").unwrap();
+            }
+        }
+        let total = seen.len();
+        let mut uniq = seen.clone();
+        uniq.sort();
+        uniq.dedup();
+        assert_eq!(uniq.len(), total, "duplicates in one stream");
+        libc::seekdir(d, pos_after_10);
+        let ent = libc::readdir(d);
+        assert_eq!(std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()), seen[10].as_c_str());
+        libc::rewinddir(d);
+        let mut after = Vec::new();
+        loop {
+            let ent = libc::readdir(d);
+            if ent.is_null() {
+                break;
+            }
+            after.push(std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()).to_string_lossy().into_owned());
+        }
+        libc::closedir(d);
+        assert!(after.contains(&"late".to_string()), "rewinddir shows current contents");
+        assert!(!after.contains(&"from-bottom".to_string()));
+    }
+}
+
+#[test]
+fn copy_up_keeps_data_metadata_and_parent_times() {
+    let f = Fixture::new("copyup");
+    let before = fs::symlink_metadata(f.p("dir/sub/leaf")).unwrap();
+    let ino_before = before.ino();
+    OpenOptions::new().append(true).open(f.p("dir/sub/leaf")).unwrap().write_all(b"more\n").unwrap();
+    assert_eq!(read(&f.p("dir/sub/leaf")), "leaf\nmore\n");
+    assert_eq!(read(&f.lowers[1].join("dir/sub/leaf")), "leaf\n");
+    assert_eq!(read(&f.up("dir/sub/leaf")), "leaf\nmore\n");
+    let after = fs::symlink_metadata(f.p("dir/sub/leaf")).unwrap();
+    assert_eq!(after.ino(), ino_before, "st_ino survives copy-up");
+    // Parents were copied up with their own metadata and times.
+    for d in ["dir", "dir/sub"] {
+        let l = fs::metadata(f.lowers[1].join(d)).unwrap();
+        let u = fs::metadata(f.up(d)).unwrap();
+        assert_eq!((u.mode(), u.uid(), u.gid()), (l.mode(), l.uid(), l.gid()), "{d}");
+    }
+    assert_eq!(fs::metadata(f.up("dir")).unwrap().mtime(), 1_000_000_000, "parent mtime restored");
+    assert_eq!(fs::metadata(f.p("dir")).unwrap().mtime(), 1_000_000_000);
+    // chmod copies up a file with its data, times and xattrs.
+    fs::set_permissions(f.p("bottom-only"), fs::Permissions::from_mode(0o600)).unwrap();
+    let u = fs::symlink_metadata(f.up("bottom-only")).unwrap();
+    assert_eq!(u.mode() & 0o7777, 0o600);
+    assert_eq!(u.mtime(), 1_000_000_000);
+    assert_eq!(read(&f.up("bottom-only")), "bottom\n");
+    assert_eq!(lgetxattr(&f.up("bottom-only"), "user.tag").as_deref(), Some(&b"kept"[..]));
+    // A setgid directory keeps its mode and owner when copied up.
+    fs::write(f.p("sgid/new"), "n").unwrap();
+    let u = fs::metadata(f.up("sgid")).unwrap();
+    assert_eq!((u.mode() & 0o7777, u.uid(), u.gid()), (0o2775, 1234, 4321));
+    assert_eq!(fs::metadata(f.p("sgid/new")).unwrap().gid(), 4321, "group of a setgid directory");
+    // A 0555 directory keeps its mode.
+    fs::write(f.p("ro/inner"), "changed").unwrap();
+    assert_eq!(fs::metadata(f.up("ro")).unwrap().mode() & 0o7777, 0o555);
+    f.assert_lowers_untouched();
+}
+
+#[test]
+fn chmod_of_special_files_copies_up_the_same_kind() {
+    let f = Fixture::new("special");
+    fs::set_permissions(f.p("fifo"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(f.p("null"), fs::Permissions::from_mode(0o600)).unwrap();
+    let fifo = fs::symlink_metadata(f.up("fifo")).unwrap();
+    assert!(fifo.file_type().is_fifo());
+    assert_eq!(fifo.mtime(), 1_000_000_000, "special files keep their times");
+    let null = fs::symlink_metadata(f.up("null")).unwrap();
+    assert!(null.file_type().is_char_device());
+    assert_eq!(null.rdev(), libc::makedev(1, 3));
+    // A symlink copied up by an xattr change keeps its target and times.
+    let c = cpath(&f.p("link"));
+    let n = CString::new("trusted.test").unwrap();
+    assert_eq!(unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), b"v".as_ptr().cast(), 1, 0) }, 0);
+    assert_eq!(fs::read_link(f.up("link")).unwrap(), Path::new("top-only"));
+    assert_eq!(fs::symlink_metadata(f.up("link")).unwrap().mtime(), 1_000_000_000);
+}
+
+#[test]
+fn sparse_files_stay_sparse_and_seek_data_hole_work() {
+    let s = Scratch::new("sparse");
+    let l = s.dir("l");
+    let file = File::create(l.join("sparse")).unwrap();
+    file.set_len(64 << 20).unwrap();
+    (&file).seek(SeekFrom::Start(32 << 20)).unwrap();
+    (&file).write_all(&[7u8; 4096]).unwrap();
+    drop(file);
+    let f = Fixture::over(s, vec![l]);
+    let fd = File::open(f.p("sparse")).unwrap();
+    let data = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_DATA) };
+    assert_eq!(data, 32 << 20);
+    let hole = unsafe { libc::lseek(fd.as_raw_fd(), data, libc::SEEK_HOLE) };
+    assert_eq!(hole, (32 << 20) + 4096);
+    drop(fd);
+    OpenOptions::new().write(true).open(f.p("sparse")).unwrap().write_all(b"x").unwrap();
+    let u = fs::metadata(f.up("sparse")).unwrap();
+    assert_eq!(u.len(), 64 << 20);
+    assert!(u.blocks() * 512 < 1 << 20, "copy-up kept the holes ({} blocks)", u.blocks());
+    let mut buf = vec![0u8; 4096];
+    let mut h = File::open(f.p("sparse")).unwrap();
+    h.seek(SeekFrom::Start(32 << 20)).unwrap();
+    h.read_exact(&mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 7));
+}
+
+#[test]
+fn unlink_and_rmdir_leave_whiteouts_and_rm_rf_works() {
+    let f = Fixture::new("remove");
+    fs::remove_file(f.p("bottom-only")).unwrap();
+    assert_eq!(errno_of(fs::metadata(f.p("bottom-only"))), libc::ENOENT);
+    let wh = fs::symlink_metadata(f.up("bottom-only")).unwrap();
+    assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
+    assert_eq!(errno_of(fs::remove_dir(f.p("merged"))), libc::ENOTEMPTY);
+    fs::remove_dir_all(f.p("merged")).unwrap();
+    assert_eq!(errno_of(fs::metadata(f.p("merged"))), libc::ENOENT);
+    // An upper-only file leaves no whiteout.
+    fs::write(f.p("fresh"), "f").unwrap();
+    fs::remove_file(f.p("fresh")).unwrap();
+    assert_eq!(errno_of(fs::symlink_metadata(f.up("fresh"))), libc::ENOENT);
+    // Everything can go.
+    for e in fs::read_dir(&f.mnt).unwrap() {
+        let p = e.unwrap().path();
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+            fs::remove_dir_all(&p).unwrap();
+        } else {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+    assert!(names(&f.mnt).is_empty());
+    f.assert_lowers_untouched();
+}
+
+#[test]
+fn creating_over_whiteouts_and_opaque_mkdir() {
+    let mut f = Fixture::new("overwh");
+    fs::remove_dir_all(f.p("merged")).unwrap();
+    fs::create_dir(f.p("merged")).unwrap();
+    assert!(names(&f.p("merged")).is_empty(), "mkdir over a whiteout is opaque");
+    assert_eq!(lgetxattr(&f.up("merged"), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
+    fs::remove_file(f.p("shadowed")).unwrap();
+    fs::write(f.p("shadowed"), "new").unwrap();
+    assert_eq!(read(&f.p("shadowed")), "new");
+    fs::remove_file(f.p("top-only")).unwrap();
+    std::os::unix::fs::symlink("target", f.p("top-only")).unwrap();
+    assert_eq!(fs::read_link(f.up("top-only")).unwrap(), Path::new("target"));
+    f.remount();
+    assert!(names(&f.p("merged")).is_empty(), "still opaque after a remount");
+    assert_eq!(read(&f.p("shadowed")), "new");
+    // The kernel agrees.
+    f.unmount();
+    let work = f.scratch.dir("kwork");
+    let kmnt = f.scratch.dir("kmnt");
+    let k = Mount::kernel(&f.lowers, &f.upper, &work, &kmnt);
+    assert!(names(&kmnt.join("merged")).is_empty());
+    assert_eq!(read(&kmnt.join("shadowed")), "new");
+    drop(k);
+}
+
+#[test]
+fn mknod_of_a_whiteout_device_is_refused() {
+    let f = Fixture::new("mknod0");
+    let c = cpath(&f.p("dev0"));
+    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, 0) };
+    assert_eq!(r, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 5)) };
+    assert_eq!(r, 0);
+    assert_eq!(fs::metadata(f.p("dev0")).unwrap().rdev(), libc::makedev(1, 5));
+}
+
+fn renameat2(from: &Path, to: &Path, flags: u32) -> i32 {
+    let (a, b) = (cpath(from), cpath(to));
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
+    if r == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap() }
+}
+
+#[test]
+fn rename_rules() {
+    let f = Fixture::new("rename");
+    // A lower file moves, leaving a whiteout.
+    fs::rename(f.p("bottom-only"), f.p("moved")).unwrap();
+    assert_eq!(read(&f.p("moved")), "bottom\n");
+    assert_eq!(errno_of(fs::metadata(f.p("bottom-only"))), libc::ENOENT);
+    assert!(fs::symlink_metadata(f.up("bottom-only")).unwrap().file_type().is_char_device());
+    // Lower and merged directories: EXDEV, as the kernel's default.
+    assert_eq!(renameat2(&f.p("merged"), &f.p("m2"), 0), libc::EXDEV);
+    assert_eq!(renameat2(&f.p("dir"), &f.p("d2"), 0), libc::EXDEV);
+    // Upper-only directories move natively.
+    fs::create_dir(f.p("newdir")).unwrap();
+    fs::write(f.p("newdir/x"), "x").unwrap();
+    fs::rename(f.p("newdir"), f.p("newdir2")).unwrap();
+    assert_eq!(read(&f.p("newdir2/x")), "x");
+    // NOREPLACE and EXCHANGE.
+    assert_eq!(renameat2(&f.p("moved"), &f.p("top-only"), libc::RENAME_NOREPLACE), libc::EEXIST);
+    assert_eq!(renameat2(&f.p("moved"), &f.p("top-only"), libc::RENAME_EXCHANGE), 0);
+    assert_eq!(read(&f.p("moved")), "top\n");
+    assert_eq!(read(&f.p("top-only")), "bottom\n");
+    assert_eq!(renameat2(&f.p("moved"), &f.p("nothing"), libc::RENAME_EXCHANGE), libc::ENOENT);
+    // An upper directory over an empty merged one hides its lower contents.
+    fs::remove_file(f.p("opaque/visible")).unwrap();
+    fs::rename(f.p("newdir2"), f.p("opaque")).unwrap();
+    assert_eq!(names(&f.p("opaque")), ["x"]);
+    // Over a whiteout.
+    fs::rename(f.p("opaque"), f.p("bottom-only")).unwrap();
+    assert_eq!(names(&f.p("bottom-only")), ["x"]);
+    f.assert_lowers_untouched();
+}
+
+#[test]
+fn hard_links_share_data_and_count_links() {
+    let f = Fixture::new("links");
+    fs::hard_link(f.p("bottom-only"), f.p("link2")).unwrap();
+    assert_eq!(fs::metadata(f.p("link2")).unwrap().nlink(), 2);
+    assert_eq!(fs::metadata(f.p("bottom-only")).unwrap().nlink(), 2);
+    assert_eq!(fs::metadata(f.p("bottom-only")).unwrap().ino(), fs::metadata(f.p("link2")).unwrap().ino());
+    OpenOptions::new().append(true).open(f.p("link2")).unwrap().write_all(b"via link\n").unwrap();
+    assert_eq!(read(&f.p("bottom-only")), "bottom\nvia link\n");
+    drop_caches();
+    assert_eq!(read(&f.p("bottom-only")), "bottom\nvia link\n");
+    // An unlinked open file shows nlink 0.
+    fs::write(f.p("temp"), "t").unwrap();
+    let h = File::open(f.p("temp")).unwrap();
+    fs::remove_file(f.p("temp")).unwrap();
+    assert_eq!(h.metadata().unwrap().nlink(), 0);
+    let h2 = File::open(f.p("top-only")).unwrap();
+    fs::remove_file(f.p("top-only")).unwrap();
+    assert_eq!(h2.metadata().unwrap().nlink(), 0);
+}
+
+#[test]
+fn xattrs_pass_through_and_private_names_are_hidden() {
+    let f = Fixture::new("xattr");
+    assert_eq!(lgetxattr(&f.p("bottom-only"), "user.tag").as_deref(), Some(&b"kept"[..]));
+    // opaque dir: its marker is never shown
+    assert!(lxattrs(&f.p("opaque")).iter().all(|(n, _)| !n.contains("overlay")));
+    let c = cpath(&f.p("top-only"));
+    let n = CString::new("trusted.overlay.opaque").unwrap();
+    assert_eq!(unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), b"y".as_ptr().cast(), 1, 0) }, -1);
+    let missing = CString::new("user.missing").unwrap();
+    assert_eq!(unsafe { libc::removexattr(c.as_ptr(), missing.as_ptr()) }, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENODATA));
+    assert_eq!(errno_of(fs::symlink_metadata(f.up("top-only"))), libc::ENOENT, "no copy-up");
+    set_xattr(&f.p("top-only"), "user.a", b"1");
+    assert_eq!(lgetxattr(&f.up("top-only"), "user.a").as_deref(), Some(&b"1"[..]));
+    let a = CString::new("user.a").unwrap();
+    assert_eq!(unsafe { libc::removexattr(c.as_ptr(), a.as_ptr()) }, 0);
+    assert_eq!(lgetxattr(&f.p("top-only"), "user.a"), None);
+}
+
+#[test]
+fn statfs_names_and_long_names() {
+    let f = Fixture::new("statfs");
+    let c = cpath(&f.mnt);
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    assert_eq!(st.f_namemax, 255);
+    let mut up: libc::statvfs = unsafe { std::mem::zeroed() };
+    let cu = cpath(&f.upper);
+    assert_eq!(unsafe { libc::statvfs(cu.as_ptr(), &mut up) }, 0);
+    assert_eq!(st.f_blocks, up.f_blocks);
+    let long = "n".repeat(255);
+    fs::write(f.p(&long), "long").unwrap();
+    assert_eq!(read(&f.p(&long)), "long");
+    assert_eq!(errno_of(fs::write(f.p(&"n".repeat(256)), "x")), libc::ENAMETOOLONG);
+}
+
+#[test]
+fn inode_numbers_are_stable_and_one_device() {
+    let f = Fixture::new("ino");
+    let paths = ["top-only", "bottom-only", "merged", "dir/sub/leaf", "fifo"];
+    let before: Vec<_> = paths.iter().map(|p| fs::symlink_metadata(f.p(p)).unwrap()).collect();
+    for p in paths {
+        let _ = fs::set_permissions(f.p(p), fs::Permissions::from_mode(0o700));
+    }
+    drop_caches();
+    for (p, b) in paths.iter().zip(&before) {
+        let a = fs::symlink_metadata(f.p(p)).unwrap();
+        assert_eq!(a.ino(), b.ino(), "{p}");
+        assert_eq!(a.dev(), before[0].dev(), "{p}");
+    }
+}
+
+#[test]
+fn file_io_features() {
+    let f = Fixture::new("io");
+    // O_APPEND
+    let mut h = OpenOptions::new().append(true).open(f.p("top-only")).unwrap();
+    h.write_all(b"A").unwrap();
+    h.write_all(b"B").unwrap();
+    drop(h);
+    assert_eq!(read(&f.p("top-only")), "top\nAB");
+    // Shared writable mmap.
+    let h = OpenOptions::new().read(true).write(true).open(f.p("big")).unwrap();
+    unsafe {
+        let len = 65536;
+        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, h.as_raw_fd(), 0);
+        assert_ne!(p, libc::MAP_FAILED);
+        std::ptr::copy_nonoverlapping(b"MMAP".as_ptr(), p.cast::<u8>(), 4);
+        assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0);
+        libc::munmap(p, len);
+    }
+    drop(h);
+    drop_caches();
+    assert!(read(&f.up("big")).starts_with("MMAP4567"));
+    // O_DIRECT
+    let mut h = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(f.p("big")).unwrap();
+    let mut buf = vec![0u8; 8192];
+    h.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf[..8], b"MMAP4567");
+    // fallocate, fsync, fdatasync
+    let h = OpenOptions::new().read(true).write(true).open(f.p("shadowed")).unwrap();
+    assert_eq!(unsafe { libc::fallocate(h.as_raw_fd(), 0, 0, 1 << 20) }, 0);
+    assert_eq!(h.metadata().unwrap().len(), 1 << 20);
+    h.sync_all().unwrap();
+    h.sync_data().unwrap();
+    // flock and fcntl locks
+    assert_eq!(unsafe { libc::flock(h.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let other = File::open(f.p("shadowed")).unwrap();
+    assert_eq!(unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, -1);
+    let mut lk: libc::flock = unsafe { std::mem::zeroed() };
+    lk.l_type = libc::F_WRLCK as i16;
+    lk.l_whence = libc::SEEK_SET as i16;
+    lk.l_len = 10;
+    assert_eq!(unsafe { libc::fcntl(h.as_raw_fd(), libc::F_SETLK, &lk) }, 0);
+    // fsyncdir
+    let d = File::open(f.p("merged")).unwrap();
+    d.sync_all().unwrap();
+}
+
+#[test]
+fn reader_of_a_lower_file_sees_the_upper_copy_and_lower_stays() {
+    let f = Fixture::new("reader");
+    let mut r = File::open(f.p("shadowed")).unwrap();
+    let mut w = OpenOptions::new().write(true).open(f.p("shadowed")).unwrap();
+    w.write_all(b"FROM UPPER").unwrap();
+    w.sync_all().unwrap();
+    let mut s = String::new();
+    r.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "FROM UPPER");
+    assert_eq!(read(&f.lowers[0].join("shadowed")), "from top\n");
+}
+
+#[test]
+fn concurrent_writers_copy_up_once() {
+    let f = Fixture::new("concurrent");
+    let path = f.p("big");
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let p = path.clone();
+            std::thread::spawn(move || {
+                let h = OpenOptions::new().write(true).open(&p).unwrap();
+                let c = [b'A' + i as u8];
+                use std::os::unix::fs::FileExt;
+                h.write_at(&c, i as u64).unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let data = fs::read(f.up("big")).unwrap();
+    assert_eq!(&data[..8], b"ABCDEFGH", "every writer's byte landed in one copy");
+    assert_eq!(data.len(), 16 * 4096);
+    let work = f.scratch.path.join(".upper.unionfs-work/work");
+    assert!(fs::read_dir(&work).unwrap().next().is_none(), "no temporary left in the work directory");
+}
+
+#[test]
+fn permissions_are_enforced_for_other_users() {
+    let f = Fixture::new("perms");
+    fs::write(f.p("secret"), "s").unwrap();
+    fs::set_permissions(f.p("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::create_dir(f.p("sticky")).unwrap();
+    fs::set_permissions(f.p("sticky"), fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::write(f.p("sticky/roots"), "r").unwrap();
+    fs::set_permissions(f.p("sticky/roots"), fs::Permissions::from_mode(0o666)).unwrap();
+    fs::create_dir(f.p("shared")).unwrap();
+    fs::set_permissions(f.p("shared"), fs::Permissions::from_mode(0o777)).unwrap();
+    let m = f.mnt.display();
+    let out = as_user(65534, 65534, &format!(
+        "cat {m}/secret && exit 10; echo x >> {m}/top-only && exit 11; rm -f {m}/sticky/roots && exit 12; \
+         chown 0 {m}/shared && exit 13; \
+         echo mine > {m}/shared/mine || exit 14; chmod 4755 {m}/shared/mine || exit 15; \
+         echo more >> {m}/shared/mine || exit 16; exit 0"
+    ));
+    assert!(out.status.success(), "unprivileged user: {:?} {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fs::metadata(f.p("shared/mine")).unwrap().uid(), 65534);
+    let mode = fs::metadata(f.p("shared/mine")).unwrap().mode();
+    assert_eq!(mode & 0o4000, 0, "a write by a non-root owner clears setuid");
+    assert!(fs::metadata(f.p("sticky/roots")).is_ok());
+}
+
+#[test]
+fn truncate_and_times() {
+    let f = Fixture::new("trunc");
+    let h = OpenOptions::new().write(true).truncate(true).open(f.p("bottom-only")).unwrap();
+    drop(h);
+    assert_eq!(fs::metadata(f.p("bottom-only")).unwrap().len(), 0);
+    fs::File::options().write(true).open(f.p("big")).unwrap().set_len(10).unwrap();
+    assert_eq!(read(&f.p("big")), "0123456789");
+    set_mtime(&f.p("top-only"), 12345);
+    assert_eq!(fs::metadata(f.p("top-only")).unwrap().mtime(), 12345);
+    assert_eq!(fs::metadata(f.up("top-only")).unwrap().mtime(), 12345);
+    f.assert_lowers_untouched();
+}
