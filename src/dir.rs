@@ -55,16 +55,6 @@ impl Union {
         Ok(Slot { dir, over_whiteout })
     }
 
-    /// True when a lower layer has anything at all called `name` under
-    /// `parent`, whiteouts included: a directory made there must be opaque.
-    fn lower_has_any(&self, parent: &Node, name: &OsStr) -> bool {
-        let dirs = parent.state.read().lowers.clone();
-        dirs.iter().any(|d| {
-            sys::stat_at(d.fd.as_fd(), name).is_ok()
-                || sys::stat_at(d.fd.as_fd(), &format::aufs_whiteout_name(name)).is_ok()
-        })
-    }
-
     /// Makes a new object at `name` in `parent` and enters it in the table.
     fn create_object(
         &self,
@@ -75,7 +65,9 @@ impl Union {
     ) -> Result<(Arc<Node>, Stat, Option<OwnedFd>)> {
         let slot = self.prepare_slot(parent, name)?;
         let is_dir = sys::file_type(new.mode) == libc::S_IFDIR;
-        let opaque = is_dir && (slot.over_whiteout || self.lower_has_any(parent, name));
+        // Only a replaced upper whiteout stops hiding: a lower whiteout below a
+        // new directory still does, as in the kernel.
+        let opaque = is_dir && slot.over_whiteout;
         let (build_dir, build_name) = if slot.over_whiteout {
             (self.work_fd(), self.temp_name())
         } else {
@@ -266,6 +258,10 @@ impl Union {
         Ok(())
     }
 
+    fn has_lower_dirs(found: &Found) -> bool {
+        found.is_dir() && !found.lowers.is_empty()
+    }
+
     fn node_for(&self, side: &Side, name: &OsStr) -> Arc<Node> {
         let found = Found {
             upper: side.found.upper.clone(),
@@ -308,7 +304,11 @@ impl Union {
             match (src.found.is_dir(), d.found.is_dir()) {
                 (true, false) => return Err(Errno::ENOTDIR),
                 (false, true) => return Err(Errno::EISDIR),
-                (true, true) if !self.merged_entries(d.found.upper.as_ref(), &d.found.lowers)?.is_empty() => {
+                // A purely upper target is left to renameat2 to refuse.
+                (true, true)
+                    if Self::has_lower_dirs(&d.found)
+                        && !self.merged_entries(d.found.upper.as_ref(), &d.found.lowers)?.is_empty() =>
+                {
                     return Err(Errno::ENOTEMPTY);
                 }
                 _ => {}
@@ -325,10 +325,29 @@ impl Union {
         self.ensure_upper(&dst_node)?;
         let from = self.ensure_upper(&src.parent)?;
         let to = self.ensure_upper(&dst.parent)?;
+        if let (true, Some(u)) = (src.found.is_dir(), &src.found.upper) {
+            self.opaque_if_moved_into_merged(u, &dst.parent)?;
+        }
+        if let (true, Some(u)) = (dst.found.is_dir(), &dst.found.upper) {
+            self.opaque_if_moved_into_merged(u, &src.parent)?;
+        }
         sys::rename_at(from.as_fd(), name, to.as_fd(), new_name, libc::RENAME_EXCHANGE)?;
         src_node.set_location(dst.parent.clone(), new_name.to_os_string());
         dst_node.set_location(src.parent.clone(), name.to_os_string());
         Ok(())
+    }
+
+    /// An upper directory moved into a merged directory becomes opaque, so
+    /// that nothing a lower layer has (or will have) under its new name shows
+    /// through it, as the kernel does.
+    fn opaque_if_moved_into_merged(&self, dir: &Arc<OwnedFd>, new_parent: &Node) -> Result<()> {
+        if new_parent.state.read().lowers.is_empty() {
+            return Ok(());
+        }
+        if format::dir_opacity(dir.as_fd(), false) == format::Opacity::Opaque {
+            return Ok(());
+        }
+        format::set_opaque(dir.as_fd(), self.ns)
     }
 
     fn rename_replace(
@@ -352,11 +371,13 @@ impl Union {
         };
         let dst_is_whiteout = dst_upper.as_ref().is_some_and(format::is_whiteout_dev);
         let dst_is_dir = dst_upper.as_ref().is_some_and(sys::is_dir);
-        if src_is_dir && (dst_is_whiteout || self.lower_has_any(&new_parent, new_name)) {
-            // Whatever a lower layer has at the new name must stay hidden.
-            format::set_opaque(src_upper.as_fd(), self.ns)?;
+        if src_is_dir {
+            self.opaque_if_moved_into_merged(&src_upper, &new_parent)?;
         }
-        let dst_holds_whiteouts = dst_is_dir && !sys::read_dir(sys::open_path(to.as_fd(), new_name)?.as_fd())?.is_empty();
+        // An empty merged directory may still hold whiteouts in its upper.
+        let dst_holds_whiteouts = dst_is_dir
+            && dst.as_ref().is_some_and(|d| Self::has_lower_dirs(&d.found))
+            && !sys::read_dir(sys::open_path(to.as_fd(), new_name)?.as_fd())?.is_empty();
         if (src_is_dir && dst_is_whiteout) || dst_holds_whiteouts {
             // renameat2 cannot replace these: swap, then deal with what
             // landed at the old name.
