@@ -8,8 +8,8 @@
 //! kernel does. One copy-up per node at a time; later callers find it done.
 
 use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -57,7 +57,12 @@ impl Union {
     }
 
     /// Copies the lower object `src` to `name` in the upper directory `dir`.
-    fn copy_up_object(&self, dir: BorrowedFd<'_>, name: &OsStr, src: BorrowedFd<'_>) -> Result<OwnedFd> {
+    fn copy_up_object(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        src: BorrowedFd<'_>,
+    ) -> Result<OwnedFd> {
         let st = sys::stat_fd(src)?;
         let dir_times = sys::stat_fd(dir)?;
         let tmp = self.temp_name();
@@ -104,10 +109,10 @@ impl Union {
         }
         let obj = sys::open_path(work, tmp)?;
         copy_metadata(src, obj.as_fd(), st)?;
-        if let Some(dst) = &data {
-            if !self.tuning.volatile {
-                sys::fsync(dst.as_fd(), true)?;
-            }
+        if let Some(dst) = &data
+            && !self.tuning.volatile
+        {
+            sys::fsync(dst.as_fd(), true)?;
         }
         Ok(obj)
     }
@@ -190,7 +195,12 @@ fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, mut from: u64, end: u64)
         let n = match sys::copy_file_range(src, from, dst, from, want) {
             Ok(0) => return Ok(()), // the source shrank under us
             Ok(n) => n,
-            Err(e) if matches!(e.0, libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+            Err(e)
+                if matches!(
+                    e.0,
+                    libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP
+                ) =>
+            {
                 return copy_range_by_hand(src, dst, from, end);
             }
             Err(e) => return Err(e),
@@ -200,7 +210,12 @@ fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, mut from: u64, end: u64)
     Ok(())
 }
 
-fn copy_range_by_hand(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, mut from: u64, end: u64) -> Result<()> {
+fn copy_range_by_hand(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    mut from: u64,
+    end: u64,
+) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     while from < end {
         let want = ((end - from) as usize).min(buf.len());

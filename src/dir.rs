@@ -84,7 +84,13 @@ impl Union {
             }
             if slot.over_whiteout {
                 if is_dir {
-                    sys::rename_at(build_dir, &build_name, slot.dir.as_fd(), name, libc::RENAME_EXCHANGE)?;
+                    sys::rename_at(
+                        build_dir,
+                        &build_name,
+                        slot.dir.as_fd(),
+                        name,
+                        libc::RENAME_EXCHANGE,
+                    )?;
                     let _ = sys::unlink_at(build_dir, &build_name, false);
                 } else {
                     sys::rename_at(build_dir, &build_name, slot.dir.as_fd(), name, 0)?;
@@ -133,15 +139,30 @@ impl Union {
         let mut make = |d: BorrowedFd<'_>, n: &OsStr| {
             sys::create_file(d, n, flags & !libc::O_DIRECT, mode & 0o777).map(Some)
         };
-        let new = NewObject { mode: libc::S_IFREG | (mode & 0o7777), take_owner: true, make: &mut make };
+        let new = NewObject {
+            mode: libc::S_IFREG | (mode & 0o7777),
+            take_owner: true,
+            make: &mut make,
+        };
         let (node, stat, file) = self.create_object(&parent, name, caller, new)?;
         Ok((node, stat, file.ok_or(Errno::EIO)?))
     }
 
-    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<(Arc<Node>, Stat)> {
+    pub fn mkdir(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        caller: Caller,
+    ) -> Result<(Arc<Node>, Stat)> {
         let parent = self.node(parent)?;
-        let mut make = |d: BorrowedFd<'_>, n: &OsStr| sys::mkdir_at(d, n, mode & 0o7777).map(|_| None);
-        let new = NewObject { mode: libc::S_IFDIR | (mode & 0o7777), take_owner: true, make: &mut make };
+        let mut make =
+            |d: BorrowedFd<'_>, n: &OsStr| sys::mkdir_at(d, n, mode & 0o7777).map(|_| None);
+        let new = NewObject {
+            mode: libc::S_IFDIR | (mode & 0o7777),
+            take_owner: true,
+            make: &mut make,
+        };
         let (node, stat, _) = self.create_object(&parent, name, caller, new)?;
         Ok((node, stat))
     }
@@ -159,15 +180,29 @@ impl Union {
         }
         let parent = self.node(parent)?;
         let mut make = |d: BorrowedFd<'_>, n: &OsStr| sys::mknod_at(d, n, mode, rdev).map(|_| None);
-        let new = NewObject { mode, take_owner: true, make: &mut make };
+        let new = NewObject {
+            mode,
+            take_owner: true,
+            make: &mut make,
+        };
         let (node, stat, _) = self.create_object(&parent, name, caller, new)?;
         Ok((node, stat))
     }
 
-    pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<(Arc<Node>, Stat)> {
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &OsStr,
+        caller: Caller,
+    ) -> Result<(Arc<Node>, Stat)> {
         let parent = self.node(parent)?;
         let mut make = |d: BorrowedFd<'_>, n: &OsStr| sys::symlink_at(target, d, n).map(|_| None);
-        let new = NewObject { mode: libc::S_IFLNK | 0o777, take_owner: true, make: &mut make };
+        let new = NewObject {
+            mode: libc::S_IFLNK | 0o777,
+            take_owner: true,
+            make: &mut make,
+        };
         let (node, stat, _) = self.create_object(&parent, name, caller, new)?;
         Ok((node, stat))
     }
@@ -177,8 +212,13 @@ impl Union {
         let parent = self.node(new_parent)?;
         let src = self.ensure_upper(&node)?;
         let mut make = |d: BorrowedFd<'_>, n: &OsStr| sys::link_fd(src.as_fd(), d, n).map(|_| None);
-        let new = NewObject { mode: node.kind, take_owner: false, make: &mut make };
-        let (linked, stat, _) = self.create_object(&parent, new_name, Caller { uid: 0, gid: 0 }, new)?;
+        let new = NewObject {
+            mode: node.kind,
+            take_owner: false,
+            make: &mut make,
+        };
+        let (linked, stat, _) =
+            self.create_object(&parent, new_name, Caller { uid: 0, gid: 0 }, new)?;
         Ok((linked, stat))
     }
 
@@ -192,7 +232,11 @@ impl Union {
             let _ = sys::unlink_at(work, &tmp, false);
             return Err(e);
         }
-        if is_dir { remove_tree(work, &tmp) } else { Ok(()) }
+        if is_dir {
+            remove_tree(work, &tmp)
+        } else {
+            Ok(())
+        }
     }
 
     /// Removes the upper directory `name` of `dir`, with any whiteouts in it.
@@ -242,7 +286,10 @@ impl Union {
         if !found.is_dir() {
             return Err(Errno::ENOTDIR);
         }
-        if !self.merged_entries(found.upper.as_ref(), &found.lowers)?.is_empty() {
+        if !self
+            .merged_entries(found.upper.as_ref(), &found.lowers)?
+            .is_empty()
+        {
             return Err(Errno::ENOTEMPTY);
         }
         self.remove_name(&parent, name, &found)
@@ -275,7 +322,14 @@ impl Union {
         }
     }
 
-    pub fn rename(&self, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr, flags: u32) -> Result<()> {
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
         if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0
             || flags == libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE
         {
@@ -283,10 +337,16 @@ impl Union {
         }
         let parent = self.node(parent)?;
         let new_parent = self.node(new_parent)?;
-        let src = Side { found: self.resolve(&parent, name)?, parent: parent.clone() };
+        let src = Side {
+            found: self.resolve(&parent, name)?,
+            parent: parent.clone(),
+        };
         Self::check_movable(&src)?;
         let dst = match self.resolve(&new_parent, new_name) {
-            Ok(found) => Some(Side { found, parent: new_parent.clone() }),
+            Ok(found) => Some(Side {
+                found,
+                parent: new_parent.clone(),
+            }),
             Err(Errno::ENOENT) => None,
             Err(e) => return Err(e),
         };
@@ -298,7 +358,9 @@ impl Union {
             if flags & libc::RENAME_NOREPLACE != 0 {
                 return Err(Errno::EEXIST);
             }
-            if src.found.stat.st_ino == d.found.stat.st_ino && src.found.top_layer == d.found.top_layer {
+            if src.found.stat.st_ino == d.found.stat.st_ino
+                && src.found.top_layer == d.found.top_layer
+            {
                 return Ok(()); // two links of one file: nothing to do
             }
             match (src.found.is_dir(), d.found.is_dir()) {
@@ -307,7 +369,9 @@ impl Union {
                 // A purely upper target is left to renameat2 to refuse.
                 (true, true)
                     if Self::has_lower_dirs(&d.found)
-                        && !self.merged_entries(d.found.upper.as_ref(), &d.found.lowers)?.is_empty() =>
+                        && !self
+                            .merged_entries(d.found.upper.as_ref(), &d.found.lowers)?
+                            .is_empty() =>
                 {
                     return Err(Errno::ENOTEMPTY);
                 }
@@ -331,7 +395,13 @@ impl Union {
         if let (true, Some(u)) = (dst.found.is_dir(), &dst.found.upper) {
             self.opaque_if_moved_into_merged(u, &src.parent)?;
         }
-        sys::rename_at(from.as_fd(), name, to.as_fd(), new_name, libc::RENAME_EXCHANGE)?;
+        sys::rename_at(
+            from.as_fd(),
+            name,
+            to.as_fd(),
+            new_name,
+            libc::RENAME_EXCHANGE,
+        )?;
         src_node.set_location(dst.parent.clone(), new_name.to_os_string());
         dst_node.set_location(src.parent.clone(), name.to_os_string());
         Ok(())
@@ -381,7 +451,13 @@ impl Union {
         if (src_is_dir && dst_is_whiteout) || dst_holds_whiteouts {
             // renameat2 cannot replace these: swap, then deal with what
             // landed at the old name.
-            sys::rename_at(from.as_fd(), name, to.as_fd(), new_name, libc::RENAME_EXCHANGE)?;
+            sys::rename_at(
+                from.as_fd(),
+                name,
+                to.as_fd(),
+                new_name,
+                libc::RENAME_EXCHANGE,
+            )?;
             match (src_lower_remains, dst_is_whiteout) {
                 (true, true) => {} // it is the very whiteout the old name needs
                 (true, false) => self.replace_with_whiteout(from.as_fd(), name, dst_is_dir)?,
@@ -389,7 +465,11 @@ impl Union {
                 (false, _) => sys::unlink_at(from.as_fd(), name, false)?,
             }
         } else {
-            let flags = if src_lower_remains { libc::RENAME_WHITEOUT } else { 0 };
+            let flags = if src_lower_remains {
+                libc::RENAME_WHITEOUT
+            } else {
+                0
+            };
             sys::rename_at(from.as_fd(), name, to.as_fd(), new_name, flags)?;
         }
         if let Some(node) = dst.as_ref().and_then(|d| self.existing_node(&d.found)) {

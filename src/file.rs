@@ -44,12 +44,16 @@ impl OpenFile {
 
     /// The descriptor to read from: the upper copy once there is one.
     fn read_fd(&self) -> Result<Arc<OwnedFd>> {
-        if !self.on_upper.load(Ordering::Acquire) && self.node.copied_up.load(Ordering::Acquire) {
-            if let Some(upper) = self.node.upper() {
-                let fd = Arc::new(sys::reopen(upper.as_fd(), real_flags(self.flags) & !libc::O_TRUNC)?);
-                *self.fd.write() = fd;
-                self.on_upper.store(true, Ordering::Release);
-            }
+        if !self.on_upper.load(Ordering::Acquire)
+            && self.node.copied_up.load(Ordering::Acquire)
+            && let Some(upper) = self.node.upper()
+        {
+            let fd = Arc::new(sys::reopen(
+                upper.as_fd(),
+                real_flags(self.flags) & !libc::O_TRUNC,
+            )?);
+            *self.fd.write() = fd;
+            self.on_upper.store(true, Ordering::Release);
         }
         Ok(self.fd())
     }
@@ -58,7 +62,12 @@ impl OpenFile {
 impl Union {
     fn register_file(&self, node: Arc<Node>, fd: OwnedFd, on_upper: bool, flags: i32) -> u64 {
         let fh = self.next_handle();
-        let file = OpenFile { node, fd: RwLock::new(Arc::new(fd)), on_upper: AtomicBool::new(on_upper), flags };
+        let file = OpenFile {
+            node,
+            fd: RwLock::new(Arc::new(fd)),
+            on_upper: AtomicBool::new(on_upper),
+            flags,
+        };
         self.files.insert(fh, Arc::new(file));
         fh
     }

@@ -73,13 +73,17 @@ impl Union {
     }
 
     fn truncate(&self, node: &Arc<Node>, fh: Option<u64>, size: u64) -> Result<()> {
-        if let Some(file) = fh.and_then(|fh| self.files.get(&fh).map(|f| f.clone())) {
-            if file.is_writable_upper() {
-                return sys::ftruncate(file.fd().as_fd(), size);
-            }
+        if let Some(file) = fh.and_then(|fh| self.files.get(&fh).map(|f| f.clone()))
+            && file.is_writable_upper()
+        {
+            return sys::ftruncate(file.fd().as_fd(), size);
         }
         if node.kind != libc::S_IFREG {
-            return Err(if node.is_dir() { Errno::EISDIR } else { Errno::EINVAL });
+            return Err(if node.is_dir() {
+                Errno::EISDIR
+            } else {
+                Errno::EINVAL
+            });
         }
         let upper = self.ensure_upper(node)?;
         let f = sys::reopen(upper.as_fd(), libc::O_WRONLY)?;
@@ -105,7 +109,10 @@ impl Union {
     pub fn listxattr(&self, id: u64) -> Result<Vec<OsString>> {
         let node = self.node(id)?;
         let names = sys::list_xattr(node.real().0.as_fd())?;
-        Ok(names.into_iter().filter(|n| !format::is_private_xattr(n)).collect())
+        Ok(names
+            .into_iter()
+            .filter(|n| !format::is_private_xattr(n))
+            .collect())
     }
 
     pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {

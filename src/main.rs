@@ -1,5 +1,6 @@
 //! The `unionfs` command line.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,7 +16,11 @@ const EXIT_BAD_INPUT: u8 = 2;
 const EXIT_FAILED: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "unionfs", version, about = "A copy-on-write union filesystem over FUSE, compatible with overlayfs")]
+#[command(
+    name = "unionfs",
+    version,
+    about = "A copy-on-write union filesystem over FUSE, compatible with overlayfs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,16 +45,38 @@ enum Command {
 }
 
 fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("unionfs=info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let wanted = std::env::var("RUST_LOG").unwrap_or_else(|_| "unionfs=info".into());
+    // fuser warns when it unmounts a mount already gone at exit: noise.
+    let quiet_fuser = if wanted.contains("fuser") {
+        ""
+    } else {
+        ",fuser::session=error"
+    };
+    let filter = EnvFilter::try_new(format!("{wanted}{quiet_fuser}"))
+        .unwrap_or_else(|_| EnvFilter::new("unionfs=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
-        Command::Mount { options, lowers, upper, mountpoint } => {
-            let req = MountRequest { lowers, upper, mountpoint, options };
+        Command::Mount {
+            options,
+            lowers,
+            upper,
+            mountpoint,
+        } => {
+            let req = MountRequest {
+                lowers,
+                upper,
+                mountpoint,
+                options,
+            };
             let plan = match options::plan(&req) {
                 Ok(p) => p,
                 Err(msg) => {

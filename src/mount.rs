@@ -15,6 +15,9 @@ use crate::options::MountPlan;
 use crate::superblock::{Tuning, Union, clear_dir};
 use crate::sys;
 
+/// How long a detached but busy mount is served before the daemon exits.
+const BUSY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Name of the scratch directory inside the work directory (as the kernel's).
 const WORK_SUBDIR: &str = "work";
 
@@ -35,7 +38,10 @@ fn check_dev_fuse() -> Result<(), String> {
 /// Lifts the open-file limit to its hard maximum: the union holds one
 /// descriptor per object the kernel caches.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
@@ -57,17 +63,34 @@ fn claim_workdir(plan: &MountPlan) -> Result<WorkDir, String> {
         match std::fs::create_dir(wd) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(format!("cannot create work directory {}: {e}", wd.display())),
+            Err(e) => {
+                return Err(format!(
+                    "cannot create work directory {}: {e}",
+                    wd.display()
+                ));
+            }
         }
     }
     let path = sys::cstr(wd.as_os_str()).map_err(|_| "bad work directory path".to_string())?;
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
     if fd < 0 {
-        return Err(format!("cannot open work directory {}: {}", wd.display(), std::io::Error::last_os_error()));
+        return Err(format!(
+            "cannot open work directory {}: {}",
+            wd.display(),
+            std::io::Error::last_os_error()
+        ));
     }
     let lock = unsafe { OwnedFd::from_raw_fd(fd) };
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(format!("work directory {} is in use by another mount", wd.display()));
+        return Err(format!(
+            "work directory {} is in use by another mount",
+            wd.display()
+        ));
     }
     let name = OsStr::new(WORK_SUBDIR);
     match sys::mkdir_at(lock.as_fd(), name, 0o700) {
@@ -78,10 +101,16 @@ fn claim_workdir(plan: &MountPlan) -> Result<WorkDir, String> {
         .map_err(|e| format!("cannot open {}/{WORK_SUBDIR}: {e}", wd.display()))?;
     match clear_dir(scratch.as_fd()) {
         Ok(0) => {}
-        Ok(n) => info!(leftovers = n, "removed leftovers of an earlier run from the work directory"),
+        Ok(n) => info!(
+            leftovers = n,
+            "removed leftovers of an earlier run from the work directory"
+        ),
         Err(e) => return Err(format!("cannot clean {}/{WORK_SUBDIR}: {e}", wd.display())),
     }
-    Ok(WorkDir { _lock: lock, scratch })
+    Ok(WorkDir {
+        _lock: lock,
+        scratch,
+    })
 }
 
 fn block_stop_signals() -> libc::sigset_t {
@@ -102,7 +131,11 @@ pub fn unmount_lazily(mnt: &Path) {
     if unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) } == 0 {
         return;
     }
-    let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(mnt).status();
+    let _ = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(mnt)
+        .status();
 }
 
 /// Waits for a stop signal in a thread of its own, then unmounts.
@@ -112,6 +145,11 @@ fn spawn_signal_watcher(set: libc::sigset_t, mnt: PathBuf) {
         unsafe { libc::sigwait(&set, &mut sig) };
         info!(signal = sig, "unmounting");
         unmount_lazily(&mnt);
+        // A busy mount stays connected after the detach until its last user
+        // lets go; do not wait for that: everything is on disk already.
+        std::thread::sleep(BUSY_GRACE);
+        info!("mount still in use after detach; exiting");
+        std::process::exit(0);
     });
 }
 
@@ -123,7 +161,8 @@ fn session_config(n_threads: usize) -> Config {
         MountOption::DefaultPermissions,
     ];
     if unsafe { libc::geteuid() } == 0 {
-        cfg.mount_options.extend([MountOption::Suid, MountOption::Dev]);
+        cfg.mount_options
+            .extend([MountOption::Suid, MountOption::Dev]);
     }
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(n_threads);
@@ -143,12 +182,22 @@ pub fn serve(plan: &MountPlan) -> Result<(), String> {
         .map(|l| open_layer("lower directory", l))
         .collect::<Result<Vec<_>, _>>()?;
     let work = claim_workdir(plan)?;
-    let tuning = Tuning { volatile: plan.volatile };
+    let tuning = Tuning {
+        volatile: plan.volatile,
+    };
     let union = Arc::new(Union::new(upper, lowers, work.scratch, tuning));
     let signals = block_stop_signals();
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8) * 2;
-    let session = Session::new(UnionFs(union.clone()), &plan.mountpoint, &session_config(threads))
-        .map_err(|e| format!("cannot mount on {}: {e}", plan.mountpoint.display()))?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8)
+        * 2;
+    let session = Session::new(
+        UnionFs(union.clone()),
+        &plan.mountpoint,
+        &session_config(threads),
+    )
+    .map_err(|e| format!("cannot mount on {}: {e}", plan.mountpoint.display()))?;
     info!(
         mountpoint = %plan.mountpoint.display(),
         workdir = %plan.workdir.display(),

@@ -87,7 +87,11 @@ pub fn lookup_lowers(
                 let merging = below_dir || !found.is_empty();
                 if !is_dir {
                     if !merging {
-                        found.push(LowerObj { layer: dir.layer, fd: Arc::new(fd), xwhiteouts: false });
+                        found.push(LowerObj {
+                            layer: dir.layer,
+                            fd: Arc::new(fd),
+                            xwhiteouts: false,
+                        });
                         first = Some(st);
                     }
                     break;
@@ -128,10 +132,20 @@ impl Union {
                 Ok(st) => {
                     let fd = sys::open_path(dir.as_fd(), name)?;
                     if !sys::is_dir(&st) {
-                        return Ok(Found { upper: Some(Arc::new(fd)), lowers: vec![], stat: st, top_layer: UPPER });
+                        return Ok(Found {
+                            upper: Some(Arc::new(fd)),
+                            lowers: vec![],
+                            stat: st,
+                            top_layer: UPPER,
+                        });
                     }
                     if format::dir_opacity(fd.as_fd(), false) == Opacity::Opaque {
-                        return Ok(Found { upper: Some(Arc::new(fd)), lowers: vec![], stat: st, top_layer: UPPER });
+                        return Ok(Found {
+                            upper: Some(Arc::new(fd)),
+                            lowers: vec![],
+                            stat: st,
+                            top_layer: UPPER,
+                        });
                     }
                     upper = Some((Arc::new(fd), st));
                 }
@@ -141,10 +155,20 @@ impl Union {
         }
         let (lowers, lower_stat) = lookup_lowers(&lower_dirs, name, upper.is_some())?;
         match (upper, lower_stat) {
-            (Some((fd, st)), _) => Ok(Found { upper: Some(fd), lowers, stat: st, top_layer: UPPER }),
+            (Some((fd, st)), _) => Ok(Found {
+                upper: Some(fd),
+                lowers,
+                stat: st,
+                top_layer: UPPER,
+            }),
             (None, Some(st)) => {
                 let top_layer = lowers[0].layer;
-                Ok(Found { upper: None, lowers, stat: st, top_layer })
+                Ok(Found {
+                    upper: None,
+                    lowers,
+                    stat: st,
+                    top_layer,
+                })
             }
             (None, None) => Err(Errno::ENOENT),
         }
@@ -201,7 +225,9 @@ impl Union {
         let found = self.resolve(&parent, name)?;
         let id = self.id_of(&found);
         let stat = found.stat;
-        let node = self.table.acquire(id, || self.node_from(&parent, name, found));
+        let node = self
+            .table
+            .acquire(id, || self.node_from(&parent, name, found));
         if node.kind != sys::file_type(stat.st_mode) {
             return Err(Errno(libc::ESTALE));
         }

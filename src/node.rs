@@ -153,10 +153,10 @@ impl NodeTable {
 
     /// The id of the object with inode `ino` in `layer`.
     pub fn id_for(&self, layer: u16, ino: u64) -> u64 {
-        if layer == UPPER {
-            if let Some(id) = self.origins.get(&ino) {
-                return *id;
-            }
+        if layer == UPPER
+            && let Some(id) = self.origins.get(&ino)
+        {
+            return *id;
         }
         if ino <= INO_MASK {
             return ((layer as u64 + 1) << LAYER_SHIFT) | ino;
@@ -205,7 +205,11 @@ impl NodeTable {
             return;
         }
         if let Entry::Occupied(e) = self.nodes.entry(id) {
-            let left = e.get().lookups.fetch_sub(n, Ordering::Relaxed).saturating_sub(n);
+            let left = e
+                .get()
+                .lookups
+                .fetch_sub(n, Ordering::Relaxed)
+                .saturating_sub(n);
             if left == 0 {
                 e.remove();
             }

@@ -48,7 +48,10 @@ pub fn split_lowers(s: &str) -> Result<Vec<PathBuf>, String> {
     if out.iter().any(|p| p.is_empty()) {
         return Err(format!("empty element in the lower directory list '{s}'"));
     }
-    Ok(out.into_iter().map(|v| PathBuf::from(OsString::from_vec(v))).collect())
+    Ok(out
+        .into_iter()
+        .map(|v| PathBuf::from(OsString::from_vec(v)))
+        .collect())
 }
 
 /// Options given with `-o`.
@@ -60,7 +63,11 @@ struct Options {
 
 fn parse_options(list: &[String]) -> Result<Options, String> {
     let mut o = Options::default();
-    for opt in list.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+    for opt in list
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
         match opt.split_once('=') {
             Some(("workdir", dir)) if !dir.is_empty() => o.workdir = Some(PathBuf::from(dir)),
             None if opt == "volatile" => o.volatile = true,
@@ -87,7 +94,9 @@ fn overlap(a: &Path, b: &Path) -> bool {
 }
 
 fn dev_of(p: &Path) -> Result<u64, String> {
-    std::fs::metadata(p).map(|m| m.dev()).map_err(|e| format!("{}: {e}", p.display()))
+    std::fs::metadata(p)
+        .map(|m| m.dev())
+        .map_err(|e| format!("{}: {e}", p.display()))
 }
 
 /// Where the work directory goes when none is given: beside UPPER, as
@@ -125,10 +134,18 @@ fn check_workdir(work: &Path, plan: &MountPlan) -> Result<(), String> {
         ));
     }
     if let Some(l) = plan.lowers.iter().find(|l| overlap(work, l)) {
-        return Err(format!("work directory {} overlaps lower directory {}", work.display(), l.display()));
+        return Err(format!(
+            "work directory {} overlaps lower directory {}",
+            work.display(),
+            l.display()
+        ));
     }
     if overlap(work, &plan.mountpoint) {
-        return Err(format!("work directory {} overlaps mount point {}", work.display(), plan.mountpoint.display()));
+        return Err(format!(
+            "work directory {} overlaps mount point {}",
+            work.display(),
+            plan.mountpoint.display()
+        ));
     }
     Ok(())
 }
@@ -175,7 +192,12 @@ pub fn plan(req: &MountRequest) -> Result<MountPlan, String> {
             let w = default_workdir(&plan.upper)?;
             match std::fs::symlink_metadata(&w) {
                 Ok(m) if m.is_dir() => {}
-                Ok(_) => return Err(format!("work directory {} exists and is not a directory", w.display())),
+                Ok(_) => {
+                    return Err(format!(
+                        "work directory {} exists and is not a directory",
+                        w.display()
+                    ));
+                }
                 Err(_) => plan.create_workdir = true,
             }
             plan.workdir = w;
@@ -194,7 +216,14 @@ mod tests {
     #[test]
     fn splits_with_escapes() {
         let v = split_lowers(r"a:b\:c:d\\e").unwrap();
-        assert_eq!(v, vec![PathBuf::from("a"), PathBuf::from("b:c"), PathBuf::from(r"d\e")]);
+        assert_eq!(
+            v,
+            vec![
+                PathBuf::from("a"),
+                PathBuf::from("b:c"),
+                PathBuf::from(r"d\e")
+            ]
+        );
     }
 
     #[test]
@@ -208,7 +237,11 @@ mod tests {
     #[test]
     fn options_are_checked() {
         assert!(parse_options(&["workdir=/x,volatile".into()]).is_ok());
-        assert!(parse_options(&["bogus".into()]).unwrap_err().contains("bogus"));
+        assert!(
+            parse_options(&["bogus".into()])
+                .unwrap_err()
+                .contains("bogus")
+        );
         assert!(parse_options(&["workdir=".into()]).is_err());
     }
 }

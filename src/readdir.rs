@@ -53,8 +53,8 @@ enum Kind {
 
 fn classify(dir: &OwnedFd, e: &RawDirEntry, xwhiteouts: bool) -> Result<Kind> {
     let kind = dtype_kind(e.dtype);
-    let needs_stat = matches!(kind, None | Some(libc::S_IFCHR))
-        || (xwhiteouts && kind == Some(libc::S_IFREG));
+    let needs_stat =
+        matches!(kind, None | Some(libc::S_IFCHR)) || (xwhiteouts && kind == Some(libc::S_IFREG));
     if !needs_stat {
         return Ok(Kind::Object(kind.unwrap_or(libc::S_IFREG)));
     }
@@ -89,7 +89,11 @@ impl Union {
             for e in sys::read_dir(dir.as_fd())? {
                 seen.insert(e.name.clone());
                 if let Kind::Object(kind) = classify(dir, &e, false)? {
-                    out.push(MergedEntry { id: self.table.id_for(UPPER, e.ino), kind, name: e.name });
+                    out.push(MergedEntry {
+                        id: self.table.id_for(UPPER, e.ino),
+                        kind,
+                        name: e.name,
+                    });
                 }
             }
         }
@@ -99,14 +103,19 @@ impl Union {
                 if format::is_aufs_marker(&e.name) {
                     let target = &e.name.as_encoded_bytes()[format::AUFS_WHITEOUT_PREFIX.len()..];
                     // SAFETY-free: the bytes come from a valid OsString minus an ASCII prefix.
-                    hidden_below.push(unsafe { OsString::from_encoded_bytes_unchecked(target.to_vec()) });
+                    hidden_below
+                        .push(unsafe { OsString::from_encoded_bytes_unchecked(target.to_vec()) });
                     continue;
                 }
                 if !seen.insert(e.name.clone()) {
                     continue;
                 }
                 if let Kind::Object(kind) = classify(&lower.fd, &e, lower.xwhiteouts)? {
-                    out.push(MergedEntry { id: self.table.id_for(lower.layer, e.ino), kind, name: e.name });
+                    out.push(MergedEntry {
+                        id: self.table.id_for(lower.layer, e.ino),
+                        kind,
+                        name: e.name,
+                    });
                 }
             }
             seen.extend(hidden_below);
@@ -130,7 +139,8 @@ impl Union {
             return Err(sys::Errno::ENOTDIR);
         }
         let fh = self.next_handle();
-        self.dirs.insert(fh, Arc::new(Mutex::new(DirStream::default())));
+        self.dirs
+            .insert(fh, Arc::new(Mutex::new(DirStream::default())));
         Ok(fh)
     }
 
@@ -144,13 +154,25 @@ impl Union {
         mut emit: impl FnMut(&MergedEntry, u64) -> bool,
     ) -> Result<()> {
         let node = self.node(id)?;
-        let stream = self.dirs.get(&fh).map(|s| s.clone()).ok_or(sys::Errno::EBADF)?;
+        let stream = self
+            .dirs
+            .get(&fh)
+            .map(|s| s.clone())
+            .ok_or(sys::Errno::EBADF)?;
         let mut stream = stream.lock();
         if offset == 0 {
             let parent_id = node.parent_and_name().0.map(|p| p.id).unwrap_or(ROOT_ID);
             let mut entries = vec![
-                MergedEntry { name: ".".into(), id: node.id, kind: libc::S_IFDIR },
-                MergedEntry { name: "..".into(), id: parent_id, kind: libc::S_IFDIR },
+                MergedEntry {
+                    name: ".".into(),
+                    id: node.id,
+                    kind: libc::S_IFDIR,
+                },
+                MergedEntry {
+                    name: "..".into(),
+                    id: parent_id,
+                    kind: libc::S_IFDIR,
+                },
             ];
             entries.extend(self.entries_of(&node)?);
             stream.entries = entries;

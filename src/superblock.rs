@@ -51,8 +51,13 @@ impl Union {
             .into_iter()
             .enumerate()
             .map(|(i, fd)| {
-                let xwhiteouts = format::dir_opacity(fd.as_fd(), false) == Opacity::HasXattrWhiteouts;
-                LowerObj { layer: i as u16 + 1, fd: Arc::new(fd), xwhiteouts }
+                let xwhiteouts =
+                    format::dir_opacity(fd.as_fd(), false) == Opacity::HasXattrWhiteouts;
+                LowerObj {
+                    layer: i as u16 + 1,
+                    fd: Arc::new(fd),
+                    xwhiteouts,
+                }
             })
             .collect();
         let upper_root = Arc::new(upper);

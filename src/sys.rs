@@ -30,7 +30,11 @@ impl Errno {
 
     /// The calling thread's `errno`.
     pub fn last() -> Errno {
-        Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+        Errno(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        )
     }
 }
 
@@ -56,7 +60,11 @@ fn check(ret: libc::c_int) -> Result<libc::c_int> {
 }
 
 fn check_size(ret: isize) -> Result<usize> {
-    if ret < 0 { Err(Errno::last()) } else { Ok(ret as usize) }
+    if ret < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(ret as usize)
+    }
 }
 
 /// Retries a call interrupted by a signal.
@@ -284,8 +292,14 @@ pub enum SetTime {
 impl SetTime {
     fn timespec(self) -> libc::timespec {
         match self {
-            SetTime::Omit => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-            SetTime::Now => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+            SetTime::Omit => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            SetTime::Now => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            },
             SetTime::At(ts) => ts,
         }
     }
@@ -307,8 +321,14 @@ pub fn set_times_fd(fd: BorrowedFd<'_>, atime: SetTime, mtime: SetTime) -> Resul
 /// The access and modification times of a `stat`, ready to set again.
 pub fn stat_times(st: &Stat) -> (SetTime, SetTime) {
     (
-        SetTime::At(libc::timespec { tv_sec: st.st_atime, tv_nsec: st.st_atime_nsec }),
-        SetTime::At(libc::timespec { tv_sec: st.st_mtime, tv_nsec: st.st_mtime_nsec }),
+        SetTime::At(libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        }),
+        SetTime::At(libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        }),
     )
 }
 
@@ -317,7 +337,14 @@ pub fn stat_times(st: &Stat) -> (SetTime, SetTime) {
 
 fn get_xattr_raw(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> Result<usize> {
     let p = proc_path(fd.as_raw_fd());
-    check_size(unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+    check_size(unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })
 }
 
 /// The value of xattr `name`.
@@ -342,8 +369,16 @@ pub fn get_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<u8>> {
 pub fn set_xattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
     let name = cstr(name)?;
     let p = proc_path(fd.as_raw_fd());
-    check(unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags) })
-        .map(drop)
+    check(unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
 }
 
 fn list_xattr_raw(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize> {
@@ -400,8 +435,12 @@ pub fn read_dir(dir: BorrowedFd<'_>) -> Result<Vec<RawDirEntry>> {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         let n = check_size(unsafe {
-            libc::syscall(libc::SYS_getdents64, fd.as_raw_fd(), buf.as_mut_ptr(), buf.len())
-                as isize
+            libc::syscall(
+                libc::SYS_getdents64,
+                fd.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            ) as isize
         })?;
         if n == 0 {
             return Ok(out);
@@ -414,10 +453,17 @@ pub fn read_dir(dir: BorrowedFd<'_>) -> Result<Vec<RawDirEntry>> {
             let reclen = u16::from_ne_bytes(rec[16..18].try_into().unwrap()) as usize;
             let dtype = rec[18];
             let name_bytes = &rec[19..reclen];
-            let len = name_bytes.iter().position(|b| *b == 0).unwrap_or(name_bytes.len());
+            let len = name_bytes
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(name_bytes.len());
             let name = &name_bytes[..len];
             if name != b"." && name != b".." {
-                out.push(RawDirEntry { name: OsStr::from_bytes(name).to_os_string(), ino, dtype });
+                out.push(RawDirEntry {
+                    name: OsStr::from_bytes(name).to_os_string(),
+                    ino,
+                    dtype,
+                });
             }
             pos += reclen;
         }
@@ -427,7 +473,12 @@ pub fn read_dir(dir: BorrowedFd<'_>) -> Result<Vec<RawDirEntry>> {
 pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize> {
     retry(|| {
         check_size(unsafe {
-            libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset as libc::off_t)
+            libc::pread(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                offset as libc::off_t,
+            )
         })
     })
 }
@@ -435,7 +486,12 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize> {
 pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> Result<usize> {
     retry(|| {
         check_size(unsafe {
-            libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset as libc::off_t)
+            libc::pwrite(
+                fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                offset as libc::off_t,
+            )
         })
     })
 }
@@ -455,7 +511,12 @@ pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> Result<()> {
 
 pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> Result<()> {
     check(unsafe {
-        libc::fallocate(fd.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
+        libc::fallocate(
+            fd.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
     })
     .map(drop)
 }

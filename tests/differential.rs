@@ -48,7 +48,14 @@ fn res<T>(r: std::io::Result<T>, ok: impl FnOnce(T) -> String) -> String {
 }
 
 fn sys(r: i32) -> String {
-    if r == 0 { "ok ".into() } else { format!("err {}", std::io::Error::last_os_error().raw_os_error().unwrap()) }
+    if r == 0 {
+        "ok ".into()
+    } else {
+        format!(
+            "err {}",
+            std::io::Error::last_os_error().raw_os_error().unwrap()
+        )
+    }
 }
 
 fn remove_all(p: &Path) -> std::io::Result<()> {
@@ -74,14 +81,38 @@ fn apply(root: &Path, op: &Op) -> String {
     }
     match op {
         Op::Write(f, d) => res(fs::write(p(f), d), |_| String::new()),
-        Op::Append(f, d) => res(OpenOptions::new().append(true).open(p(f)).and_then(|mut h| h.write_all(d.as_bytes())), |_| String::new()),
-        Op::Truncate(f, n) => res(OpenOptions::new().write(true).open(p(f)).and_then(|h| h.set_len(*n)), |_| String::new()),
-        Op::Mkdir(f, m) => res(fs::create_dir(p(f)).and_then(|_| fs::set_permissions(p(f), fs::Permissions::from_mode(*m))), |_| String::new()),
+        Op::Append(f, d) => res(
+            OpenOptions::new()
+                .append(true)
+                .open(p(f))
+                .and_then(|mut h| h.write_all(d.as_bytes())),
+            |_| String::new(),
+        ),
+        Op::Truncate(f, n) => res(
+            OpenOptions::new()
+                .write(true)
+                .open(p(f))
+                .and_then(|h| h.set_len(*n)),
+            |_| String::new(),
+        ),
+        Op::Mkdir(f, m) => res(
+            fs::create_dir(p(f))
+                .and_then(|_| fs::set_permissions(p(f), fs::Permissions::from_mode(*m))),
+            |_| String::new(),
+        ),
         Op::Rmdir(f) => res(fs::remove_dir(p(f)), |_| String::new()),
         Op::Unlink(f) => res(fs::remove_file(p(f)), |_| String::new()),
         Op::Rename(a, b, flags) => {
             let (ca, cb) = (c(&p(a)), c(&p(b)));
-            sys(unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), *flags) })
+            sys(unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    ca.as_ptr(),
+                    libc::AT_FDCWD,
+                    cb.as_ptr(),
+                    *flags,
+                )
+            })
         }
         Op::Symlink(t, f) => res(std::os::unix::fs::symlink(t, p(f)), |_| String::new()),
         Op::Link(a, b) => res(fs::hard_link(p(a), p(b)), |_| String::new()),
@@ -106,10 +137,16 @@ fn apply(root: &Path, op: &Op) -> String {
             sys(unsafe { libc::mkfifo(cf.as_ptr(), 0o640) })
         }
         Op::Read(f) => res(fs::read(p(f)), |d| format!("{:x}", fnv(&d))),
-        Op::List(f) => res(fs::read_dir(p(f)).and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect::<Result<Vec<_>, _>>()), |mut v| {
-            v.sort();
-            format!("{v:?}")
-        }),
+        Op::List(f) => res(
+            fs::read_dir(p(f)).and_then(|it| {
+                it.map(|e| e.map(|e| e.file_name()))
+                    .collect::<Result<Vec<_>, _>>()
+            }),
+            |mut v| {
+                v.sort();
+                format!("{v:?}")
+            },
+        ),
         Op::Stat(f) => res(fs::symlink_metadata(p(f)), |m| {
             let nlink = if m.is_dir() { 0 } else { m.nlink() };
             let size = if m.is_dir() { 0 } else { m.len() };
@@ -136,7 +173,13 @@ impl Pair {
         let (uupper, umnt) = (s.dir("uupper"), s.dir("umnt"));
         let kernel = Mount::kernel(&lowers, &kupper, &kwork, &kmnt);
         let ours = Mount::unionfs(&lowers, &uupper, &umnt, &[]);
-        Pair { kernel, ours, kupper, uupper, _scratch: s }
+        Pair {
+            kernel,
+            ours,
+            kupper,
+            uupper,
+            _scratch: s,
+        }
     }
 
     /// Runs `ops` on both; panics on the first different outcome.
@@ -147,7 +190,10 @@ impl Pair {
             if std::env::var_os("UNIONFS_DIFF_TRACE").is_some() {
                 eprintln!("{label} #{i}: {op:?} -> {u}");
             }
-            assert_eq!(u, k, "{label}: operation {i} {op:?} differs (unionfs vs kernel)");
+            assert_eq!(
+                u, k,
+                "{label}: operation {i} {op:?} differs (unionfs vs kernel)"
+            );
         }
     }
 
@@ -171,33 +217,242 @@ fn s(x: &str) -> String {
 fn scenarios() -> Vec<(&'static str, Vec<Op>)> {
     use Op::*;
     vec![
-        ("write lower file", vec![Write(s("bottom-only"), s("new")), Read(s("bottom-only")), Stat(s("bottom-only"))]),
-        ("append deep lower file", vec![Append(s("dir/sub/leaf"), s("+")), Read(s("dir/sub/leaf")), List(s("dir"))]),
-        ("truncate", vec![Truncate(s("big"), 100), Read(s("big")), Truncate(s("top-only"), 0)]),
-        ("unlink lower", vec![Unlink(s("shadowed")), Stat(s("shadowed")), List(s(""))]),
-        ("unlink then recreate", vec![Unlink(s("shadowed")), Write(s("shadowed"), s("again")), Read(s("shadowed"))]),
-        ("rmdir merged nonempty", vec![Rmdir(s("merged")), RemoveAll(s("merged")), Stat(s("merged")), Mkdir(s("merged"), 0o755), List(s("merged"))]),
-        ("remove opaque dir", vec![RemoveAll(s("opaque")), Mkdir(s("opaque"), 0o700), List(s("opaque"))]),
-        ("mkdir in lower dir", vec![Mkdir(s("dir/new"), 0o750), Write(s("dir/new/f"), s("f")), List(s("dir"))]),
-        ("rename lower file", vec![Rename(s("bottom-only"), s("renamed"), 0), Read(s("renamed")), Stat(s("bottom-only"))]),
-        ("rename over lower file", vec![Rename(s("top-only"), s("shadowed"), 0), Read(s("shadowed")), List(s(""))]),
-        ("rename into merged dir", vec![Rename(s("top-only"), s("merged/moved"), 0), List(s("merged"))]),
-        ("rename lower dir", vec![Rename(s("dir"), s("dir2"), 0), Rename(s("merged"), s("m2"), 0)]),
-        ("rename upper dir", vec![Mkdir(s("u"), 0o755), Write(s("u/f"), s("1")), Rename(s("u"), s("v"), 0), List(s("v"))]),
-        ("rename upper dir over empty merged", vec![RemoveAll(s("merged/deep")), Unlink(s("merged/from-top")), Unlink(s("merged/from-bottom")), Mkdir(s("u"), 0o755), Rename(s("u"), s("merged"), 0), List(s("merged"))]),
-        ("rename noreplace/exchange", vec![Rename(s("top-only"), s("bottom-only"), libc::RENAME_NOREPLACE), Rename(s("top-only"), s("bottom-only"), libc::RENAME_EXCHANGE), Read(s("top-only")), Read(s("bottom-only"))]),
-        ("rename whiteout flag", vec![Rename(s("top-only"), s("x"), libc::RENAME_WHITEOUT)]),
-        ("symlinks", vec![Symlink(s("bottom-only"), s("sl")), Read(s("sl")), Symlink(s("x"), s("top-only")), Unlink(s("link")), Symlink(s("y"), s("link"))]),
-        ("hard links", vec![Link(s("bottom-only"), s("hl")), Stat(s("hl")), Stat(s("bottom-only")), Append(s("hl"), s("x")), Read(s("bottom-only")), Unlink(s("bottom-only")), Stat(s("hl"))]),
-        ("chmod chown", vec![Chmod(s("top-only"), 0o600), Chown(s("bottom-only"), 1000, 1000), Chmod(s("merged"), 0o700), Chown(s("link"), 5, 5), Stat(s("top-only")), Stat(s("merged"))]),
-        ("xattrs", vec![SetXattr(s("top-only"), s("user.a"), s("1")), RemoveXattr(s("bottom-only"), s("user.tag")), RemoveXattr(s("shadowed"), s("user.none")), SetXattr(s("merged"), s("user.d"), s("dir"))]),
-        ("special files", vec![Mkfifo(s("newfifo")), Chmod(s("fifo"), 0o600), Chmod(s("null"), 0o600), Unlink(s("fifo")), Mkfifo(s("fifo"))]),
-        ("file over dir", vec![Unlink(s("file-over-dir")), Stat(s("file-over-dir")), Mkdir(s("file-over-dir"), 0o755), List(s("file-over-dir"))]),
-        ("whiteout in lower", vec![Stat(s("merged/gone")), Write(s("merged/gone"), s("back")), Read(s("merged/gone"))]),
-        ("read-only dir copy-up", vec![Write(s("ro/inner"), s("x")), Stat(s("ro")), Chmod(s("ro"), 0o755), Write(s("ro/new"), s("n"))]),
-        ("setgid dir", vec![Write(s("sgid/n"), s("n")), Mkdir(s("sgid/d"), 0o755), Stat(s("sgid/n")), Stat(s("sgid/d"))]),
-        ("rm -rf everything", vec![RemoveAll(s("merged")), RemoveAll(s("dir")), RemoveAll(s("opaque")), RemoveAll(s("sgid")), Chmod(s("ro"), 0o755), RemoveAll(s("ro")), List(s(""))]),
-        ("errors", vec![Rmdir(s("top-only")), Unlink(s("merged")), Mkdir(s("top-only"), 0o755), Write(s("nodir/f"), s("x")), Link(s("merged"), s("ml")), Rename(s("merged"), s("top-only"), 0), Rename(s("top-only"), s("merged"), 0)]),
+        (
+            "write lower file",
+            vec![
+                Write(s("bottom-only"), s("new")),
+                Read(s("bottom-only")),
+                Stat(s("bottom-only")),
+            ],
+        ),
+        (
+            "append deep lower file",
+            vec![
+                Append(s("dir/sub/leaf"), s("+")),
+                Read(s("dir/sub/leaf")),
+                List(s("dir")),
+            ],
+        ),
+        (
+            "truncate",
+            vec![
+                Truncate(s("big"), 100),
+                Read(s("big")),
+                Truncate(s("top-only"), 0),
+            ],
+        ),
+        (
+            "unlink lower",
+            vec![Unlink(s("shadowed")), Stat(s("shadowed")), List(s(""))],
+        ),
+        (
+            "unlink then recreate",
+            vec![
+                Unlink(s("shadowed")),
+                Write(s("shadowed"), s("again")),
+                Read(s("shadowed")),
+            ],
+        ),
+        (
+            "rmdir merged nonempty",
+            vec![
+                Rmdir(s("merged")),
+                RemoveAll(s("merged")),
+                Stat(s("merged")),
+                Mkdir(s("merged"), 0o755),
+                List(s("merged")),
+            ],
+        ),
+        (
+            "remove opaque dir",
+            vec![
+                RemoveAll(s("opaque")),
+                Mkdir(s("opaque"), 0o700),
+                List(s("opaque")),
+            ],
+        ),
+        (
+            "mkdir in lower dir",
+            vec![
+                Mkdir(s("dir/new"), 0o750),
+                Write(s("dir/new/f"), s("f")),
+                List(s("dir")),
+            ],
+        ),
+        (
+            "rename lower file",
+            vec![
+                Rename(s("bottom-only"), s("renamed"), 0),
+                Read(s("renamed")),
+                Stat(s("bottom-only")),
+            ],
+        ),
+        (
+            "rename over lower file",
+            vec![
+                Rename(s("top-only"), s("shadowed"), 0),
+                Read(s("shadowed")),
+                List(s("")),
+            ],
+        ),
+        (
+            "rename into merged dir",
+            vec![
+                Rename(s("top-only"), s("merged/moved"), 0),
+                List(s("merged")),
+            ],
+        ),
+        (
+            "rename lower dir",
+            vec![
+                Rename(s("dir"), s("dir2"), 0),
+                Rename(s("merged"), s("m2"), 0),
+            ],
+        ),
+        (
+            "rename upper dir",
+            vec![
+                Mkdir(s("u"), 0o755),
+                Write(s("u/f"), s("1")),
+                Rename(s("u"), s("v"), 0),
+                List(s("v")),
+            ],
+        ),
+        (
+            "rename upper dir over empty merged",
+            vec![
+                RemoveAll(s("merged/deep")),
+                Unlink(s("merged/from-top")),
+                Unlink(s("merged/from-bottom")),
+                Mkdir(s("u"), 0o755),
+                Rename(s("u"), s("merged"), 0),
+                List(s("merged")),
+            ],
+        ),
+        (
+            "rename noreplace/exchange",
+            vec![
+                Rename(s("top-only"), s("bottom-only"), libc::RENAME_NOREPLACE),
+                Rename(s("top-only"), s("bottom-only"), libc::RENAME_EXCHANGE),
+                Read(s("top-only")),
+                Read(s("bottom-only")),
+            ],
+        ),
+        (
+            "rename whiteout flag",
+            vec![Rename(s("top-only"), s("x"), libc::RENAME_WHITEOUT)],
+        ),
+        (
+            "symlinks",
+            vec![
+                Symlink(s("bottom-only"), s("sl")),
+                Read(s("sl")),
+                Symlink(s("x"), s("top-only")),
+                Unlink(s("link")),
+                Symlink(s("y"), s("link")),
+            ],
+        ),
+        (
+            "hard links",
+            vec![
+                Link(s("bottom-only"), s("hl")),
+                Stat(s("hl")),
+                Stat(s("bottom-only")),
+                Append(s("hl"), s("x")),
+                Read(s("bottom-only")),
+                Unlink(s("bottom-only")),
+                Stat(s("hl")),
+            ],
+        ),
+        (
+            "chmod chown",
+            vec![
+                Chmod(s("top-only"), 0o600),
+                Chown(s("bottom-only"), 1000, 1000),
+                Chmod(s("merged"), 0o700),
+                Chown(s("link"), 5, 5),
+                Stat(s("top-only")),
+                Stat(s("merged")),
+            ],
+        ),
+        (
+            "xattrs",
+            vec![
+                SetXattr(s("top-only"), s("user.a"), s("1")),
+                RemoveXattr(s("bottom-only"), s("user.tag")),
+                RemoveXattr(s("shadowed"), s("user.none")),
+                SetXattr(s("merged"), s("user.d"), s("dir")),
+            ],
+        ),
+        (
+            "special files",
+            vec![
+                Mkfifo(s("newfifo")),
+                Chmod(s("fifo"), 0o600),
+                Chmod(s("null"), 0o600),
+                Unlink(s("fifo")),
+                Mkfifo(s("fifo")),
+            ],
+        ),
+        (
+            "file over dir",
+            vec![
+                Unlink(s("file-over-dir")),
+                Stat(s("file-over-dir")),
+                Mkdir(s("file-over-dir"), 0o755),
+                List(s("file-over-dir")),
+            ],
+        ),
+        (
+            "whiteout in lower",
+            vec![
+                Stat(s("merged/gone")),
+                Write(s("merged/gone"), s("back")),
+                Read(s("merged/gone")),
+            ],
+        ),
+        (
+            "read-only dir copy-up",
+            vec![
+                Write(s("ro/inner"), s("x")),
+                Stat(s("ro")),
+                Chmod(s("ro"), 0o755),
+                Write(s("ro/new"), s("n")),
+            ],
+        ),
+        (
+            "setgid dir",
+            vec![
+                Write(s("sgid/n"), s("n")),
+                Mkdir(s("sgid/d"), 0o755),
+                Stat(s("sgid/n")),
+                Stat(s("sgid/d")),
+            ],
+        ),
+        (
+            "rm -rf everything",
+            vec![
+                RemoveAll(s("merged")),
+                RemoveAll(s("dir")),
+                RemoveAll(s("opaque")),
+                RemoveAll(s("sgid")),
+                Chmod(s("ro"), 0o755),
+                RemoveAll(s("ro")),
+                List(s("")),
+            ],
+        ),
+        (
+            "errors",
+            vec![
+                Rmdir(s("top-only")),
+                Unlink(s("merged")),
+                Mkdir(s("top-only"), 0o755),
+                Write(s("nodir/f"), s("x")),
+                Link(s("merged"), s("ml")),
+                Rename(s("merged"), s("top-only"), 0),
+                Rename(s("top-only"), s("merged"), 0),
+            ],
+        ),
     ]
 }
 
@@ -225,16 +480,47 @@ impl Rng {
     }
 }
 
-const DIRS: &[&str] = &["", "merged", "dir", "dir/sub", "opaque", "merged/deep", "n", "n/m", "sgid"];
+const DIRS: &[&str] = &[
+    "",
+    "merged",
+    "dir",
+    "dir/sub",
+    "opaque",
+    "merged/deep",
+    "n",
+    "n/m",
+    "sgid",
+];
 const NAMES: &[&str] = &[
-    "a", "b", "n", "m", "shadowed", "top-only", "bottom-only", "from-top", "from-bottom", "gone", "deep", "file", "leaf",
-    "sub", "visible", "hidden", "big", "link", "fifo",
+    "a",
+    "b",
+    "n",
+    "m",
+    "shadowed",
+    "top-only",
+    "bottom-only",
+    "from-top",
+    "from-bottom",
+    "gone",
+    "deep",
+    "file",
+    "leaf",
+    "sub",
+    "visible",
+    "hidden",
+    "big",
+    "link",
+    "fifo",
 ];
 
 fn random_path(r: &mut Rng) -> String {
     let d = r.pick(DIRS);
     let n = r.pick(NAMES);
-    if d.is_empty() { n.to_string() } else { format!("{d}/{n}") }
+    if d.is_empty() {
+        n.to_string()
+    } else {
+        format!("{d}/{n}")
+    }
 }
 
 fn random_op(r: &mut Rng) -> Op {
@@ -249,7 +535,11 @@ fn random_op(r: &mut Rng) -> Op {
         4 | 5 => Mkdir(p, *r.pick(&[0o755, 0o700, 0o2775])),
         6 => Rmdir(p),
         7 | 8 => Unlink(p),
-        9 | 10 => Rename(p, q, *r.pick(&[0, 0, libc::RENAME_NOREPLACE, libc::RENAME_EXCHANGE])),
+        9 | 10 => Rename(
+            p,
+            q,
+            *r.pick(&[0, 0, libc::RENAME_NOREPLACE, libc::RENAME_EXCHANGE]),
+        ),
         11 => Symlink(q, p),
         12 => Link(p, q),
         13 => Chmod(p, *r.pick(&[0o600, 0o755, 0o4755])),
@@ -259,7 +549,7 @@ fn random_op(r: &mut Rng) -> Op {
         17 => Read(p),
         18 => List(r.pick(DIRS).to_string()),
         _ => {
-            if r.next() % 4 == 0 {
+            if r.next().is_multiple_of(4) {
                 RemoveAll(p)
             } else {
                 Stat(p)
@@ -274,7 +564,10 @@ fn random_operations_match_the_kernel() {
         Ok(v) => v.split(',').map(|s| s.parse().unwrap()).collect(),
         Err(_) => vec![1, 2, 3, 4, 5, 6],
     };
-    let per_seed: usize = std::env::var("UNIONFS_DIFF_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
+    let per_seed: usize = std::env::var("UNIONFS_DIFF_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
     let mut total = 0;
     for seed in seeds {
         let pair = Pair::new("rand");

@@ -21,7 +21,10 @@ fn read(p: &Path) -> String {
 }
 
 fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
@@ -37,9 +40,15 @@ fn lookup_follows_layer_order_whiteouts_and_opacity() {
     assert_eq!(names(&f.p("opaque")), ["visible"]);
     assert_eq!(errno_of(fs::metadata(f.p("opaque/hidden"))), libc::ENOENT);
     assert!(fs::metadata(f.p("file-over-dir")).unwrap().is_file());
-    assert_eq!(errno_of(fs::metadata(f.p("file-over-dir/inside"))), libc::ENOTDIR);
+    assert_eq!(
+        errno_of(fs::metadata(f.p("file-over-dir/inside"))),
+        libc::ENOTDIR
+    );
     assert!(fs::metadata(f.p("fifo")).unwrap().file_type().is_fifo());
-    assert_eq!(fs::read_link(f.p("evil")).unwrap(), Path::new("/etc/shadow"));
+    assert_eq!(
+        fs::read_link(f.p("evil")).unwrap(),
+        Path::new("/etc/shadow")
+    );
     assert_eq!(fs::read_link(f.p("link")).unwrap(), Path::new("top-only"));
     assert_eq!(read(&f.p("link")), "top\n");
     f.assert_lowers_untouched();
@@ -111,7 +120,10 @@ fn readdir_d_ino_matches_stat_and_streams_stay_consistent() {
         assert_eq!(uniq.len(), total, "duplicates in one stream");
         libc::seekdir(d, pos_after_10);
         let ent = libc::readdir(d);
-        assert_eq!(std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()), seen[10].as_c_str());
+        assert_eq!(
+            std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()),
+            seen[10].as_c_str()
+        );
         libc::rewinddir(d);
         let mut after = Vec::new();
         loop {
@@ -119,10 +131,17 @@ fn readdir_d_ino_matches_stat_and_streams_stay_consistent() {
             if ent.is_null() {
                 break;
             }
-            after.push(std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()).to_string_lossy().into_owned());
+            after.push(
+                std::ffi::CStr::from_ptr((*ent).d_name.as_ptr())
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
         libc::closedir(d);
-        assert!(after.contains(&"late".to_string()), "rewinddir shows current contents");
+        assert!(
+            after.contains(&"late".to_string()),
+            "rewinddir shows current contents"
+        );
         assert!(!after.contains(&"from-bottom".to_string()));
     }
 }
@@ -132,7 +151,12 @@ fn copy_up_keeps_data_metadata_and_parent_times() {
     let f = Fixture::new("copyup");
     let before = fs::symlink_metadata(f.p("dir/sub/leaf")).unwrap();
     let ino_before = before.ino();
-    OpenOptions::new().append(true).open(f.p("dir/sub/leaf")).unwrap().write_all(b"more\n").unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(f.p("dir/sub/leaf"))
+        .unwrap()
+        .write_all(b"more\n")
+        .unwrap();
     assert_eq!(read(&f.p("dir/sub/leaf")), "leaf\nmore\n");
     assert_eq!(read(&f.lowers[1].join("dir/sub/leaf")), "leaf\n");
     assert_eq!(read(&f.up("dir/sub/leaf")), "leaf\nmore\n");
@@ -142,9 +166,17 @@ fn copy_up_keeps_data_metadata_and_parent_times() {
     for d in ["dir", "dir/sub"] {
         let l = fs::metadata(f.lowers[1].join(d)).unwrap();
         let u = fs::metadata(f.up(d)).unwrap();
-        assert_eq!((u.mode(), u.uid(), u.gid()), (l.mode(), l.uid(), l.gid()), "{d}");
+        assert_eq!(
+            (u.mode(), u.uid(), u.gid()),
+            (l.mode(), l.uid(), l.gid()),
+            "{d}"
+        );
     }
-    assert_eq!(fs::metadata(f.up("dir")).unwrap().mtime(), 1_000_000_000, "parent mtime restored");
+    assert_eq!(
+        fs::metadata(f.up("dir")).unwrap().mtime(),
+        1_000_000_000,
+        "parent mtime restored"
+    );
     assert_eq!(fs::metadata(f.p("dir")).unwrap().mtime(), 1_000_000_000);
     // chmod copies up a file with its data, times and xattrs.
     fs::set_permissions(f.p("bottom-only"), fs::Permissions::from_mode(0o600)).unwrap();
@@ -152,12 +184,19 @@ fn copy_up_keeps_data_metadata_and_parent_times() {
     assert_eq!(u.mode() & 0o7777, 0o600);
     assert_eq!(u.mtime(), 1_000_000_000);
     assert_eq!(read(&f.up("bottom-only")), "bottom\n");
-    assert_eq!(lgetxattr(&f.up("bottom-only"), "user.tag").as_deref(), Some(&b"kept"[..]));
+    assert_eq!(
+        lgetxattr(&f.up("bottom-only"), "user.tag").as_deref(),
+        Some(&b"kept"[..])
+    );
     // A setgid directory keeps its mode and owner when copied up.
     fs::write(f.p("sgid/new"), "n").unwrap();
     let u = fs::metadata(f.up("sgid")).unwrap();
     assert_eq!((u.mode() & 0o7777, u.uid(), u.gid()), (0o2775, 1234, 4321));
-    assert_eq!(fs::metadata(f.p("sgid/new")).unwrap().gid(), 4321, "group of a setgid directory");
+    assert_eq!(
+        fs::metadata(f.p("sgid/new")).unwrap().gid(),
+        4321,
+        "group of a setgid directory"
+    );
     // A 0555 directory keeps its mode.
     fs::write(f.p("ro/inner"), "changed").unwrap();
     assert_eq!(fs::metadata(f.up("ro")).unwrap().mode() & 0o7777, 0o555);
@@ -171,16 +210,26 @@ fn chmod_of_special_files_copies_up_the_same_kind() {
     fs::set_permissions(f.p("null"), fs::Permissions::from_mode(0o600)).unwrap();
     let fifo = fs::symlink_metadata(f.up("fifo")).unwrap();
     assert!(fifo.file_type().is_fifo());
-    assert_eq!(fifo.mtime(), 1_000_000_000, "special files keep their times");
+    assert_eq!(
+        fifo.mtime(),
+        1_000_000_000,
+        "special files keep their times"
+    );
     let null = fs::symlink_metadata(f.up("null")).unwrap();
     assert!(null.file_type().is_char_device());
     assert_eq!(null.rdev(), libc::makedev(1, 3));
     // A symlink copied up by an xattr change keeps its target and times.
     let c = cpath(&f.p("link"));
     let n = CString::new("trusted.test").unwrap();
-    assert_eq!(unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), b"v".as_ptr().cast(), 1, 0) }, 0);
+    assert_eq!(
+        unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), b"v".as_ptr().cast(), 1, 0) },
+        0
+    );
     assert_eq!(fs::read_link(f.up("link")).unwrap(), Path::new("top-only"));
-    assert_eq!(fs::symlink_metadata(f.up("link")).unwrap().mtime(), 1_000_000_000);
+    assert_eq!(
+        fs::symlink_metadata(f.up("link")).unwrap().mtime(),
+        1_000_000_000
+    );
 }
 
 #[test]
@@ -199,10 +248,19 @@ fn sparse_files_stay_sparse_and_seek_data_hole_work() {
     let hole = unsafe { libc::lseek(fd.as_raw_fd(), data, libc::SEEK_HOLE) };
     assert_eq!(hole, (32 << 20) + 4096);
     drop(fd);
-    OpenOptions::new().write(true).open(f.p("sparse")).unwrap().write_all(b"x").unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(f.p("sparse"))
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
     let u = fs::metadata(f.up("sparse")).unwrap();
     assert_eq!(u.len(), 64 << 20);
-    assert!(u.blocks() * 512 < 1 << 20, "copy-up kept the holes ({} blocks)", u.blocks());
+    assert!(
+        u.blocks() * 512 < 1 << 20,
+        "copy-up kept the holes ({} blocks)",
+        u.blocks()
+    );
     let mut buf = vec![0u8; 4096];
     let mut h = File::open(f.p("sparse")).unwrap();
     h.seek(SeekFrom::Start(32 << 20)).unwrap();
@@ -243,16 +301,28 @@ fn creating_over_whiteouts_and_opaque_mkdir() {
     let mut f = Fixture::new("overwh");
     fs::remove_dir_all(f.p("merged")).unwrap();
     fs::create_dir(f.p("merged")).unwrap();
-    assert!(names(&f.p("merged")).is_empty(), "mkdir over a whiteout is opaque");
-    assert_eq!(lgetxattr(&f.up("merged"), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
+    assert!(
+        names(&f.p("merged")).is_empty(),
+        "mkdir over a whiteout is opaque"
+    );
+    assert_eq!(
+        lgetxattr(&f.up("merged"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
     fs::remove_file(f.p("shadowed")).unwrap();
     fs::write(f.p("shadowed"), "new").unwrap();
     assert_eq!(read(&f.p("shadowed")), "new");
     fs::remove_file(f.p("top-only")).unwrap();
     std::os::unix::fs::symlink("target", f.p("top-only")).unwrap();
-    assert_eq!(fs::read_link(f.up("top-only")).unwrap(), Path::new("target"));
+    assert_eq!(
+        fs::read_link(f.up("top-only")).unwrap(),
+        Path::new("target")
+    );
     f.remount();
-    assert!(names(&f.p("merged")).is_empty(), "still opaque after a remount");
+    assert!(
+        names(&f.p("merged")).is_empty(),
+        "still opaque after a remount"
+    );
     assert_eq!(read(&f.p("shadowed")), "new");
     // The kernel agrees.
     f.unmount();
@@ -270,16 +340,34 @@ fn mknod_of_a_whiteout_device_is_refused() {
     let c = cpath(&f.p("dev0"));
     let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, 0) };
     assert_eq!(r, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EPERM)
+    );
     let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 5)) };
     assert_eq!(r, 0);
-    assert_eq!(fs::metadata(f.p("dev0")).unwrap().rdev(), libc::makedev(1, 5));
+    assert_eq!(
+        fs::metadata(f.p("dev0")).unwrap().rdev(),
+        libc::makedev(1, 5)
+    );
 }
 
 fn renameat2(from: &Path, to: &Path, flags: u32) -> i32 {
     let (a, b) = (cpath(from), cpath(to));
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
-    if r == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap() }
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap()
+    }
 }
 
 #[test]
@@ -289,7 +377,12 @@ fn rename_rules() {
     fs::rename(f.p("bottom-only"), f.p("moved")).unwrap();
     assert_eq!(read(&f.p("moved")), "bottom\n");
     assert_eq!(errno_of(fs::metadata(f.p("bottom-only"))), libc::ENOENT);
-    assert!(fs::symlink_metadata(f.up("bottom-only")).unwrap().file_type().is_char_device());
+    assert!(
+        fs::symlink_metadata(f.up("bottom-only"))
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
     // Lower and merged directories: EXDEV, as the kernel's default.
     assert_eq!(renameat2(&f.p("merged"), &f.p("m2"), 0), libc::EXDEV);
     assert_eq!(renameat2(&f.p("dir"), &f.p("d2"), 0), libc::EXDEV);
@@ -299,11 +392,20 @@ fn rename_rules() {
     fs::rename(f.p("newdir"), f.p("newdir2")).unwrap();
     assert_eq!(read(&f.p("newdir2/x")), "x");
     // NOREPLACE and EXCHANGE.
-    assert_eq!(renameat2(&f.p("moved"), &f.p("top-only"), libc::RENAME_NOREPLACE), libc::EEXIST);
-    assert_eq!(renameat2(&f.p("moved"), &f.p("top-only"), libc::RENAME_EXCHANGE), 0);
+    assert_eq!(
+        renameat2(&f.p("moved"), &f.p("top-only"), libc::RENAME_NOREPLACE),
+        libc::EEXIST
+    );
+    assert_eq!(
+        renameat2(&f.p("moved"), &f.p("top-only"), libc::RENAME_EXCHANGE),
+        0
+    );
     assert_eq!(read(&f.p("moved")), "top\n");
     assert_eq!(read(&f.p("top-only")), "bottom\n");
-    assert_eq!(renameat2(&f.p("moved"), &f.p("nothing"), libc::RENAME_EXCHANGE), libc::ENOENT);
+    assert_eq!(
+        renameat2(&f.p("moved"), &f.p("nothing"), libc::RENAME_EXCHANGE),
+        libc::ENOENT
+    );
     // An upper directory over an empty merged one hides its lower contents.
     fs::remove_file(f.p("opaque/visible")).unwrap();
     fs::rename(f.p("newdir2"), f.p("opaque")).unwrap();
@@ -320,8 +422,16 @@ fn hard_links_share_data_and_count_links() {
     fs::hard_link(f.p("bottom-only"), f.p("link2")).unwrap();
     assert_eq!(fs::metadata(f.p("link2")).unwrap().nlink(), 2);
     assert_eq!(fs::metadata(f.p("bottom-only")).unwrap().nlink(), 2);
-    assert_eq!(fs::metadata(f.p("bottom-only")).unwrap().ino(), fs::metadata(f.p("link2")).unwrap().ino());
-    OpenOptions::new().append(true).open(f.p("link2")).unwrap().write_all(b"via link\n").unwrap();
+    assert_eq!(
+        fs::metadata(f.p("bottom-only")).unwrap().ino(),
+        fs::metadata(f.p("link2")).unwrap().ino()
+    );
+    OpenOptions::new()
+        .append(true)
+        .open(f.p("link2"))
+        .unwrap()
+        .write_all(b"via link\n")
+        .unwrap();
     assert_eq!(read(&f.p("bottom-only")), "bottom\nvia link\n");
     drop_caches();
     assert_eq!(read(&f.p("bottom-only")), "bottom\nvia link\n");
@@ -338,18 +448,41 @@ fn hard_links_share_data_and_count_links() {
 #[test]
 fn xattrs_pass_through_and_private_names_are_hidden() {
     let f = Fixture::new("xattr");
-    assert_eq!(lgetxattr(&f.p("bottom-only"), "user.tag").as_deref(), Some(&b"kept"[..]));
+    assert_eq!(
+        lgetxattr(&f.p("bottom-only"), "user.tag").as_deref(),
+        Some(&b"kept"[..])
+    );
     // opaque dir: its marker is never shown
-    assert!(lxattrs(&f.p("opaque")).iter().all(|(n, _)| !n.contains("overlay")));
+    assert!(
+        lxattrs(&f.p("opaque"))
+            .iter()
+            .all(|(n, _)| !n.contains("overlay"))
+    );
     let c = cpath(&f.p("top-only"));
     let n = CString::new("trusted.overlay.opaque").unwrap();
-    assert_eq!(unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), b"y".as_ptr().cast(), 1, 0) }, -1);
+    assert_eq!(
+        unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), b"y".as_ptr().cast(), 1, 0) },
+        -1
+    );
     let missing = CString::new("user.missing").unwrap();
-    assert_eq!(unsafe { libc::removexattr(c.as_ptr(), missing.as_ptr()) }, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENODATA));
-    assert_eq!(errno_of(fs::symlink_metadata(f.up("top-only"))), libc::ENOENT, "no copy-up");
+    assert_eq!(
+        unsafe { libc::removexattr(c.as_ptr(), missing.as_ptr()) },
+        -1
+    );
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENODATA)
+    );
+    assert_eq!(
+        errno_of(fs::symlink_metadata(f.up("top-only"))),
+        libc::ENOENT,
+        "no copy-up"
+    );
     set_xattr(&f.p("top-only"), "user.a", b"1");
-    assert_eq!(lgetxattr(&f.up("top-only"), "user.a").as_deref(), Some(&b"1"[..]));
+    assert_eq!(
+        lgetxattr(&f.up("top-only"), "user.a").as_deref(),
+        Some(&b"1"[..])
+    );
     let a = CString::new("user.a").unwrap();
     assert_eq!(unsafe { libc::removexattr(c.as_ptr(), a.as_ptr()) }, 0);
     assert_eq!(lgetxattr(&f.p("top-only"), "user.a"), None);
@@ -369,14 +502,20 @@ fn statfs_names_and_long_names() {
     let long = "n".repeat(255);
     fs::write(f.p(&long), "long").unwrap();
     assert_eq!(read(&f.p(&long)), "long");
-    assert_eq!(errno_of(fs::write(f.p(&"n".repeat(256)), "x")), libc::ENAMETOOLONG);
+    assert_eq!(
+        errno_of(fs::write(f.p(&"n".repeat(256)), "x")),
+        libc::ENAMETOOLONG
+    );
 }
 
 #[test]
 fn inode_numbers_are_stable_and_one_device() {
     let f = Fixture::new("ino");
     let paths = ["top-only", "bottom-only", "merged", "dir/sub/leaf", "fifo"];
-    let before: Vec<_> = paths.iter().map(|p| fs::symlink_metadata(f.p(p)).unwrap()).collect();
+    let before: Vec<_> = paths
+        .iter()
+        .map(|p| fs::symlink_metadata(f.p(p)).unwrap())
+        .collect();
     for p in paths {
         let _ = fs::set_permissions(f.p(p), fs::Permissions::from_mode(0o700));
     }
@@ -392,16 +531,30 @@ fn inode_numbers_are_stable_and_one_device() {
 fn file_io_features() {
     let f = Fixture::new("io");
     // O_APPEND
-    let mut h = OpenOptions::new().append(true).open(f.p("top-only")).unwrap();
+    let mut h = OpenOptions::new()
+        .append(true)
+        .open(f.p("top-only"))
+        .unwrap();
     h.write_all(b"A").unwrap();
     h.write_all(b"B").unwrap();
     drop(h);
     assert_eq!(read(&f.p("top-only")), "top\nAB");
     // Shared writable mmap.
-    let h = OpenOptions::new().read(true).write(true).open(f.p("big")).unwrap();
+    let h = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(f.p("big"))
+        .unwrap();
     unsafe {
         let len = 65536;
-        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, h.as_raw_fd(), 0);
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            h.as_raw_fd(),
+            0,
+        );
         assert_ne!(p, libc::MAP_FAILED);
         std::ptr::copy_nonoverlapping(b"MMAP".as_ptr(), p.cast::<u8>(), 4);
         assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0);
@@ -411,12 +564,20 @@ fn file_io_features() {
     drop_caches();
     assert!(read(&f.up("big")).starts_with("MMAP4567"));
     // O_DIRECT
-    let mut h = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(f.p("big")).unwrap();
+    let mut h = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(f.p("big"))
+        .unwrap();
     let mut buf = vec![0u8; 8192];
     h.read_exact(&mut buf).unwrap();
     assert_eq!(&buf[..8], b"MMAP4567");
     // fallocate, fsync, fdatasync
-    let h = OpenOptions::new().read(true).write(true).open(f.p("shadowed")).unwrap();
+    let h = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(f.p("shadowed"))
+        .unwrap();
     assert_eq!(unsafe { libc::fallocate(h.as_raw_fd(), 0, 0, 1 << 20) }, 0);
     assert_eq!(h.metadata().unwrap().len(), 1 << 20);
     h.sync_all().unwrap();
@@ -424,7 +585,10 @@ fn file_io_features() {
     // flock and fcntl locks
     assert_eq!(unsafe { libc::flock(h.as_raw_fd(), libc::LOCK_EX) }, 0);
     let other = File::open(f.p("shadowed")).unwrap();
-    assert_eq!(unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, -1);
+    assert_eq!(
+        unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        -1
+    );
     let mut lk: libc::flock = unsafe { std::mem::zeroed() };
     lk.l_type = libc::F_WRLCK as i16;
     lk.l_whence = libc::SEEK_SET as i16;
@@ -439,7 +603,10 @@ fn file_io_features() {
 fn reader_of_a_lower_file_sees_the_upper_copy_and_lower_stays() {
     let f = Fixture::new("reader");
     let mut r = File::open(f.p("shadowed")).unwrap();
-    let mut w = OpenOptions::new().write(true).open(f.p("shadowed")).unwrap();
+    let mut w = OpenOptions::new()
+        .write(true)
+        .open(f.p("shadowed"))
+        .unwrap();
     w.write_all(b"FROM UPPER").unwrap();
     w.sync_all().unwrap();
     let mut s = String::new();
@@ -467,10 +634,17 @@ fn concurrent_writers_copy_up_once() {
         t.join().unwrap();
     }
     let data = fs::read(f.up("big")).unwrap();
-    assert_eq!(&data[..8], b"ABCDEFGH", "every writer's byte landed in one copy");
+    assert_eq!(
+        &data[..8],
+        b"ABCDEFGH",
+        "every writer's byte landed in one copy"
+    );
     assert_eq!(data.len(), 16 * 4096);
     let work = f.scratch.path.join(".upper.unionfs-work/work");
-    assert!(fs::read_dir(&work).unwrap().next().is_none(), "no temporary left in the work directory");
+    assert!(
+        fs::read_dir(&work).unwrap().next().is_none(),
+        "no temporary left in the work directory"
+    );
 }
 
 #[test]
@@ -485,26 +659,48 @@ fn permissions_are_enforced_for_other_users() {
     fs::create_dir(f.p("shared")).unwrap();
     fs::set_permissions(f.p("shared"), fs::Permissions::from_mode(0o777)).unwrap();
     let m = f.mnt.display();
-    let out = as_user(65534, 65534, &format!(
-        "cat {m}/secret && exit 10; echo x >> {m}/top-only && exit 11; rm -f {m}/sticky/roots && exit 12; \
+    let out = as_user(
+        65534,
+        65534,
+        &format!(
+            "cat {m}/secret && exit 10; echo x >> {m}/top-only && exit 11; rm -f {m}/sticky/roots && exit 12; \
          chown 0 {m}/shared && exit 13; \
          echo mine > {m}/shared/mine || exit 14; chmod 4755 {m}/shared/mine || exit 15; \
          echo more >> {m}/shared/mine || exit 16; exit 0"
-    ));
-    assert!(out.status.success(), "unprivileged user: {:?} {}", out.status, String::from_utf8_lossy(&out.stderr));
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "unprivileged user: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(fs::metadata(f.p("shared/mine")).unwrap().uid(), 65534);
     let mode = fs::metadata(f.p("shared/mine")).unwrap().mode();
-    assert_eq!(mode & 0o4000, 0, "a write by a non-root owner clears setuid");
+    assert_eq!(
+        mode & 0o4000,
+        0,
+        "a write by a non-root owner clears setuid"
+    );
     assert!(fs::metadata(f.p("sticky/roots")).is_ok());
 }
 
 #[test]
 fn truncate_and_times() {
     let f = Fixture::new("trunc");
-    let h = OpenOptions::new().write(true).truncate(true).open(f.p("bottom-only")).unwrap();
+    let h = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(f.p("bottom-only"))
+        .unwrap();
     drop(h);
     assert_eq!(fs::metadata(f.p("bottom-only")).unwrap().len(), 0);
-    fs::File::options().write(true).open(f.p("big")).unwrap().set_len(10).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(f.p("big"))
+        .unwrap()
+        .set_len(10)
+        .unwrap();
     assert_eq!(read(&f.p("big")), "0123456789");
     set_mtime(&f.p("top-only"), 12345);
     assert_eq!(fs::metadata(f.p("top-only")).unwrap().mtime(), 12345);

@@ -22,8 +22,13 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new(tag: &str) -> Scratch {
-        let base = std::env::var_os("UNIONFS_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-        let dir = tempfile::Builder::new().prefix(&format!("unionfs-{tag}-")).tempdir_in(base).unwrap();
+        let base = std::env::var_os("UNIONFS_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("unionfs-{tag}-"))
+            .tempdir_in(base)
+            .unwrap();
         Scratch { path: dir.keep() }
     }
 
@@ -49,10 +54,12 @@ pub fn is_mounted(mnt: &Path) -> bool {
 fn mount_source_type(mnt: &Path) -> Option<String> {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let want = mnt.to_string_lossy();
-    info.lines().find(|l| l.split(' ').nth(4) == Some(&want)).and_then(|l| {
-        let after = l.split(" - ").nth(1)?;
-        after.split(' ').next().map(str::to_string)
-    })
+    info.lines()
+        .find(|l| l.split(' ').nth(4) == Some(&want))
+        .and_then(|l| {
+            let after = l.split(" - ").nth(1)?;
+            after.split(' ').next().map(str::to_string)
+        })
 }
 
 pub fn umount_lazy(mnt: &Path) {
@@ -74,7 +81,11 @@ pub struct Mount {
 }
 
 pub fn lower_arg(lowers: &[PathBuf]) -> String {
-    lowers.iter().map(|p| p.to_string_lossy().replace(':', "\\:")).collect::<Vec<_>>().join(":")
+    lowers
+        .iter()
+        .map(|p| p.to_string_lossy().replace(':', "\\:"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl Mount {
@@ -86,12 +97,18 @@ impl Mount {
             cmd.arg("-o").arg(o);
         }
         cmd.arg(lower_arg(lowers)).arg(upper).arg(mnt);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
         let child = cmd.spawn().expect("spawn unionfs");
-        let mut m = Mount { kind: Kind::Unionfs, mnt: mnt.to_path_buf(), child: Some(child) };
+        let mut m = Mount {
+            kind: Kind::Unionfs,
+            mnt: mnt.to_path_buf(),
+            child: Some(child),
+        };
         m.wait_ready();
         m
     }
@@ -129,7 +146,11 @@ impl Mount {
             .status()
             .expect("run mount");
         assert!(st.success(), "kernel overlay mount failed: {opts}");
-        Mount { kind: Kind::Kernel, mnt: mnt.to_path_buf(), child: None }
+        Mount {
+            kind: Kind::Kernel,
+            mnt: mnt.to_path_buf(),
+            child: None,
+        }
     }
 
     /// Unmounts and waits for the daemon; returns its exit status.
@@ -204,10 +225,14 @@ pub fn lxattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
         return vec![];
     }
     let mut out = Vec::new();
-    for name in buf[..n as usize].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+    for name in buf[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+    {
         let cname = CString::new(name).unwrap();
         let mut v = vec![0u8; 65536];
-        let m = unsafe { libc::lgetxattr(c.as_ptr(), cname.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        let m =
+            unsafe { libc::lgetxattr(c.as_ptr(), cname.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
         if m >= 0 {
             v.truncate(m as usize);
             out.push((String::from_utf8_lossy(name).into_owned(), v));
@@ -218,7 +243,10 @@ pub fn lxattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 pub fn lgetxattr(p: &Path, name: &str) -> Option<Vec<u8>> {
-    lxattrs(p).into_iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    lxattrs(p)
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v)
 }
 
 fn kind_name(ft: fs::FileType, rdev: u64) -> &'static str {
@@ -271,7 +299,14 @@ pub fn describe(p: &Path, view: View) -> Obj {
             }
         })
         .collect();
-    Obj { kind, mode: m.permissions().mode() & 0o7777, uid: m.uid(), gid: m.gid(), data, xattrs }
+    Obj {
+        kind,
+        mode: m.permissions().mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+        data,
+        xattrs,
+    }
 }
 
 /// Every object below `root`, by relative path.
@@ -282,7 +317,10 @@ pub fn snapshot(root: &Path, view: View) -> BTreeMap<String, Obj> {
 }
 
 fn walk(root: &Path, dir: &Path, view: View, out: &mut BTreeMap<String, Obj>) {
-    let mut names: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     names.sort();
     for name in names {
         let p = dir.join(&name);
@@ -297,12 +335,19 @@ fn walk(root: &Path, dir: &Path, view: View, out: &mut BTreeMap<String, Obj>) {
 }
 
 /// Describes the differences of two snapshots, empty when equal.
-pub fn diff(a_name: &str, a: &BTreeMap<String, Obj>, b_name: &str, b: &BTreeMap<String, Obj>) -> String {
+pub fn diff(
+    a_name: &str,
+    a: &BTreeMap<String, Obj>,
+    b_name: &str,
+    b: &BTreeMap<String, Obj>,
+) -> String {
     let mut out = String::new();
     for (k, v) in a {
         match b.get(k) {
             None => out += &format!("only in {a_name}: {k} {v:?}\n"),
-            Some(w) if w != v => out += &format!("differs: {k}\n  {a_name}: {v:?}\n  {b_name}: {w:?}\n"),
+            Some(w) if w != v => {
+                out += &format!("differs: {k}\n  {a_name}: {v:?}\n  {b_name}: {w:?}\n")
+            }
             _ => {}
         }
     }
@@ -325,20 +370,58 @@ pub fn write(p: &Path, data: &str) {
 
 pub fn mknod(p: &Path, mode: u32, dev: u64) {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-    assert_eq!(unsafe { libc::mknod(c.as_ptr(), mode, dev) }, 0, "mknod {}", p.display());
+    assert_eq!(
+        unsafe { libc::mknod(c.as_ptr(), mode, dev) },
+        0,
+        "mknod {}",
+        p.display()
+    );
 }
 
 pub fn set_xattr(p: &Path, name: &str, value: &[u8]) {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
     let n = CString::new(name).unwrap();
-    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    assert_eq!(r, 0, "setxattr {name} on {}: {}", p.display(), std::io::Error::last_os_error());
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {name} on {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 pub fn set_mtime(p: &Path, secs: i64) {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-    let t = [libc::timespec { tv_sec: secs, tv_nsec: 0 }, libc::timespec { tv_sec: secs, tv_nsec: 0 }];
-    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), t.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }, 0);
+    let t = [
+        libc::timespec {
+            tv_sec: secs,
+            tv_nsec: 0,
+        },
+        libc::timespec {
+            tv_sec: secs,
+            tv_nsec: 0,
+        },
+    ];
+    assert_eq!(
+        unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                t.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        },
+        0
+    );
 }
 
 /// Two lower layers exercising merging, shadowing, whiteouts and opacity.
@@ -357,14 +440,21 @@ pub fn standard_lowers(s: &Scratch) -> Vec<PathBuf> {
     write(&top.join("opaque/visible"), "v\n");
     set_xattr(&top.join("opaque"), "trusted.overlay.opaque", b"y");
     write(&bottom.join("opaque/hidden"), "h\n");
-    write(&top.join("file-over-dir"), "a file hides the directory below\n");
+    write(
+        &top.join("file-over-dir"),
+        "a file hides the directory below\n",
+    );
     write(&bottom.join("file-over-dir/inside"), "never seen\n");
     write(&bottom.join("dir/sub/leaf"), "leaf\n");
     write(&bottom.join("big"), &"0123456789abcdef".repeat(4096));
     std::os::unix::fs::symlink("top-only", top.join("link")).unwrap();
     std::os::unix::fs::symlink("/etc/shadow", top.join("evil")).unwrap();
     mknod(&bottom.join("fifo"), libc::S_IFIFO | 0o640, 0);
-    mknod(&bottom.join("null"), libc::S_IFCHR | 0o666, libc::makedev(1, 3));
+    mknod(
+        &bottom.join("null"),
+        libc::S_IFCHR | 0o666,
+        libc::makedev(1, 3),
+    );
     fs::create_dir_all(top.join("ro")).unwrap();
     write(&top.join("ro/inner"), "in a 0555 directory\n");
     fs::set_permissions(top.join("ro"), fs::Permissions::from_mode(0o555)).unwrap();
@@ -419,7 +509,14 @@ impl Fixture {
         let mnt = scratch.dir("mnt");
         let lower_before = lowers.iter().map(|l| snapshot(l, View::Upper)).collect();
         let mount = Some(Mount::unionfs(&lowers, &upper, &mnt, &[]));
-        Fixture { mount, lowers, upper, mnt, lower_before, scratch }
+        Fixture {
+            mount,
+            lowers,
+            upper,
+            mnt,
+            lower_before,
+            scratch,
+        }
     }
 
     pub fn p(&self, rel: &str) -> PathBuf {
@@ -465,7 +562,11 @@ pub fn errno_of<T>(r: std::io::Result<T>) -> i32 {
 /// Runs a shell command as an unprivileged user.
 pub fn as_user(uid: u32, gid: u32, script: &str) -> std::process::Output {
     Command::new("setpriv")
-        .args([format!("--reuid={uid}"), format!("--regid={gid}"), "--clear-groups".into()])
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--clear-groups".into(),
+        ])
         .args(["sh", "-c", script])
         .output()
         .expect("setpriv")

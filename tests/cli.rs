@@ -1,0 +1,299 @@
+//! The command line: help and version, refusals of bad input (one line, a
+//! non-zero exit, nothing mounted or written), and clean unmounting.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn unionfs(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn help_and_version() {
+    let v = unionfs(&["--version"]);
+    assert!(v.status.success());
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("unionfs "));
+    let h = unionfs(&["--help"]);
+    assert!(h.status.success());
+    assert!(String::from_utf8_lossy(&h.stdout).contains("mount"));
+    let m = unionfs(&["mount", "--help"]);
+    assert!(m.status.success());
+    assert!(String::from_utf8_lossy(&m.stdout).contains("workdir="));
+}
+
+/// A tmpfs mounted for the test, unmounted at the end.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(at: PathBuf) -> Tmpfs {
+        fs::create_dir_all(&at).unwrap();
+        assert!(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "tmpfs"])
+                .arg(&at)
+                .status()
+                .unwrap()
+                .success()
+        );
+        Tmpfs(at)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        umount_lazy(&self.0);
+    }
+}
+
+fn tree(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = walkdir_all(root)
+        .iter()
+        .map(|p| p.strip_prefix(root).unwrap().display().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn bad_input_is_refused_cleanly() {
+    let s = Scratch::new("badin");
+    let l1 = s.dir("l1");
+    let l2 = s.dir("l2");
+    let up = s.dir("up");
+    let mnt = s.dir("mnt");
+    let file = s.path.join("file");
+    fs::write(&file, "f").unwrap();
+    s.dir("l1/inner");
+    s.dir("up/inner");
+    s.dir("mnt/inner");
+    let other_fs = Tmpfs::new(s.path.join("otherfs"));
+    let upper_root_fs = Tmpfs::new(s.path.join("rootfs-upper"));
+    let (l1s, l2s, ups, mnts, files) = (
+        l1.display().to_string(),
+        l2.display().to_string(),
+        up.display().to_string(),
+        mnt.display().to_string(),
+        file.display().to_string(),
+    );
+    let missing = s.path.join("missing").display().to_string();
+    let lowers = format!("{l1s}:{l2s}");
+    let wd_other = format!("workdir={}", other_fs.0.display());
+    let wd_in_upper = format!("workdir={ups}/inner");
+    let wd_missing = format!("workdir={missing}");
+    let wd_file = format!("workdir={files}");
+    let wd_lower = format!("workdir={l1s}/inner");
+    let l1_inner = format!("{l1s}/inner");
+    let up_inner = format!("{ups}/inner");
+    let mnt_inner = format!("{mnts}/inner");
+    let root_upper = upper_root_fs.0.display().to_string();
+    let (l, u, m) = (lowers.as_str(), ups.as_str(), mnts.as_str());
+    let (double_colon, trailing) = (format!("{l1s}::{l2s}"), format!("{l1s}:"));
+    let (leading, backslash) = (format!(":{l1s}"), format!("{l1s}\\"));
+    // (arguments, what the message must mention)
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec![&missing, u, m], "does not exist"),
+        (vec![&files, u, m], "is not a directory"),
+        (vec![l, &missing, m], "does not exist"),
+        (vec![l, &files, m], "is not a directory"),
+        (vec![l, u, &missing], "does not exist"),
+        (vec![l, u, &files], "is not a directory"),
+        (vec!["", u, m], "no lower directory"),
+        (vec![&double_colon, u, m], "empty element"),
+        (vec![&trailing, u, m], "empty element"),
+        (vec![&leading, u, m], "empty element"),
+        (vec![&backslash, u, m], "backslash"),
+        (vec![l, &l1s, m], "must not be the same or inside"),
+        (vec![l, &l1_inner, m], "must not be the same or inside"),
+        (vec![&up_inner, u, m], "must not be the same or inside"),
+        (vec![l, u, &l1_inner], "must not be the same or inside"),
+        (vec![&mnt_inner, u, m], "must not be the same or inside"),
+        (vec![l, u, u], "must not be the same or inside"),
+        (vec![l, u, &up_inner], "must not be the same or inside"),
+        (vec!["-o", &wd_other, l, u, m], "not on the same filesystem"),
+        (vec!["-o", &wd_in_upper, l, u, m], "inside one another"),
+        (vec!["-o", &wd_missing, l, u, m], "does not exist"),
+        (vec!["-o", &wd_file, l, u, m], "is not a directory"),
+        (
+            vec!["-o", &wd_lower, l, u, m],
+            "not on the same filesystem|overlaps",
+        ),
+        (vec!["-o", "workdir=", l, u, m], "unknown mount option"),
+        (vec!["-o", "bogus", l, u, m], "unknown mount option 'bogus'"),
+        (vec!["-o", "workdir=/x,frobnicate=1", l, u, m], "frobnicate"),
+        (vec![l, &root_upper, m], "root of its filesystem"),
+    ];
+    let before_up = tree(&up);
+    let before_parent = tree(&s.path);
+    for (args, expect) in &cases {
+        let mut full = vec!["mount"];
+        full.extend(args.iter().copied());
+        let out = unionfs(&full);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{full:?}: exit {:?}, stderr {err}",
+            out.status
+        );
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "{full:?}: one line expected, got {err:?}"
+        );
+        assert!(err.starts_with("unionfs: "), "{full:?}: {err}");
+        assert!(
+            expect.split('|').any(|e| err.contains(e)),
+            "{full:?}: {err:?} should mention {expect:?}"
+        );
+        assert!(!is_mounted(&mnt), "{full:?} left a mount");
+        assert_eq!(
+            tree(&up),
+            before_up,
+            "{full:?} wrote into the upper directory"
+        );
+        assert_eq!(tree(&s.path), before_parent, "{full:?} created something");
+    }
+    // Usage errors from the parser: exit 2 as well.
+    for args in [
+        vec!["mount"],
+        vec!["mount", l, u],
+        vec!["frobnicate"],
+        vec!["mount", l, u, m, "extra"],
+    ] {
+        let out = unionfs(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+    eprintln!("bad invocations refused: {}", cases.len() + 4);
+}
+
+#[test]
+fn missing_dev_fuse_is_named() {
+    let s = Scratch::new("nofuse");
+    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} mount {} {} {}",
+        bin().display(),
+        l.display(),
+        u.display(),
+        m.display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("/dev/fuse is not usable"), "{err}");
+    assert!(!is_mounted(&m));
+}
+
+#[test]
+fn workdir_in_use_is_refused() {
+    let s = Scratch::new("inuse");
+    let (l, u, m, m2) = (s.dir("l"), s.dir("u"), s.dir("m"), s.dir("m2"));
+    let _first = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+    let out = unionfs(&[
+        "mount",
+        &l.display().to_string(),
+        &u.display().to_string(),
+        &m2.display().to_string(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("in use"), "{err}");
+    assert!(!is_mounted(&m2));
+}
+
+fn wait_exit(m: &mut Mount) -> i32 {
+    let start = Instant::now();
+    let child = m.child.as_mut().unwrap();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "daemon did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn signals_and_external_unmount_end_the_daemon_cleanly() {
+    let s = Scratch::new("signals");
+    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    fs::write(l.join("f"), "f").unwrap();
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        let mut mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+        // Busy: a process inside keeps it open; the unmount is lazy.
+        let busy = fs::File::open(m.join("f")).unwrap();
+        unsafe { libc::kill(mount.pid().unwrap() as i32, sig) };
+        assert_eq!(wait_exit(&mut mount), 0, "signal {sig}");
+        assert!(!is_mounted(&m), "signal {sig} left the mount");
+        drop(busy);
+    }
+    let mut mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+    assert!(Command::new("umount").arg(&m).status().unwrap().success());
+    assert_eq!(wait_exit(&mut mount), 0, "umount");
+    if Command::new("fusermount3")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let mut mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+        assert!(
+            Command::new("fusermount3")
+                .arg("-u")
+                .arg(&m)
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert_eq!(wait_exit(&mut mount), 0, "fusermount3 -u");
+    }
+}
+
+#[test]
+fn default_workdir_is_beside_upper_and_cleaned() {
+    let s = Scratch::new("workdir");
+    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    let work = s.path.join(".u.unionfs-work/work");
+    fs::create_dir_all(work.join("leftover/deep")).unwrap();
+    fs::write(work.join("leftover/deep/junk"), "j").unwrap();
+    let mount = Mount::unionfs(&[l], &u, &m, &[]);
+    assert!(
+        fs::read_dir(&work).unwrap().next().is_none(),
+        "leftovers removed at mount"
+    );
+    assert!(
+        fs::read_dir(&m).unwrap().next().is_none(),
+        "work directory not in the merged view"
+    );
+    assert!(
+        fs::read_dir(&u).unwrap().next().is_none(),
+        "nor in the upper directory"
+    );
+    drop(mount);
+}
+
+#[test]
+fn escaped_colons_in_lower_paths() {
+    let s = Scratch::new("colon");
+    let l = s.dir("a:b");
+    fs::write(l.join("f"), "colon").unwrap();
+    let (u, m) = (s.dir("u"), s.dir("m"));
+    let mount = Mount::unionfs(&[l], &u, &m, &["volatile"]);
+    assert_eq!(fs::read_to_string(m.join("f")).unwrap(), "colon");
+    drop(mount);
+}

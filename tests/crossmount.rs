@@ -1,0 +1,62 @@
+//! The on-disk format both ways: an upper directory written by unionfs shows
+//! the same view under the kernel's overlayfs, and the other way round.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use common::*;
+
+/// Changes of every kind the format has to carry.
+fn make_changes(root: &Path) {
+    fs::write(root.join("bottom-only"), "rewritten").unwrap();
+    fs::remove_file(root.join("shadowed")).unwrap();
+    fs::remove_dir_all(root.join("merged")).unwrap();
+    fs::create_dir(root.join("merged")).unwrap();
+    fs::write(root.join("merged/new"), "fresh").unwrap();
+    fs::remove_file(root.join("opaque/visible")).unwrap();
+    fs::write(root.join("dir/sub/added"), "a").unwrap();
+    fs::rename(root.join("top-only"), root.join("dir/moved")).unwrap();
+    std::os::unix::fs::symlink("dir/moved", root.join("newlink")).unwrap();
+    fs::set_permissions(root.join("fifo"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::hard_link(root.join("big"), root.join("big2")).unwrap();
+    set_xattr(&root.join("dir"), "user.note", b"x");
+    fs::create_dir(root.join("file-over-dir2")).unwrap();
+    fs::remove_file(root.join("file-over-dir")).unwrap();
+}
+
+#[test]
+fn unionfs_upper_mounts_under_the_kernel() {
+    let s = Scratch::new("cross1");
+    let lowers = standard_lowers(&s);
+    let (upper, mnt) = (s.dir("upper"), s.dir("mnt"));
+    let ours = Mount::unionfs(&lowers, &upper, &mnt, &[]);
+    make_changes(&mnt);
+    let view = snapshot(&mnt, View::Merged);
+    drop(ours);
+    let (kwork, kmnt) = (s.dir("kwork"), s.dir("kmnt"));
+    let k = Mount::kernel(&lowers, &upper, &kwork, &kmnt);
+    let kview = snapshot(&kmnt, View::Merged);
+    let d = diff("unionfs", &view, "kernel", &kview);
+    assert!(d.is_empty(), "the kernel sees a different union:\n{d}");
+    drop(k);
+}
+
+#[test]
+fn kernel_upper_mounts_under_unionfs() {
+    let s = Scratch::new("cross2");
+    let lowers = standard_lowers(&s);
+    let (upper, kwork, kmnt) = (s.dir("upper"), s.dir("kwork"), s.dir("kmnt"));
+    let k = Mount::kernel(&lowers, &upper, &kwork, &kmnt);
+    make_changes(&kmnt);
+    let kview = snapshot(&kmnt, View::Merged);
+    drop(k);
+    let mnt = s.dir("mnt");
+    let ours = Mount::unionfs(&lowers, &upper, &mnt, &[]);
+    let view = snapshot(&mnt, View::Merged);
+    let d = diff("kernel", &kview, "unionfs", &view);
+    assert!(d.is_empty(), "unionfs sees a different union:\n{d}");
+    drop(ours);
+}

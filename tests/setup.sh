@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a Debian machine, as root:
+# fuse3 (fusermount3), attr, util-linux (setpriv, unshare), the crates.io
+# conformance tools fsx and pjdfstest (see tools/install-pjdfstest.sh), and the
+# unprivileged users pjdfstest switches to. Safe to run again.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+
+if [ "$(id -u)" != 0 ]; then
+    echo "tests/setup.sh: the tests mount filesystems; run as root" >&2
+    exit 1
+fi
+
+need=()
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v setfattr >/dev/null || need+=(attr)
+command -v setpriv >/dev/null || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+grep -qw overlay /proc/filesystems || modprobe overlay || true
+grep -qw fuse /proc/filesystems || modprobe fuse || true
+
+command -v fsx >/dev/null || cargo install --quiet --locked fsx
+bash "$here/tools/install-pjdfstest.sh"
+
+getent group nogroup >/dev/null || groupadd -g 65534 nogroup
+id nobody >/dev/null 2>&1 || useradd -M -u 65534 -g nogroup -s /usr/sbin/nologin nobody
+id tests >/dev/null 2>&1 || useradd -M -U -s /usr/sbin/nologin tests
+echo "tests/setup.sh: ready"
