@@ -229,6 +229,7 @@ impl Union {
             .table
             .acquire(id, || self.node_from(&parent, name, found));
         if node.kind != sys::file_type(stat.st_mode) {
+            self.table.forget(id, 1);
             return Err(Errno(libc::ESTALE));
         }
         node.set_location(parent, name.to_os_string());

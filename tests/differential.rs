@@ -562,12 +562,12 @@ fn random_op(r: &mut Rng) -> Op {
 fn random_operations_match_the_kernel() {
     let seeds: Vec<u64> = match std::env::var("UNIONFS_DIFF_SEEDS") {
         Ok(v) => v.split(',').map(|s| s.parse().unwrap()).collect(),
-        Err(_) => vec![1, 2, 3, 4, 5, 6],
+        Err(_) => (1..=12).collect(),
     };
     let per_seed: usize = std::env::var("UNIONFS_DIFF_OPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(600);
+        .unwrap_or(1000);
     let mut total = 0;
     for seed in seeds {
         let pair = Pair::new("rand");
@@ -578,7 +578,19 @@ fn random_operations_match_the_kernel() {
             pair.run(&label, chunk);
             pair.compare_views(&label);
         }
-        total += ops.len();
+        // Finally `rm -rf` of everything that is left.
+        let everything: Vec<Op> = fs::read_dir(&pair.kernel.mnt)
+            .unwrap()
+            .map(|e| Op::RemoveAll(e.unwrap().file_name().to_string_lossy().into_owned()))
+            .collect();
+        pair.run(&format!("seed {seed}, rm -rf"), &everything);
+        pair.run(&format!("seed {seed}, rm -rf"), &[Op::List(String::new())]);
+        pair.compare_views(&format!("seed {seed}, after rm -rf"));
+        assert!(
+            fs::read_dir(&pair.ours.mnt).unwrap().next().is_none(),
+            "seed {seed}: rm -rf left something"
+        );
+        total += ops.len() + everything.len();
     }
     eprintln!("random differential: {total} operations matched the kernel");
 }
