@@ -512,6 +512,21 @@ impl Filesystem for UnionFs {
         }
     }
 
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctl passes through (isatty() asks on every open by tar, ls).
+        reply.error(FErrno::from_i32(libc::ENOTTY));
+    }
+
     fn destroy(&mut self) {
         debug!("session destroyed");
     }

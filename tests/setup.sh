@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a Debian machine, as root:
-# fuse3 (fusermount3), attr, util-linux (setpriv, unshare), the crates.io
+# fuse3 (fusermount3), attr, util-linux (setpriv, unshare), fio,
+# fuse-overlayfs and busybox-static for the benchmark smoke test, the crates.io
 # conformance tools fsx and pjdfstest (see tools/install-pjdfstest.sh), and the
 # unprivileged users pjdfstest switches to. Safe to run again.
 set -euo pipefail
@@ -16,6 +17,9 @@ need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v setfattr >/dev/null || need+=(attr)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v fio >/dev/null || need+=(fio)                      # bench/ (smoke test)
+command -v fuse-overlayfs >/dev/null || need+=(fuse-overlayfs) # bench/ compares with it
+command -v busybox >/dev/null || need+=(busybox-static)       # bench/ real-world rootfs
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

@@ -1,0 +1,597 @@
+#!/usr/bin/env python3
+"""The unionfs benchmark suite.
+
+Builds unionfs in release mode, makes the test data once, then for each round
+and each variant (the bare upper filesystem, kernel overlayfs, fuse-overlayfs,
+unionfs) mounts a fresh union over the same lower layers with an empty upper,
+runs every workload and unmounts. Variants are interleaved within each round;
+the median of the rounds is reported as a markdown table (with each figure's
+ratio to kernel overlayfs), as JSON and as an SVG chart. No timing here is a
+test assertion: this measures, it does not judge.
+
+Run as root (mounting and dropping caches need it). See bench/README.md.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = ROOT / "bench" / "jobs"
+
+PROFILES = {
+    # tiny sizes, one round: keeps the suite from rotting (CI)
+    "smoke": dict(large="16M", copyup="16M", write="16M", small=300, rootfs=300, runtime=1, rounds=1),
+    # within about three minutes on two cores
+    "quick": dict(large="128M", copyup="64M", write="64M", small=1500, rootfs=800, runtime=1, rounds=3),
+    # the numbers we publish
+    "full": dict(large="1G", copyup="512M", write="512M", small=20000, rootfs=5000, runtime=8, rounds=3),
+}
+
+HIGHER, LOWER = "higher", "lower"
+
+# key, title, unit, which direction is better
+WORKLOADS = [
+    ("mount_ready", "mount ready (command start to mounted)", "ms", LOWER),
+    ("seqread_cold", "seq read 1 MiB, cold cache", "MiB/s", HIGHER),
+    ("seqread_warm", "seq read 1 MiB, warm cache", "MiB/s", HIGHER),
+    ("randread1", "rand read 4 KiB warm, 1 job", "IOPS", HIGHER),
+    ("randread4", "rand read 4 KiB warm, 4 jobs", "IOPS", HIGHER),
+    ("seqwrite", "seq write 1 MiB + fsync", "MiB/s", HIGHER),
+    ("randwrite", "rand write 4 KiB", "IOPS", HIGHER),
+    ("copyup", "first write to a large lower file", "ms", LOWER),
+    ("create", "create+write small files", "ms", LOWER),
+    ("stat", "stat the new files", "ms", LOWER),
+    ("lslr_cold", "ls -lR of the lower tree, cold", "ms", LOWER),
+    ("lslr_warm", "ls -lR of the lower tree, warm", "ms", LOWER),
+    ("find_cold", "find of the lower tree, cold", "ms", LOWER),
+    ("untar", "untar the rootfs-like tarball", "ms", LOWER),
+    ("rmrf", "rm -rf of the lower tree (whiteouts)", "ms", LOWER),
+    ("rw_extract", "real world: extract a tarball", "ms", LOWER),
+    ("rw_du", "real world: du -s of the rootfs", "ms", LOWER),
+    ("rw_find", "real world: find of the rootfs", "ms", LOWER),
+    ("rw_rewrite", "real world: rewrite many files", "ms", LOWER),
+    ("rss", "daemon peak RSS", "MiB", LOWER),
+]
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def size_bytes(s):
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s)
+
+
+def drop_caches():
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def mounted(mnt):
+    want = str(mnt)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split(" ")[4] == want for line in f)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000.0
+
+
+def sh_timed(cmd, **kw):
+    return timed(lambda: run(cmd, stdout=subprocess.DEVNULL, **kw))
+
+
+# ------------------------------------------------------------------ data
+
+
+def write_big(path, size):
+    block = bytearray(random.Random(7).randbytes(1 << 20))
+    with open(path, "wb") as f:
+        done = 0
+        while done < size:
+            block[0:8] = done.to_bytes(8, "little")
+            n = min(len(block), size - done)
+            f.write(block[:n])
+            done += n
+
+
+def small_size(rng):
+    # mostly small, some larger: 0 B .. 64 KiB
+    return int(min(65536, rng.expovariate(1 / 3000)))
+
+
+def make_tree(root, count, rng, layers):
+    """count files in dirs of 100, spread over the layers (same dir names in
+    each, so directories merge)."""
+    for i in range(count):
+        layer = layers[i % len(layers)]
+        d = root / f"d{i // 100:03d}"
+        p = layer / d / f"f{i:06d}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rng.randbytes(small_size(rng)))
+
+
+def make_rootfs_like(dest, count, rng):
+    for i in range(count):
+        top = ["usr/bin", "usr/lib", "usr/share/doc", "etc", "var/lib"][i % 5]
+        p = dest / top / f"pkg{i % 37}" / f"file{i:05d}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rng.randbytes(small_size(rng)))
+
+
+def make_busybox_rootfs(dest):
+    """A busybox rootfs as containers use it; returns False without busybox."""
+    bb = shutil.which("busybox")
+    if not bb:
+        return False
+    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root"]:
+        (dest / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(bb, dest / "bin/busybox")
+    applets = subprocess.run([bb, "--list-full"], capture_output=True, text=True).stdout.split()
+    for a in applets:
+        link = dest / a
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink("/bin/busybox", link)
+    (dest / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (dest / "etc/os-release").write_text('NAME="busybox"\n')
+    return True
+
+
+def make_data(base, prof):
+    """Makes the data once; reuses it when the same profile made it before."""
+    stamp = base / "data.json"
+    want = json.dumps(prof, sort_keys=True)
+    if stamp.exists() and stamp.read_text() == want:
+        log(f"reusing data in {base}")
+        return
+    log(f"making data in {base}")
+    shutil.rmtree(base / "data", ignore_errors=True)
+    d = base / "data"
+    l1, l2, rw = d / "lower1", d / "lower2", d / "rw-lower"
+    for p in (l1 / "big", l2 / "big", rw):
+        p.mkdir(parents=True)
+    rng = random.Random(42)
+    write_big(l2 / "big/large.bin", size_bytes(prof["large"]))
+    write_big(l1 / "big/copyup.bin", size_bytes(prof["copyup"]))
+    make_tree(Path("tree"), prof["small"], rng, [l1, l2])
+    src = d / "tar-src"
+    make_rootfs_like(src / "rootfs", prof["rootfs"], rng)
+    with tarfile.open(d / "rootfs.tar", "w") as t:
+        t.add(src / "rootfs", arcname="rootfs")
+    shutil.rmtree(src)
+    if not make_busybox_rootfs(rw):
+        log("note: busybox not installed; the real-world lower is the generated tree only")
+    make_rootfs_like(rw / "usr/share/data", prof["rootfs"], rng)
+    os.sync()
+    stamp.write_text(want)
+
+
+# ------------------------------------------------------------------ variants
+
+
+class Variant:
+    name = ""
+
+    def missing(self):
+        """None when usable, else why not."""
+        return None
+
+    def mount(self, lowers, upper, work, mnt):
+        raise NotImplementedError
+
+    def unmount(self, mnt):
+        if mounted(mnt):
+            run(["umount", str(mnt)])
+
+    def daemon_pid(self, mnt):
+        return None
+
+
+class Bare(Variant):
+    """The upper filesystem itself: the lowers copied into a plain directory."""
+
+    name = "bare"
+
+    def mount(self, lowers, upper, work, mnt):
+        for layer in reversed(lowers):
+            run(["cp", "-a", f"{layer}/.", str(mnt)])
+
+    def unmount(self, mnt):
+        pass
+
+
+class Kernel(Variant):
+    name = "kernel"
+
+    def missing(self):
+        return None if "overlay" in Path("/proc/filesystems").read_text() else "no overlay in /proc/filesystems"
+
+    def mount(self, lowers, upper, work, mnt):
+        opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}"
+        run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)])
+
+
+class FuseOverlayfs(Variant):
+    name = "fuse-overlayfs"
+
+    def missing(self):
+        return None if shutil.which("fuse-overlayfs") else "fuse-overlayfs not installed (apt-get install fuse-overlayfs)"
+
+    def mount(self, lowers, upper, work, mnt):
+        opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}"
+        run(["fuse-overlayfs", "-o", opts, str(mnt)], stderr=subprocess.DEVNULL)
+
+    def daemon_pid(self, mnt):
+        out = subprocess.run(["pgrep", "-f", f"fuse-overlayfs.* {mnt}$"], capture_output=True, text=True).stdout
+        return int(out.split()[0]) if out.split() else None
+
+
+class Unionfs(Variant):
+    name = "unionfs"
+
+    def __init__(self, binary, opts):
+        self.binary = binary
+        self.opts = opts
+        self.proc = None
+
+    def mount(self, lowers, upper, work, mnt):
+        cmd = [str(self.binary), "mount", "-o", f"workdir={work}"]
+        for o in self.opts:
+            cmd += ["-o", o]
+        cmd += [":".join(map(str, lowers)), str(upper), str(mnt)]
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
+        while not mounted(mnt):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"unionfs exited with {self.proc.returncode}")
+            time.sleep(0.0005)
+
+    def unmount(self, mnt):
+        super().unmount(mnt)
+        if self.proc:
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def daemon_pid(self, mnt):
+        return self.proc.pid if self.proc else None
+
+
+def peak_rss_mib(pid):
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+# ------------------------------------------------------------------ workloads
+
+
+def fio(job, env, readonly=False):
+    cmd = ["fio", "--output-format=json"] + (["--readonly"] if readonly else []) + [str(JOBS / job)]
+    out = subprocess.run(
+        cmd,
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    j = json.loads(out[out.index("{"):])["jobs"][0]
+    return j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
+
+
+def mib_s(r):
+    return r["bw_bytes"] / (1 << 20)
+
+
+def warm(path):
+    with open(path, "rb") as f:
+        while f.read(1 << 20):
+            pass
+
+
+def first_write(path):
+    def go():
+        fd = os.open(path, os.O_WRONLY)
+        os.write(fd, b"x")
+        os.close(fd)
+
+    return timed(go)
+
+
+def create_files(dirpath, n):
+    os.makedirs(dirpath)
+    payload = b"x" * 1024
+
+    def go():
+        for i in range(n):
+            with open(f"{dirpath}/n{i:06d}", "wb") as f:
+                f.write(payload)
+
+    return timed(go)
+
+
+def stat_files(dirpath, n):
+    return timed(lambda: [os.stat(f"{dirpath}/n{i:06d}") for i in range(n)])
+
+
+def rewrite_all(root):
+    def go():
+        for dp, _, files in os.walk(root):
+            for name in files:
+                with open(os.path.join(dp, name), "ab") as f:
+                    f.write(b"# rewritten\n")
+
+    return timed(go)
+
+
+def union_round(variant, data, scratch, prof):
+    """Every workload on one fresh union; returns key -> figure."""
+    lowers = [data / "lower1", data / "lower2"]
+    upper, work, mnt = scratch / "upper", scratch / "work", scratch / "mnt"
+    for p in (upper, work, mnt):
+        p.mkdir(parents=True)
+    r = {}
+    r["mount_ready"] = timed(lambda: variant.mount(lowers, upper, work, mnt))
+    try:
+        env = {
+            "LARGE_FILE": str(mnt / "big/large.bin"),
+            "LARGE_SIZE": prof["large"],
+            "WRITE_SIZE": prof["write"],
+            "RUNTIME": str(prof["runtime"]),
+            "DIR": str(mnt),
+        }
+        drop_caches()
+        r["lslr_cold"] = sh_timed(["ls", "-lR", str(mnt / "tree")])
+        r["lslr_warm"] = sh_timed(["ls", "-lR", str(mnt / "tree")])
+        drop_caches()
+        r["find_cold"] = sh_timed(["find", str(mnt / "tree")])
+        drop_caches()
+        r["seqread_cold"] = mib_s(fio("seqread.fio", env, readonly=True))
+        warm(mnt / "big/large.bin")
+        r["seqread_warm"] = mib_s(fio("seqread.fio", env, readonly=True))
+        r["randread1"] = fio("randread-1.fio", env, readonly=True)["iops"]
+        r["randread4"] = fio("randread-4.fio", env, readonly=True)["iops"]
+        r["seqwrite"] = mib_s(fio("seqwrite.fio", env))
+        r["randwrite"] = fio("randwrite.fio", env)["iops"]
+        drop_caches()
+        r["copyup"] = first_write(mnt / "big/copyup.bin")
+        r["create"] = create_files(mnt / "new", prof["small"])
+        r["stat"] = stat_files(mnt / "new", prof["small"])
+        os.mkdir(mnt / "untar")
+        r["untar"] = sh_timed(["tar", "-xf", str(data / "rootfs.tar"), "-C", str(mnt / "untar")])
+        r["rmrf"] = sh_timed(["rm", "-rf", str(mnt / "tree")])
+        pid = variant.daemon_pid(mnt)
+        if pid:
+            r["rss"] = peak_rss_mib(pid)
+    finally:
+        variant.unmount(mnt)
+    return r
+
+
+def real_world_round(variant, data, scratch):
+    """A container-like job over a busybox rootfs lower."""
+    upper, work, mnt = scratch / "rw-upper", scratch / "rw-work", scratch / "rw-mnt"
+    for p in (upper, work, mnt):
+        p.mkdir(parents=True)
+    r = {}
+    variant.mount([data / "rw-lower"], upper, work, mnt)
+    try:
+        os.makedirs(mnt / "opt", exist_ok=True)
+        r["rw_extract"] = sh_timed(["tar", "-xf", str(data / "rootfs.tar"), "-C", str(mnt / "opt")])
+        r["rw_du"] = sh_timed(["du", "-s", str(mnt)])
+        r["rw_find"] = sh_timed(["find", str(mnt), "-type", "f"])
+        r["rw_rewrite"] = rewrite_all(mnt / "usr/share/data")
+    finally:
+        variant.unmount(mnt)
+    return r
+
+
+# ------------------------------------------------------------------ report
+
+
+def ratio(value, kernel, better):
+    if value is None or not kernel:
+        return None
+    return value / kernel
+
+
+def machine():
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    return f"Linux {platform.release()}, {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB"
+
+
+def fmt(v):
+    if v is None:
+        return "–"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def markdown(medians, variants, notes, meta):
+    names = [v for v in variants]
+    head = "| workload | unit | better | " + " | ".join(names)
+    head += "".join(f" | {n}/kernel" for n in names if n != "kernel") + " |"
+    sep = "|" + "---|" * (3 + len(names) + sum(1 for n in names if n != "kernel"))
+    lines = [head, sep]
+    for key, title, unit, better in WORKLOADS:
+        row = medians.get(key, {})
+        if not any(row.get(n) is not None for n in names):
+            continue
+        k = row.get("kernel")
+        cells = [fmt(row.get(n)) for n in names]
+        ratios = []
+        for n in names:
+            if n != "kernel":
+                q = ratio(row.get(n), k, better)
+                ratios.append("–" if q is None else f"{q:.2f}×")
+        lines.append(f"| {title} | {unit} | {better} | " + " | ".join(cells + ratios) + " |")
+    out = "\n".join(lines) + "\n"
+    out += f"\n{meta}\n"
+    for n in notes:
+        out += f"\n- {n}"
+    return out + "\n"
+
+
+def svg_chart(medians, variants):
+    """Horizontal bars: each variant's speed relative to kernel overlayfs
+    (1 = the kernel; right of the line is better, whichever the unit)."""
+    others = [v for v in variants if v != "kernel"]
+    colours = {"bare": "#7f7f7f", "fuse-overlayfs": "#d62728", "unionfs": "#1f77b4"}
+    rows = [w for w in WORKLOADS if medians.get(w[0], {}).get("kernel")]
+    bar_h, gap, left, width = 10, 8, 260, 420
+    group_h = bar_h * len(others) + gap
+    height = 60 + group_h * len(rows) + 30
+    cap = 2.0
+    x = lambda q: left + min(q, cap) / cap * width  # noqa: E731
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" height="{height}" '
+        f'font-family="sans-serif" font-size="11">',
+        f'<text x="10" y="18" font-size="14">Speed relative to kernel overlayfs (1.0 = kernel, right is better, capped at {cap}×)</text>',
+    ]
+    for i, n in enumerate(others):
+        parts.append(f'<rect x="{10 + i * 150}" y="30" width="10" height="10" fill="{colours.get(n, "#2ca02c")}"/>')
+        parts.append(f'<text x="{24 + i * 150}" y="39">{n}</text>')
+    y = 55
+    for key, title, _unit, better in rows:
+        row = medians[key]
+        parts.append(f'<text x="{left - 6}" y="{y + group_h / 2}" text-anchor="end">{title}</text>')
+        for n in others:
+            v = row.get(n)
+            if v:
+                q = v / row["kernel"] if better == HIGHER else row["kernel"] / v
+                parts.append(f'<rect x="{left}" y="{y}" width="{x(q) - left:.1f}" height="{bar_h - 1}" fill="{colours.get(n, "#2ca02c")}"/>')
+                parts.append(f'<text x="{x(q) + 3:.1f}" y="{y + bar_h - 2}">{q:.2f}</text>')
+            y += bar_h
+        y += gap
+    parts.append(f'<line x1="{x(1):.1f}" y1="50" x2="{x(1):.1f}" y2="{y}" stroke="black" stroke-dasharray="3,3"/>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------ main
+
+
+def build():
+    log("building unionfs (release)")
+    run(["cargo", "build", "--release", "--quiet", "--bin", "unionfs"], cwd=ROOT)
+    return ROOT / "target/release/unionfs"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="tiny sizes, one round (CI)")
+    mode.add_argument("--quick", action="store_true", help="small sizes, within about 3 minutes (default)")
+    mode.add_argument("--full", action="store_true", help="the sizes we publish")
+    ap.add_argument("--variants", default="bare,kernel,fuse-overlayfs,unionfs", help="comma-separated subset")
+    ap.add_argument("--rounds", type=int, help="repetitions (median reported)")
+    ap.add_argument("--large-size", help="large file size, e.g. 1G")
+    ap.add_argument("--small-files", type=int, help="number of small files")
+    ap.add_argument("--runtime", type=int, help="seconds per timed fio job")
+    ap.add_argument("--unionfs-opt", action="append", default=[], help="extra -o option for unionfs")
+    ap.add_argument("--unionfs-bin", help="use this unionfs binary instead of building one")
+    ap.add_argument("--dir", default="/var/tmp/unionfs-bench", help="where data and mounts go")
+    ap.add_argument("--out", default=str(ROOT / "bench/results"), help="where results go")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (it mounts filesystems and drops caches)")
+    if not shutil.which("fio"):
+        sys.exit("bench: fio is not installed (apt-get install fio)")
+    prof = dict(PROFILES["smoke" if a.smoke else "full" if a.full else "quick"])
+    for k, v in (("rounds", a.rounds), ("large", a.large_size), ("small", a.small_files), ("runtime", a.runtime)):
+        if v is not None:
+            prof[k] = v
+    binary = Path(a.unionfs_bin) if a.unionfs_bin else build()
+    all_variants = {
+        "bare": Bare(),
+        "kernel": Kernel(),
+        "fuse-overlayfs": FuseOverlayfs(),
+        "unionfs": Unionfs(binary, a.unionfs_opt),
+    }
+    notes, variants = [], []
+    for n in a.variants.split(","):
+        v = all_variants.get(n)
+        if v is None:
+            sys.exit(f"bench: unknown variant {n!r}")
+        why = v.missing()
+        if why:
+            notes.append(f"{n} skipped: {why}")
+            log(f"skipping {n}: {why}")
+        else:
+            variants.append(v)
+    base = Path(a.dir)
+    base.mkdir(parents=True, exist_ok=True)
+    make_data(base, prof)
+    data = base / "data"
+    samples = {}  # key -> variant -> [values]
+    started = time.time()
+    for rnd in range(prof["rounds"]):
+        order = variants[rnd % len(variants):] + variants[: rnd % len(variants)]
+        for v in order:
+            log(f"round {rnd + 1}/{prof['rounds']}: {v.name}")
+            scratch = base / "run"
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir()
+            try:
+                res = union_round(v, data, scratch / "u", prof)
+                res.update(real_world_round(v, data, scratch / "r"))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            for k, val in res.items():
+                if val is not None:
+                    samples.setdefault(k, {}).setdefault(v.name, []).append(val)
+    medians = {k: {n: statistics.median(vals) for n, vals in per.items()} for k, per in samples.items()}
+    names = [v.name for v in variants]
+    meta = (
+        f"Machine: {machine()}. Data on {data} ({fs_type(data)}). Profile: "
+        f"{'smoke' if a.smoke else 'full' if a.full else 'quick'} ({prof}); median of {prof['rounds']} "
+        f"interleaved round(s); took {time.time() - started:.0f} s."
+    )
+    md = markdown(medians, names, notes, meta)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(
+        {"machine": machine(), "profile": prof, "variants": names, "notes": notes,
+         "workloads": [dict(key=k, title=t, unit=u, better=b) for k, t, u, b in WORKLOADS],
+         "samples": samples, "medians": medians}, indent=2))
+    (out / "chart.svg").write_text(svg_chart(medians, names))
+    print(md)
+    log(f"wrote {out}/results.md, results.json, chart.svg")
+
+
+def fs_type(path):
+    out = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(path)], capture_output=True, text=True).stdout.strip()
+    return out or "?"
+
+
+if __name__ == "__main__":
+    main()
