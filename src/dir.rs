@@ -39,11 +39,11 @@ struct Side {
 }
 
 impl Union {
+    /// The kernel has looked `name` up (and found nothing) before it asks
+    /// to create it, so only the upper directory needs a look here.
     fn prepare_slot(&self, parent: &Arc<Node>, name: &OsStr) -> Result<Slot> {
-        match self.resolve(parent, name) {
-            Ok(_) => return Err(Errno::EEXIST),
-            Err(Errno::ENOENT) => {}
-            Err(e) => return Err(e),
+        if name.len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
         }
         let dir = self.ensure_upper(parent)?;
         let over_whiteout = match sys::stat_at(dir.as_fd(), name) {
@@ -481,26 +481,30 @@ impl Union {
 }
 
 /// Gives a new object its owner: the caller, with the group of a setgid
-/// parent directory; then the mode bits a chown would have cleared.
+/// parent directory; then the mode bits a chown clears or creation left out.
 fn set_owner(obj: BorrowedFd<'_>, parent: BorrowedFd<'_>, caller: Caller, mode: u32) -> Result<()> {
     let pst = sys::stat_fd(parent)?;
     let sgid_parent = pst.st_mode & libc::S_ISGID != 0;
     let gid = if sgid_parent { pst.st_gid } else { caller.gid };
-    let st = sys::stat_fd(obj)?;
-    if st.st_uid != caller.uid || st.st_gid != gid {
+    // What creating it as this process gave it.
+    let own_uid = unsafe { libc::geteuid() };
+    let own_gid = if sgid_parent {
+        pst.st_gid
+    } else {
+        unsafe { libc::getegid() }
+    };
+    let chowned = caller.uid != own_uid || gid != own_gid;
+    if chowned {
         sys::chown_fd(obj, Some(caller.uid), Some(gid))?;
     }
     let kind = sys::file_type(mode);
-    if kind == libc::S_IFLNK {
+    // mkdir gives directories exactly what the kernel would (sticky kept,
+    // setgid inherited); symlinks have no mode.
+    if kind == libc::S_IFDIR || kind == libc::S_IFLNK {
         return Ok(());
     }
-    let mut want = mode & 0o7777;
-    if kind == libc::S_IFDIR && sgid_parent {
-        want |= libc::S_ISGID;
-    }
-    let now = sys::stat_fd(obj)?.st_mode & 0o7777;
-    if now != want {
-        sys::chmod_fd(obj, want)?;
+    if mode & 0o7000 != 0 && (chowned || kind == libc::S_IFREG) {
+        sys::chmod_fd(obj, mode & 0o7777)?;
     }
     Ok(())
 }

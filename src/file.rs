@@ -15,6 +15,14 @@ use crate::node::Node;
 use crate::superblock::Union;
 use crate::sys::{self, Errno, Result};
 
+/// What an open gives: the handle, and the real object (upper or lower)
+/// behind it, as an `O_PATH` descriptor.
+pub struct Opened {
+    pub fh: u64,
+    pub real: Arc<OwnedFd>,
+    pub on_upper: bool,
+}
+
 /// One open file of the union.
 #[derive(Debug)]
 pub struct OpenFile {
@@ -72,14 +80,16 @@ impl Union {
         fh
     }
 
-    pub fn open(&self, id: u64, flags: i32) -> Result<u64> {
+    /// Opens node `id`; the file handle, and the object opened.
+    pub fn open(&self, id: u64, flags: i32) -> Result<Opened> {
         let node = self.node(id)?;
         if wants_write(flags) {
             self.ensure_upper(&node)?;
         }
         let (real, on_upper) = node.real();
         let fd = sys::reopen(real.as_fd(), real_flags(flags))?;
-        Ok(self.register_file(node, fd, on_upper, flags))
+        let fh = self.register_file(node, fd, on_upper, flags);
+        Ok(Opened { fh, real, on_upper })
     }
 
     /// Registers the file `create` opened.

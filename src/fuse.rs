@@ -3,6 +3,7 @@
 //! know nothing of fuser.
 
 use std::ffi::OsStr;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -17,14 +18,61 @@ use fuser::{
 use tracing::debug;
 
 use crate::inode::AttrChange;
+use crate::passthrough::{
+    CreateReply, IoModes, PassthroughMode, can_register_backing_files, log_mode,
+};
 use crate::superblock::{Caller, Union};
 use crate::sys::{Errno, Result, SetTime, Stat};
 
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust what it was told. Every change to the union
+/// passes through the kernel, which updates or drops what it cached, and the
+/// lower layers do not change by contract: the answers stay true.
+const TTL: Duration = Duration::from_secs(60);
 const MAX_WRITE: u32 = 1 << 20;
 
 /// The union as fuser sees it.
-pub struct UnionFs(pub Arc<Union>);
+pub struct UnionFs {
+    core: Arc<Union>,
+    passthrough: PassthroughMode,
+    io: IoModes,
+}
+
+impl UnionFs {
+    pub fn new(core: Arc<Union>, passthrough: PassthroughMode) -> UnionFs {
+        UnionFs {
+            core,
+            passthrough,
+            io: IoModes::default(),
+        }
+    }
+
+    /// Turns passthrough on when asked for and possible.
+    fn negotiate_passthrough(&mut self, config: &mut KernelConfig) -> std::io::Result<()> {
+        let why_not = if self.passthrough == PassthroughMode::Off {
+            Some("-o passthrough=off")
+        } else if !config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH) {
+            Some("the kernel does not offer it")
+        } else if !can_register_backing_files() {
+            Some("needs CAP_SYS_ADMIN in the initial user namespace")
+        } else {
+            None
+        };
+        if let Some(why) = why_not {
+            if self.passthrough == PassthroughMode::On {
+                return Err(std::io::Error::other(format!(
+                    "passthrough=on but unavailable: {why}"
+                )));
+            }
+            log_mode(false, why);
+            return Ok(());
+        }
+        let _ = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH);
+        let _ = config.set_max_stack_depth(1);
+        self.io.enable();
+        log_mode(true, "");
+        Ok(())
+    }
+}
 
 fn errno(e: Errno) -> FErrno {
     FErrno::from_i32(e.0)
@@ -121,6 +169,19 @@ fn reply_entry(reply: ReplyEntry, r: Result<Stat>) {
     }
 }
 
+/// A lookup answer; a name that is not there is cached as such for `TTL`
+/// (node id 0), which is safe because every change goes through the kernel.
+fn reply_lookup(reply: ReplyEntry, r: Result<Stat>) {
+    match r {
+        Err(e) if e == Errno::ENOENT => {
+            let mut none: Stat = unsafe { std::mem::zeroed() };
+            none.st_mode = libc::S_IFREG;
+            reply.entry(&TTL, &attr(&none), Generation(0));
+        }
+        other => reply_entry(reply, other),
+    }
+}
+
 fn reply_empty(reply: ReplyEmpty, r: Result<()>) {
     match r {
         Ok(()) => reply.ok(),
@@ -139,23 +200,26 @@ fn reply_xattr(reply: ReplyXattr, r: Result<Vec<u8>>, size: u32) {
 
 impl Filesystem for UnionFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let wanted = InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_CACHE_SYMLINKS;
+        let wanted = InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO;
         let _ = config.add_capabilities(wanted);
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
-        Ok(())
+        self.negotiate_passthrough(config)
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.0.lookup(parent.0, name).map(|(_, st)| st));
+        reply_lookup(reply, self.core.lookup(parent.0, name).map(|(_, st)| st));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.0.table.forget(ino.0, nlookup);
+        self.core.table.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.0.getattr(ino.0, fh.map(|f| f.0)) {
+        match self.core.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(st) => reply.attr(&TTL, &attr(&st)),
             Err(e) => reply.error(errno(e)),
         }
@@ -188,14 +252,14 @@ impl Filesystem for UnionFs {
             mtime: set_time(mtime),
             fh: fh.map(|f| f.0),
         };
-        match self.0.setattr(ino.0, ch) {
+        match self.core.setattr(ino.0, ch) {
             Ok(st) => reply.attr(&TTL, &attr(&st)),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.0.readlink(ino.0) {
+        match self.core.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(e)),
         }
@@ -212,7 +276,7 @@ impl Filesystem for UnionFs {
         reply: ReplyEntry,
     ) {
         let r = self
-            .0
+            .core
             .mknod(parent.0, name, mode, decode_dev(rdev), caller(req));
         reply_entry(reply, r.map(|(_, st)| st));
     }
@@ -228,18 +292,18 @@ impl Filesystem for UnionFs {
     ) {
         reply_entry(
             reply,
-            self.0
+            self.core
                 .mkdir(parent.0, name, mode, caller(req))
                 .map(|(_, st)| st),
         );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.0.unlink(parent.0, name));
+        reply_empty(reply, self.core.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.0.rmdir(parent.0, name));
+        reply_empty(reply, self.core.rmdir(parent.0, name));
     }
 
     fn symlink(
@@ -251,7 +315,7 @@ impl Filesystem for UnionFs {
         reply: ReplyEntry,
     ) {
         let r = self
-            .0
+            .core
             .symlink(parent.0, link_name, target.as_os_str(), caller(req));
         reply_entry(reply, r.map(|(_, st)| st));
     }
@@ -268,7 +332,7 @@ impl Filesystem for UnionFs {
     ) {
         reply_empty(
             reply,
-            self.0
+            self.core
                 .rename(parent.0, name, newparent.0, newname, flags.bits()),
         );
     }
@@ -283,13 +347,17 @@ impl Filesystem for UnionFs {
     ) {
         reply_entry(
             reply,
-            self.0.link(ino.0, newparent.0, newname).map(|(_, st)| st),
+            self.core
+                .link(ino.0, newparent.0, newname)
+                .map(|(_, st)| st),
         );
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.0.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        match self.core.open(ino.0, flags.0) {
+            Ok(o) => self
+                .io
+                .reply_open(ino.0, o.fh, o.real.as_fd(), o.on_upper, reply),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -305,7 +373,7 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.0.read(fh.0, offset, size) {
+        match self.core.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
         }
@@ -323,7 +391,7 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.0.write(fh.0, offset, data) {
+        match self.core.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -350,7 +418,8 @@ impl Filesystem for UnionFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.0.release(fh.0);
+        self.io.release(fh.0);
+        self.core.release(fh.0);
         reply.ok();
     }
 
@@ -362,11 +431,11 @@ impl Filesystem for UnionFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.0.fsync(fh.0, datasync));
+        reply_empty(reply, self.core.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.0.opendir(ino.0) {
+        match self.core.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }
@@ -380,8 +449,32 @@ impl Filesystem for UnionFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let r = self.0.readdir(ino.0, fh.0, offset, |e, next| {
+        let r = self.core.readdir(ino.0, fh.0, offset, |e, next| {
             reply.add(INodeNo(e.id), next, kind(e.kind), &e.name)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let r = self.core.readdirplus(ino.0, fh.0, offset, |e, next, st| {
+            reply.add(
+                INodeNo(st.st_ino),
+                next,
+                &e.name,
+                &TTL,
+                &attr(st),
+                Generation(0),
+            )
         });
         match r {
             Ok(()) => reply.ok(),
@@ -397,7 +490,7 @@ impl Filesystem for UnionFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.0.releasedir(fh.0);
+        self.core.releasedir(fh.0);
         reply.ok();
     }
 
@@ -409,11 +502,11 @@ impl Filesystem for UnionFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.0.fsyncdir(ino.0, datasync));
+        reply_empty(reply, self.core.fsyncdir(ino.0, datasync));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.0.statfs() {
+        match self.core.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
             ),
@@ -431,15 +524,15 @@ impl Filesystem for UnionFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.0.setxattr(ino.0, name, value, flags));
+        reply_empty(reply, self.core.setxattr(ino.0, name, value, flags));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, self.0.getxattr(ino.0, name), size);
+        reply_xattr(reply, self.core.getxattr(ino.0, name), size);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let r = self.0.listxattr(ino.0).map(|names| {
+        let r = self.core.listxattr(ino.0).map(|names| {
             let mut buf = Vec::new();
             for n in names {
                 buf.extend_from_slice(n.as_bytes());
@@ -451,7 +544,7 @@ impl Filesystem for UnionFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.0.removexattr(ino.0, name));
+        reply_empty(reply, self.core.removexattr(ino.0, name));
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -469,16 +562,16 @@ impl Filesystem for UnionFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.0.create(parent.0, name, mode, flags, caller(req)) {
+        match self.core.create(parent.0, name, mode, flags, caller(req)) {
             Ok((node, st, fd)) => {
-                let fh = self.0.created(node, fd, flags);
-                reply.created(
-                    &TTL,
-                    &attr(&st),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                );
+                let (ino, real) = (node.id, node.real().0);
+                let fh = self.core.created(node, fd, flags);
+                let reply = CreateReply {
+                    reply,
+                    ttl: TTL,
+                    attr: attr(&st),
+                };
+                self.io.reply_open(ino, fh, real.as_fd(), true, reply);
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -494,7 +587,7 @@ impl Filesystem for UnionFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.0.fallocate(fh.0, offset, length, mode));
+        reply_empty(reply, self.core.fallocate(fh.0, offset, length, mode));
     }
 
     fn lseek(
@@ -506,7 +599,7 @@ impl Filesystem for UnionFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.0.lseek(fh.0, offset, whence) {
+        match self.core.lseek(fh.0, offset, whence) {
             Ok(off) => reply.offset(off),
             Err(e) => reply.error(errno(e)),
         }

@@ -16,6 +16,7 @@ pub mod mount;
 pub mod namei;
 pub mod node;
 pub mod options;
+pub mod passthrough;
 pub mod readdir;
 pub mod superblock;
 pub mod sys;

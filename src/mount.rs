@@ -193,7 +193,7 @@ pub fn serve(plan: &MountPlan) -> Result<(), String> {
         .clamp(2, 8)
         * 2;
     let session = Session::new(
-        UnionFs(union.clone()),
+        UnionFs::new(union.clone(), plan.passthrough),
         &plan.mountpoint,
         &session_config(threads),
     )

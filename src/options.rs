@@ -7,6 +7,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::passthrough::PassthroughMode;
+
 /// What the user asked for.
 #[derive(Clone, Debug, Default)]
 pub struct MountRequest {
@@ -27,6 +29,7 @@ pub struct MountPlan {
     /// The work directory is the default one and may not exist yet.
     pub create_workdir: bool,
     pub volatile: bool,
+    pub passthrough: PassthroughMode,
 }
 
 /// Splits `L1:L2:...`, where `\:` is a colon inside a path and `\\` a backslash.
@@ -59,6 +62,7 @@ pub fn split_lowers(s: &str) -> Result<Vec<PathBuf>, String> {
 struct Options {
     workdir: Option<PathBuf>,
     volatile: bool,
+    passthrough: PassthroughMode,
 }
 
 fn parse_options(list: &[String]) -> Result<Options, String> {
@@ -70,6 +74,7 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
     {
         match opt.split_once('=') {
             Some(("workdir", dir)) if !dir.is_empty() => o.workdir = Some(PathBuf::from(dir)),
+            Some(("passthrough", mode)) => o.passthrough = mode.parse()?,
             None if opt == "volatile" => o.volatile = true,
             _ => return Err(format!("unknown mount option '{opt}'")),
         }
@@ -185,6 +190,7 @@ pub fn plan(req: &MountRequest) -> Result<MountPlan, String> {
         workdir: PathBuf::new(),
         create_workdir: false,
         volatile: opts.volatile,
+        passthrough: opts.passthrough,
     };
     match opts.workdir {
         Some(w) => plan.workdir = existing_dir("work directory", &w)?,
@@ -243,5 +249,12 @@ mod tests {
                 .contains("bogus")
         );
         assert!(parse_options(&["workdir=".into()]).is_err());
+        assert_eq!(
+            parse_options(&["passthrough=off".into()])
+                .unwrap()
+                .passthrough,
+            PassthroughMode::Off
+        );
+        assert!(parse_options(&["passthrough=maybe".into()]).is_err());
     }
 }

@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use crate::format;
 use crate::node::{LowerObj, Node, ROOT_ID, UPPER};
 use crate::superblock::Union;
-use crate::sys::{self, RawDirEntry, Result};
+use crate::sys::{self, RawDirEntry, Result, Stat};
 
 /// One entry of a merged listing.
 #[derive(Clone, Debug)]
@@ -144,28 +144,20 @@ impl Union {
         Ok(fh)
     }
 
-    /// Entries from `offset` on: `.`, `..`, then the merged ones. Offset 0
-    /// (a new stream or a rewind) takes a fresh listing.
-    pub fn readdir(
-        &self,
-        id: u64,
-        fh: u64,
-        offset: u64,
-        mut emit: impl FnMut(&MergedEntry, u64) -> bool,
-    ) -> Result<()> {
-        let node = self.node(id)?;
+    /// The listing of stream `fh` of directory `dir`: `.`, `..`, then the
+    /// merged entries. Offset 0 (a new stream or a rewind) takes a fresh one.
+    fn stream(&self, dir: &Node, fh: u64, offset: u64) -> Result<Arc<Mutex<DirStream>>> {
         let stream = self
             .dirs
             .get(&fh)
             .map(|s| s.clone())
             .ok_or(sys::Errno::EBADF)?;
-        let mut stream = stream.lock();
         if offset == 0 {
-            let parent_id = node.parent_and_name().0.map(|p| p.id).unwrap_or(ROOT_ID);
+            let parent_id = dir.parent_and_name().0.map(|p| p.id).unwrap_or(ROOT_ID);
             let mut entries = vec![
                 MergedEntry {
                     name: ".".into(),
-                    id: node.id,
+                    id: dir.id,
                     kind: libc::S_IFDIR,
                 },
                 MergedEntry {
@@ -174,11 +166,60 @@ impl Union {
                     kind: libc::S_IFDIR,
                 },
             ];
-            entries.extend(self.entries_of(&node)?);
-            stream.entries = entries;
+            entries.extend(self.entries_of(dir)?);
+            stream.lock().entries = entries;
         }
+        Ok(stream)
+    }
+
+    /// Entries from `offset` on; `emit` gets each with the offset of the
+    /// next and returns true when it can take no more.
+    pub fn readdir(
+        &self,
+        id: u64,
+        fh: u64,
+        offset: u64,
+        mut emit: impl FnMut(&MergedEntry, u64) -> bool,
+    ) -> Result<()> {
+        let node = self.node(id)?;
+        let stream = self.stream(&node, fh, offset)?;
+        let stream = stream.lock();
         for (i, e) in stream.entries.iter().enumerate().skip(offset as usize) {
             if emit(e, i as u64 + 1) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// readdir with each entry looked up: every entry but `.` and `..` takes
+    /// a kernel reference, except the one `emit` refuses (returns true for).
+    pub fn readdirplus(
+        &self,
+        id: u64,
+        fh: u64,
+        offset: u64,
+        mut emit: impl FnMut(&MergedEntry, u64, &Stat) -> bool,
+    ) -> Result<()> {
+        let node = self.node(id)?;
+        let stream = self.stream(&node, fh, offset)?;
+        let stream = stream.lock();
+        for (i, e) in stream.entries.iter().enumerate().skip(offset as usize) {
+            let (stat, counted) = match i {
+                0 => (node.stat()?, None),
+                1 => {
+                    let parent = node.parent_and_name().0.unwrap_or_else(|| node.clone());
+                    (parent.stat()?, None)
+                }
+                _ => match self.lookup(id, &e.name) {
+                    Ok((n, st)) => (st, Some(n.id)),
+                    Err(_) => continue, // gone since the listing was taken
+                },
+            };
+            if emit(e, i as u64 + 1, &stat) {
+                if let Some(n) = counted {
+                    self.table.forget(n, 1);
+                }
                 break;
             }
         }

@@ -297,3 +297,55 @@ fn escaped_colons_in_lower_paths() {
     assert_eq!(fs::read_to_string(m.join("f")).unwrap(), "colon");
     drop(mount);
 }
+
+#[test]
+fn passthrough_mode_is_chosen_and_logged() {
+    let s = Scratch::new("passthrough");
+    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    fs::write(l.join("f"), "lower").unwrap();
+    let on = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &["passthrough=on"]);
+    fs::write(m.join("g"), "upper file, passthrough").unwrap();
+    assert_eq!(
+        fs::read_to_string(m.join("g")).unwrap(),
+        "upper file, passthrough"
+    );
+    assert_eq!(fs::read_to_string(m.join("f")).unwrap(), "lower");
+    let log = on.log_text();
+    assert!(log.contains("passthrough on"), "{log}");
+    drop(on);
+    let off = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &["passthrough=off"]);
+    assert_eq!(
+        fs::read_to_string(m.join("g")).unwrap(),
+        "upper file, passthrough"
+    );
+    let log = off.log_text();
+    assert!(
+        log.contains("passthrough off (-o passthrough=off)"),
+        "{log}"
+    );
+    drop(off);
+}
+
+#[test]
+fn passthrough_on_is_refused_where_it_cannot_work() {
+    let s = Scratch::new("ptnoperm");
+    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    // Root of a user namespace may mount FUSE but not register backing files.
+    let out = Command::new("unshare")
+        .args([
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--propagation",
+            "private",
+        ])
+        .arg(bin())
+        .args(["mount", "-o", "passthrough=on"])
+        .args([&l, &u, &m])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("passthrough=on but unavailable"), "{err}");
+    assert!(!is_mounted(&m));
+}

@@ -569,9 +569,15 @@ fn file_io_features() {
         .custom_flags(libc::O_DIRECT)
         .open(f.p("big"))
         .unwrap();
-    let mut buf = vec![0u8; 8192];
-    h.read_exact(&mut buf).unwrap();
+    // O_DIRECT needs an aligned buffer, on the union as on its layers.
+    let layout = std::alloc::Layout::from_size_align(8192, 4096).unwrap();
+    let buf = unsafe {
+        let p = std::alloc::alloc_zeroed(layout);
+        std::slice::from_raw_parts_mut(p, 8192)
+    };
+    h.read_exact(buf).unwrap();
     assert_eq!(&buf[..8], b"MMAP4567");
+    unsafe { std::alloc::dealloc(buf.as_mut_ptr(), layout) };
     // fallocate, fsync, fdatasync
     let h = OpenOptions::new()
         .read(true)

@@ -78,6 +78,16 @@ pub struct Mount {
     pub kind: Kind,
     pub mnt: PathBuf,
     pub child: Option<Child>,
+    /// The daemon's stderr.
+    pub log: Option<tempfile::NamedTempFile>,
+}
+
+/// Extra `-o` options every unionfs mount of the tests gets, from
+/// `UNIONFS_TEST_OPTIONS` (CI runs the suite with `passthrough=off` too).
+fn test_options() -> Vec<String> {
+    std::env::var("UNIONFS_TEST_OPTIONS")
+        .map(|v| vec![v])
+        .unwrap_or_default()
 }
 
 pub fn lower_arg(lowers: &[PathBuf]) -> String {
@@ -93,24 +103,35 @@ impl Mount {
     pub fn unionfs(lowers: &[PathBuf], upper: &Path, mnt: &Path, opts: &[&str]) -> Mount {
         let mut cmd = Command::new(bin());
         cmd.arg("mount");
-        for o in opts {
+        let extra = test_options();
+        for o in extra.iter().map(String::as_str).chain(opts.iter().copied()) {
             cmd.arg("-o").arg(o);
         }
         cmd.arg(lower_arg(lowers)).arg(upper).arg(mnt);
+        let log = tempfile::NamedTempFile::new().unwrap();
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(log.reopen().unwrap());
         if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "warn");
+            cmd.env("RUST_LOG", "unionfs=info");
         }
         let child = cmd.spawn().expect("spawn unionfs");
         let mut m = Mount {
             kind: Kind::Unionfs,
             mnt: mnt.to_path_buf(),
             child: Some(child),
+            log: Some(log),
         };
         m.wait_ready();
         m
+    }
+
+    /// What the daemon has logged so far.
+    pub fn log_text(&self) -> String {
+        self.log
+            .as_ref()
+            .map(|f| fs::read_to_string(f.path()).unwrap_or_default())
+            .unwrap_or_default()
     }
 
     fn wait_ready(&mut self) {
@@ -120,12 +141,10 @@ impl Mount {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.as_mut().and_then(|c| c.stderr.take()) {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
-                panic!("unionfs exited before mounting ({status}): {err}");
+                panic!(
+                    "unionfs exited before mounting ({status}): {}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -150,6 +169,7 @@ impl Mount {
             kind: Kind::Kernel,
             mnt: mnt.to_path_buf(),
             child: None,
+            log: None,
         }
     }
 

@@ -1,0 +1,210 @@
+//! FUSE passthrough: which open of which inode has its reads and writes go
+//! straight from the kernel to the backing file, and which are served by the
+//! daemon through the page cache.
+//!
+//! The kernel's rules: all live opens of an inode are either cached or
+//! passthrough, and every passthrough open of an inode uses the same backing
+//! id. Our choice:
+//! - an upper file is opened passthrough (backed by its own upper file);
+//! - a lower file is opened cached, with `FOPEN_KEEP_CACHE` since lower files
+//!   never change: its readers then switch to the upper copy after a copy-up,
+//!   as the kernel's overlay readers do, which a passthrough open of the lower
+//!   file could never do;
+//! - while cached opens of an inode are live, new opens of it are cached too.
+//!
+//! This module belongs to the fuser adapter: the core knows nothing of it.
+
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use dashmap::DashMap;
+use fuser::{BackingId, FileAttr, FileHandle, FopenFlags, Generation, ReplyCreate, ReplyOpen};
+use tracing::{info, warn};
+
+/// What the user asked for with `-o passthrough=`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PassthroughMode {
+    On,
+    Off,
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for PassthroughMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" => Ok(PassthroughMode::On),
+            "off" => Ok(PassthroughMode::Off),
+            "auto" => Ok(PassthroughMode::Auto),
+            _ => Err(format!("passthrough={s}: expected on, off or auto")),
+        }
+    }
+}
+
+/// The I/O mode of one inode's live opens.
+enum Mode {
+    Cached(usize),
+    Passthrough { id: BackingId, opens: usize },
+}
+
+/// The two replies that can open a file.
+pub trait OpenReply {
+    fn backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId>;
+    fn passthrough(self, fh: u64, id: &BackingId);
+    fn cached(self, fh: u64, flags: FopenFlags);
+}
+
+impl OpenReply for ReplyOpen {
+    fn backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
+        self.open_backing(fd)
+    }
+    fn passthrough(self, fh: u64, id: &BackingId) {
+        self.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+    }
+    fn cached(self, fh: u64, flags: FopenFlags) {
+        self.opened(FileHandle(fh), flags);
+    }
+}
+
+/// A create reply with the entry it carries.
+pub struct CreateReply {
+    pub reply: ReplyCreate,
+    pub ttl: std::time::Duration,
+    pub attr: FileAttr,
+}
+
+impl OpenReply for CreateReply {
+    fn backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
+        self.reply.open_backing(fd)
+    }
+    fn passthrough(self, fh: u64, id: &BackingId) {
+        self.reply.created_passthrough(
+            &self.ttl,
+            &self.attr,
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::empty(),
+            id,
+        );
+    }
+    fn cached(self, fh: u64, flags: FopenFlags) {
+        self.reply
+            .created(&self.ttl, &self.attr, Generation(0), FileHandle(fh), flags);
+    }
+}
+
+/// Per-inode I/O modes of a mount.
+#[derive(Default)]
+pub struct IoModes {
+    enabled: AtomicBool,
+    inodes: DashMap<u64, Mode>,
+    /// Open file handle -> its inode.
+    handles: DashMap<u64, u64>,
+}
+
+impl IoModes {
+    pub fn enable(&self) {
+        self.enabled.store(true, Ordering::Relaxed);
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Answers an open of inode `ino` as handle `fh`; `real` is the object
+    /// opened and `on_upper` whether it is the upper one.
+    pub fn reply_open(
+        &self,
+        ino: u64,
+        fh: u64,
+        real: BorrowedFd<'_>,
+        on_upper: bool,
+        reply: impl OpenReply,
+    ) {
+        let cached_flags = if on_upper {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        if !self.enabled() {
+            reply.cached(fh, cached_flags);
+            return;
+        }
+        self.handles.insert(fh, ino);
+        let mut mode = self.inodes.entry(ino).or_insert(Mode::Cached(0));
+        match &mut *mode {
+            Mode::Passthrough { id, opens } => {
+                *opens += 1;
+                reply.passthrough(fh, id);
+            }
+            Mode::Cached(n) if *n > 0 || !on_upper => {
+                *n += 1;
+                reply.cached(fh, cached_flags);
+            }
+            Mode::Cached(_) => match reply.backing(real) {
+                Ok(id) => {
+                    reply.passthrough(fh, &id);
+                    *mode = Mode::Passthrough { id, opens: 1 };
+                }
+                Err(e) => {
+                    if e.raw_os_error() == Some(libc::EPERM)
+                        && self.enabled.swap(false, Ordering::Relaxed)
+                    {
+                        warn!(
+                            "passthrough refused by the kernel ({e}); serving I/O through the daemon"
+                        );
+                    }
+                    *mode = Mode::Cached(1);
+                    reply.cached(fh, cached_flags);
+                }
+            },
+        }
+    }
+
+    /// Forgets handle `fh`; an inode with no open left loses its mode.
+    pub fn release(&self, fh: u64) {
+        let Some((_, ino)) = self.handles.remove(&fh) else {
+            return;
+        };
+        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.inodes.entry(ino) {
+            let left = match e.get_mut() {
+                Mode::Cached(n) => {
+                    *n -= 1;
+                    *n
+                }
+                Mode::Passthrough { opens, .. } => {
+                    *opens -= 1;
+                    *opens
+                }
+            };
+            if left == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+/// True when this process holds CAP_SYS_ADMIN in the initial user namespace,
+/// which registering a backing file needs.
+pub fn can_register_backing_files() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    let initial_ns = uid_map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
+    cap_eff & (1 << CAP_SYS_ADMIN) != 0 && initial_ns
+}
+
+/// Logs the I/O mode a mount runs in.
+pub fn log_mode(on: bool, why: &str) {
+    if on {
+        info!("passthrough on: file reads and writes go straight to the layers");
+    } else {
+        info!("passthrough off ({why}): file I/O is served by the daemon");
+    }
+}
