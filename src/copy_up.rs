@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use tracing::debug;
 
 use crate::format;
-use crate::node::Node;
+use crate::node::{Node, Real};
 use crate::superblock::{Union, remove_tree};
 use crate::sys::{self, Errno, Result, Stat};
 
@@ -25,7 +25,7 @@ const CHUNK: usize = 1 << 30;
 
 impl Union {
     /// The upper object of `node`, copying it (and its parents) up if needed.
-    pub fn ensure_upper(&self, node: &Arc<Node>) -> Result<Arc<OwnedFd>> {
+    pub fn ensure_upper(&self, node: &Arc<Node>) -> Result<Real> {
         loop {
             if let Some(u) = node.upper() {
                 return Ok(u);
@@ -41,14 +41,18 @@ impl Union {
             if !now_parent.is_some_and(|p| Arc::ptr_eq(&p, &parent)) {
                 continue; // renamed meanwhile: copy its new parent first
             }
-            let lower = node.real().0;
-            let upper = self.copy_up_object(parent_upper.as_fd(), &name, lower.as_fd())?;
-            let upper_stat = sys::stat_fd(upper.as_fd())?;
-            let lower_nlink = sys::stat_fd(lower.as_fd())?.st_nlink;
-            if node.is_dir() || lower_nlink <= 1 {
+            let lower = node.real().0.path_fd()?;
+            let lower_stat = sys::stat_fd(lower.as_fd())?;
+            let obj = self.copy_up_object(parent_upper.dir(), &name, lower.as_fd(), &lower_stat)?;
+            let upper_stat = sys::stat_fd(obj.as_fd())?;
+            if node.is_dir() || lower_stat.st_nlink <= 1 {
                 self.table.record_origin(upper_stat.st_ino, node.id);
             }
-            let upper = Arc::new(upper);
+            let upper = if node.is_dir() {
+                Real::Open(Arc::new(obj))
+            } else {
+                Real::At(parent_upper.dir_arc(), Arc::from(name.as_os_str()))
+            };
             node.state.write().upper = Some(upper.clone());
             node.copied_up.store(true, Ordering::Release);
             debug!(name = ?name, id = node.id, "copied up");
@@ -62,12 +66,12 @@ impl Union {
         dir: BorrowedFd<'_>,
         name: &OsStr,
         src: BorrowedFd<'_>,
+        st: &Stat,
     ) -> Result<OwnedFd> {
-        let st = sys::stat_fd(src)?;
         let dir_times = sys::stat_fd(dir)?;
         let tmp = self.temp_name();
         let work = self.work_fd();
-        let built = self.build_copy(&tmp, src, &st).and_then(|obj| {
+        let built = self.build_copy(&tmp, src, st).and_then(|obj| {
             sys::rename_at(work, &tmp, dir, name, libc::RENAME_NOREPLACE)?;
             Ok(obj)
         });

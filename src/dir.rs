@@ -11,14 +11,14 @@ use std::sync::Arc;
 
 use crate::format;
 use crate::namei::Found;
-use crate::node::{Node, NodeState, UPPER};
+use crate::node::{Node, NodeState, Real, UPPER};
 use crate::superblock::{Caller, Union, remove_tree};
 use crate::sys::{self, Errno, Result, Stat};
 
 /// Where a new object goes: the parent's upper directory, and whether a
 /// whiteout is there now.
 struct Slot {
-    dir: Arc<OwnedFd>,
+    dir: Real,
     over_whiteout: bool,
 }
 
@@ -46,7 +46,7 @@ impl Union {
             return Err(Errno::ENAMETOOLONG);
         }
         let dir = self.ensure_upper(parent)?;
-        let over_whiteout = match sys::stat_at(dir.as_fd(), name) {
+        let over_whiteout = match sys::stat_at(dir.dir(), name) {
             Ok(st) if format::is_whiteout_dev(&st) => true,
             Ok(_) => return Err(Errno::EEXIST),
             Err(Errno::ENOENT) => false,
@@ -71,13 +71,13 @@ impl Union {
         let (build_dir, build_name) = if slot.over_whiteout {
             (self.work_fd(), self.temp_name())
         } else {
-            (slot.dir.as_fd(), name.to_os_string())
+            (slot.dir.dir(), name.to_os_string())
         };
         let opened = (new.make)(build_dir, &build_name)?;
         let finish = || -> Result<OwnedFd> {
             let obj = sys::open_path(build_dir, &build_name)?;
             if new.take_owner {
-                set_owner(obj.as_fd(), slot.dir.as_fd(), caller, new.mode)?;
+                set_owner(obj.as_fd(), slot.dir.dir(), caller, new.mode)?;
             }
             if opaque {
                 format::set_opaque(obj.as_fd(), self.ns)?;
@@ -87,13 +87,13 @@ impl Union {
                     sys::rename_at(
                         build_dir,
                         &build_name,
-                        slot.dir.as_fd(),
+                        slot.dir.dir(),
                         name,
                         libc::RENAME_EXCHANGE,
                     )?;
                     let _ = sys::unlink_at(build_dir, &build_name, false);
                 } else {
-                    sys::rename_at(build_dir, &build_name, slot.dir.as_fd(), name, 0)?;
+                    sys::rename_at(build_dir, &build_name, slot.dir.dir(), name, 0)?;
                 }
             }
             Ok(obj)
@@ -108,6 +108,11 @@ impl Union {
             }
         };
         let stat = sys::stat_fd(obj.as_fd())?;
+        let upper_ref = if sys::is_dir(&stat) {
+            Real::Open(Arc::new(obj))
+        } else {
+            Real::At(slot.dir.dir_arc(), Arc::from(name))
+        };
         let id = self.table.id_for(UPPER, stat.st_ino);
         let node = self.table.acquire(id, || {
             Node::new(
@@ -116,13 +121,13 @@ impl Union {
                 NodeState {
                     parent: Some(parent.clone()),
                     name: name.to_os_string(),
-                    upper: Some(Arc::new(obj)),
+                    upper: Some(upper_ref),
                     lowers: vec![],
                     unlinked: false,
                 },
             )
         });
-        node.set_location(parent.clone(), name.to_os_string());
+        node.set_location(parent.clone(), name.to_os_string(), None);
         let stat = node.present(stat);
         Ok((node, stat, opened))
     }
@@ -210,7 +215,7 @@ impl Union {
     pub fn link(&self, id: u64, new_parent: u64, new_name: &OsStr) -> Result<(Arc<Node>, Stat)> {
         let node = self.node(id)?;
         let parent = self.node(new_parent)?;
-        let src = self.ensure_upper(&node)?;
+        let src = self.ensure_upper(&node)?.path_fd()?;
         let mut make = |d: BorrowedFd<'_>, n: &OsStr| sys::link_fd(src.as_fd(), d, n).map(|_| None);
         let new = NewObject {
             mode: node.kind,
@@ -256,13 +261,17 @@ impl Union {
         let is_dir = found.is_dir();
         let dir = self.ensure_upper(parent)?;
         let lower_remains = self.name_in_lowers(parent, name)?;
-        match (&found.upper, lower_remains) {
-            (Some(_), true) => self.replace_with_whiteout(dir.as_fd(), name, is_dir)?,
-            (Some(_), false) if is_dir => self.remove_upper_dir(dir.as_fd(), name)?,
-            (Some(_), false) => sys::unlink_at(dir.as_fd(), name, false)?,
-            (None, _) => format::make_whiteout(dir.as_fd(), name)?,
+        let held = self.existing_node(found);
+        if let Some(node) = &held {
+            node.pin()?; // the kernel may still use it (an open file)
         }
-        if let Some(node) = self.existing_node(found) {
+        match (&found.upper, lower_remains) {
+            (Some(_), true) => self.replace_with_whiteout(dir.dir(), name, is_dir)?,
+            (Some(_), false) if is_dir => self.remove_upper_dir(dir.dir(), name)?,
+            (Some(_), false) => sys::unlink_at(dir.dir(), name, false)?,
+            (None, _) => format::make_whiteout(dir.dir(), name)?,
+        }
+        if let Some(node) = held {
             node.mark_unlinked();
         }
         if found.upper.is_some() && !is_dir && found.stat.st_nlink <= 1 {
@@ -395,29 +404,23 @@ impl Union {
         if let (true, Some(u)) = (dst.found.is_dir(), &dst.found.upper) {
             self.opaque_if_moved_into_merged(u, &src.parent)?;
         }
-        sys::rename_at(
-            from.as_fd(),
-            name,
-            to.as_fd(),
-            new_name,
-            libc::RENAME_EXCHANGE,
-        )?;
-        src_node.set_location(dst.parent.clone(), new_name.to_os_string());
-        dst_node.set_location(src.parent.clone(), name.to_os_string());
+        sys::rename_at(from.dir(), name, to.dir(), new_name, libc::RENAME_EXCHANGE)?;
+        src_node.set_location(dst.parent.clone(), new_name.to_os_string(), Some(&to));
+        dst_node.set_location(src.parent.clone(), name.to_os_string(), Some(&from));
         Ok(())
     }
 
     /// An upper directory moved into a merged directory becomes opaque, so
     /// that nothing a lower layer has (or will have) under its new name shows
     /// through it, as the kernel does.
-    fn opaque_if_moved_into_merged(&self, dir: &Arc<OwnedFd>, new_parent: &Node) -> Result<()> {
+    fn opaque_if_moved_into_merged(&self, dir: &Real, new_parent: &Node) -> Result<()> {
         if new_parent.state.read().lowers.is_empty() {
             return Ok(());
         }
-        if format::dir_opacity(dir.as_fd(), false) == format::Opacity::Opaque {
+        if format::dir_opacity(dir.dir(), false) == format::Opacity::Opaque {
             return Ok(());
         }
-        format::set_opaque(dir.as_fd(), self.ns)
+        format::set_opaque(dir.dir(), self.ns)
     }
 
     fn rename_replace(
@@ -434,12 +437,16 @@ impl Union {
         let to = self.ensure_upper(&new_parent)?;
         let src_is_dir = src.found.is_dir();
         let src_lower_remains = self.name_in_lowers(&src.parent, name)?;
-        let dst_upper = match sys::stat_at(to.as_fd(), new_name) {
+        let dst_upper = match sys::stat_at(to.dir(), new_name) {
             Ok(st) => Some(st),
             Err(Errno::ENOENT) => None,
             Err(e) => return Err(e),
         };
         let dst_is_whiteout = dst_upper.as_ref().is_some_and(format::is_whiteout_dev);
+        let replaced = dst.as_ref().and_then(|d| self.existing_node(&d.found));
+        if let Some(node) = &replaced {
+            node.pin()?; // the kernel may still use it (an open file)
+        }
         let dst_is_dir = dst_upper.as_ref().is_some_and(sys::is_dir);
         if src_is_dir {
             self.opaque_if_moved_into_merged(&src_upper, &new_parent)?;
@@ -447,22 +454,16 @@ impl Union {
         // An empty merged directory may still hold whiteouts in its upper.
         let dst_holds_whiteouts = dst_is_dir
             && dst.as_ref().is_some_and(|d| Self::has_lower_dirs(&d.found))
-            && !sys::read_dir(sys::open_path(to.as_fd(), new_name)?.as_fd())?.is_empty();
+            && !sys::read_dir(sys::open_path(to.dir(), new_name)?.as_fd())?.is_empty();
         if (src_is_dir && dst_is_whiteout) || dst_holds_whiteouts {
             // renameat2 cannot replace these: swap, then deal with what
             // landed at the old name.
-            sys::rename_at(
-                from.as_fd(),
-                name,
-                to.as_fd(),
-                new_name,
-                libc::RENAME_EXCHANGE,
-            )?;
+            sys::rename_at(from.dir(), name, to.dir(), new_name, libc::RENAME_EXCHANGE)?;
             match (src_lower_remains, dst_is_whiteout) {
                 (true, true) => {} // it is the very whiteout the old name needs
-                (true, false) => self.replace_with_whiteout(from.as_fd(), name, dst_is_dir)?,
-                (false, _) if dst_is_dir => self.remove_upper_dir(from.as_fd(), name)?,
-                (false, _) => sys::unlink_at(from.as_fd(), name, false)?,
+                (true, false) => self.replace_with_whiteout(from.dir(), name, dst_is_dir)?,
+                (false, _) if dst_is_dir => self.remove_upper_dir(from.dir(), name)?,
+                (false, _) => sys::unlink_at(from.dir(), name, false)?,
             }
         } else {
             let flags = if src_lower_remains {
@@ -470,12 +471,12 @@ impl Union {
             } else {
                 0
             };
-            sys::rename_at(from.as_fd(), name, to.as_fd(), new_name, flags)?;
+            sys::rename_at(from.dir(), name, to.dir(), new_name, flags)?;
         }
-        if let Some(node) = dst.as_ref().and_then(|d| self.existing_node(&d.found)) {
+        if let Some(node) = replaced {
             node.mark_unlinked();
         }
-        src_node.set_location(new_parent, new_name.to_os_string());
+        src_node.set_location(new_parent, new_name.to_os_string(), Some(&to));
         Ok(())
     }
 }

@@ -15,11 +15,11 @@ use crate::node::Node;
 use crate::superblock::Union;
 use crate::sys::{self, Errno, Result};
 
-/// What an open gives: the handle, and the real object (upper or lower)
-/// behind it, as an `O_PATH` descriptor.
+/// What an open gives: the handle, and the descriptor of the real object
+/// (upper or lower) it reads and writes.
 pub struct Opened {
     pub fh: u64,
-    pub real: Arc<OwnedFd>,
+    pub fd: Arc<OwnedFd>,
     pub on_upper: bool,
 }
 
@@ -56,10 +56,7 @@ impl OpenFile {
             && self.node.copied_up.load(Ordering::Acquire)
             && let Some(upper) = self.node.upper()
         {
-            let fd = Arc::new(sys::reopen(
-                upper.as_fd(),
-                real_flags(self.flags) & !libc::O_TRUNC,
-            )?);
+            let fd = Arc::new(upper.open(real_flags(self.flags) & !libc::O_TRUNC)?);
             *self.fd.write() = fd;
             self.on_upper.store(true, Ordering::Release);
         }
@@ -68,11 +65,11 @@ impl OpenFile {
 }
 
 impl Union {
-    fn register_file(&self, node: Arc<Node>, fd: OwnedFd, on_upper: bool, flags: i32) -> u64 {
+    fn register_file(&self, node: Arc<Node>, fd: Arc<OwnedFd>, on_upper: bool, flags: i32) -> u64 {
         let fh = self.next_handle();
         let file = OpenFile {
             node,
-            fd: RwLock::new(Arc::new(fd)),
+            fd: RwLock::new(fd),
             on_upper: AtomicBool::new(on_upper),
             flags,
         };
@@ -87,14 +84,20 @@ impl Union {
             self.ensure_upper(&node)?;
         }
         let (real, on_upper) = node.real();
-        let fd = sys::reopen(real.as_fd(), real_flags(flags))?;
-        let fh = self.register_file(node, fd, on_upper, flags);
-        Ok(Opened { fh, real, on_upper })
+        let fd = Arc::new(real.open(real_flags(flags))?);
+        let fh = self.register_file(node, fd.clone(), on_upper, flags);
+        Ok(Opened { fh, fd, on_upper })
     }
 
     /// Registers the file `create` opened.
-    pub fn created(&self, node: Arc<Node>, fd: OwnedFd, flags: i32) -> u64 {
-        self.register_file(node, fd, true, flags)
+    pub fn created(&self, node: Arc<Node>, fd: OwnedFd, flags: i32) -> Opened {
+        let fd = Arc::new(fd);
+        let fh = self.register_file(node, fd.clone(), true, flags);
+        Opened {
+            fh,
+            fd,
+            on_upper: true,
+        }
     }
 
     fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {

@@ -357,7 +357,7 @@ impl Filesystem for UnionFs {
         match self.core.open(ino.0, flags.0) {
             Ok(o) => self
                 .io
-                .reply_open(ino.0, o.fh, o.real.as_fd(), o.on_upper, reply),
+                .reply_open(ino.0, o.fh, o.fd.as_fd(), o.on_upper, reply),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -564,14 +564,14 @@ impl Filesystem for UnionFs {
     ) {
         match self.core.create(parent.0, name, mode, flags, caller(req)) {
             Ok((node, st, fd)) => {
-                let (ino, real) = (node.id, node.real().0);
-                let fh = self.core.created(node, fd, flags);
+                let ino = node.id;
+                let o = self.core.created(node, fd, flags);
                 let reply = CreateReply {
                     reply,
                     ttl: TTL,
                     attr: attr(&st),
                 };
-                self.io.reply_open(ino, fh, real.as_fd(), true, reply);
+                self.io.reply_open(ino, o.fh, o.fd.as_fd(), true, reply);
             }
             Err(e) => reply.error(errno(e)),
         }

@@ -53,6 +53,11 @@ impl Union {
         if let Some(size) = ch.size {
             self.truncate(&node, ch.fh, size)?;
         }
+        let changes_more = ch.uid.is_some() || ch.gid.is_some() || ch.mode.is_some();
+        if !changes_more && ch.atime.is_none() && ch.mtime.is_none() {
+            return node.stat();
+        }
+        let upper = upper.path_fd()?;
         if ch.uid.is_some() || ch.gid.is_some() {
             sys::chown_fd(upper.as_fd(), ch.uid, ch.gid)?;
         }
@@ -85,8 +90,7 @@ impl Union {
                 Errno::EINVAL
             });
         }
-        let upper = self.ensure_upper(node)?;
-        let f = sys::reopen(upper.as_fd(), libc::O_WRONLY)?;
+        let f = self.ensure_upper(node)?.open(libc::O_WRONLY)?;
         sys::ftruncate(f.as_fd(), size)
     }
 
@@ -95,7 +99,7 @@ impl Union {
         if node.kind != libc::S_IFLNK {
             return Err(Errno::EINVAL);
         }
-        sys::readlink_fd(node.real().0.as_fd())
+        sys::readlink_fd(node.real().0.path_fd()?.as_fd())
     }
 
     pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
@@ -103,12 +107,12 @@ impl Union {
             return Err(Errno::ENODATA);
         }
         let node = self.node(id)?;
-        sys::get_xattr(node.real().0.as_fd(), name)
+        sys::get_xattr(node.real().0.path_fd()?.as_fd(), name)
     }
 
     pub fn listxattr(&self, id: u64) -> Result<Vec<OsString>> {
         let node = self.node(id)?;
-        let names = sys::list_xattr(node.real().0.as_fd())?;
+        let names = sys::list_xattr(node.real().0.path_fd()?.as_fd())?;
         Ok(names
             .into_iter()
             .filter(|n| !format::is_private_xattr(n))
@@ -120,7 +124,7 @@ impl Union {
             return Err(Errno::EPERM);
         }
         let node = self.node(id)?;
-        let upper = self.ensure_upper(&node)?;
+        let upper = self.ensure_upper(&node)?.path_fd()?;
         sys::set_xattr(upper.as_fd(), name, value, flags)
     }
 
@@ -130,8 +134,8 @@ impl Union {
         }
         let node = self.node(id)?;
         // A missing attribute is ENODATA and must not copy anything up.
-        sys::get_xattr(node.real().0.as_fd(), name)?;
-        let upper = self.ensure_upper(&node)?;
+        sys::get_xattr(node.real().0.path_fd()?.as_fd(), name)?;
+        let upper = self.ensure_upper(&node)?.path_fd()?;
         sys::remove_xattr(upper.as_fd(), name)
     }
 

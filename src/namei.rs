@@ -5,18 +5,18 @@
 //! it; directories merge until one is opaque.
 
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use crate::format::{self, Opacity};
-use crate::node::{LowerObj, Node, NodeState, UPPER};
+use crate::node::{LowerObj, Node, NodeState, Real, UPPER};
 use crate::superblock::Union;
 use crate::sys::{self, Errno, Result, Stat};
 
 /// A name resolved through the layers.
 #[derive(Debug)]
 pub struct Found {
-    pub upper: Option<Arc<OwnedFd>>,
+    pub upper: Option<Real>,
     /// Directories: the lower directories merged in. Others: the object shown
     /// when there is no upper one.
     pub lowers: Vec<LowerObj>,
@@ -36,25 +36,27 @@ impl Found {
 enum InLayer {
     Absent,
     Whiteout,
-    Object(OwnedFd, Stat),
+    Object(Real, Stat),
 }
 
 fn probe(dir: &LowerObj, name: &OsStr) -> Result<InLayer> {
     if format::is_aufs_marker(name) {
         return Ok(InLayer::Absent);
     }
-    match sys::stat_at(dir.fd.as_fd(), name) {
+    match sys::stat_at(dir.dir(), name) {
         Ok(st) if format::is_whiteout_dev(&st) => Ok(InLayer::Whiteout),
         Ok(st) => {
-            let fd = sys::open_path(dir.fd.as_fd(), name)?;
-            if dir.xwhiteouts && format::is_xattr_whiteout(fd.as_fd(), &st) {
-                return Ok(InLayer::Whiteout);
+            if dir.xwhiteouts && sys::file_type(st.st_mode) == libc::S_IFREG && st.st_size == 0 {
+                let fd = sys::open_path(dir.dir(), name)?;
+                if format::is_xattr_whiteout(fd.as_fd(), &st) {
+                    return Ok(InLayer::Whiteout);
+                }
             }
-            Ok(InLayer::Object(fd, st))
+            Ok(InLayer::Object(dir.real.child(name, &st)?, st))
         }
         Err(Errno::ENOENT) => {
             let wh = format::aufs_whiteout_name(name);
-            match sys::stat_at(dir.fd.as_fd(), &wh) {
+            match sys::stat_at(dir.dir(), &wh) {
                 Ok(_) => Ok(InLayer::Whiteout),
                 Err(_) => Ok(InLayer::Absent),
             }
@@ -82,24 +84,23 @@ pub fn lookup_lowers(
         match probe(dir, name)? {
             InLayer::Absent => continue,
             InLayer::Whiteout => break,
-            InLayer::Object(fd, st) => {
-                let is_dir = sys::is_dir(&st);
+            InLayer::Object(real, st) => {
                 let merging = below_dir || !found.is_empty();
-                if !is_dir {
+                if !sys::is_dir(&st) {
                     if !merging {
                         found.push(LowerObj {
                             layer: dir.layer,
-                            fd: Arc::new(fd),
+                            real,
                             xwhiteouts: false,
                         });
                         first = Some(st);
                     }
                     break;
                 }
-                let opacity = format::dir_opacity(fd.as_fd(), true);
+                let opacity = format::dir_opacity(real.dir(), true);
                 found.push(LowerObj {
                     layer: dir.layer,
-                    fd: Arc::new(fd),
+                    real,
                     xwhiteouts: opacity == Opacity::HasXattrWhiteouts,
                 });
                 if first.is_none() {
@@ -127,27 +128,21 @@ impl Union {
         };
         let mut upper = None;
         if let Some(dir) = &upper_dir {
-            match sys::stat_at(dir.as_fd(), name) {
+            match sys::stat_at(dir.dir(), name) {
                 Ok(st) if format::is_whiteout_dev(&st) => return Err(Errno::ENOENT),
                 Ok(st) => {
-                    let fd = sys::open_path(dir.as_fd(), name)?;
-                    if !sys::is_dir(&st) {
+                    let real = dir.child(name, &st)?;
+                    let ends_here = !sys::is_dir(&st)
+                        || format::dir_opacity(real.dir(), false) == Opacity::Opaque;
+                    if ends_here {
                         return Ok(Found {
-                            upper: Some(Arc::new(fd)),
+                            upper: Some(real),
                             lowers: vec![],
                             stat: st,
                             top_layer: UPPER,
                         });
                     }
-                    if format::dir_opacity(fd.as_fd(), false) == Opacity::Opaque {
-                        return Ok(Found {
-                            upper: Some(Arc::new(fd)),
-                            lowers: vec![],
-                            stat: st,
-                            top_layer: UPPER,
-                        });
-                    }
-                    upper = Some((Arc::new(fd), st));
+                    upper = Some((real, st));
                 }
                 Err(Errno::ENOENT) => {}
                 Err(e) => return Err(e),
@@ -225,18 +220,20 @@ impl Union {
         let found = self.resolve(&parent, name)?;
         let id = self.id_of(&found);
         let stat = found.stat;
-        let node = self
-            .table
-            .acquire(id, || self.node_from(&parent, name, found));
+        let mut made = false;
+        let node = self.table.acquire(id, || {
+            made = true;
+            self.node_from(&parent, name, found)
+        });
         if node.kind != sys::file_type(stat.st_mode) {
             self.table.forget(id, 1);
             return Err(Errno(libc::ESTALE));
         }
-        node.set_location(parent, name.to_os_string());
-        let stat = match node.stat() {
-            Ok(st) => st,
-            Err(_) => node.present(stat),
-        };
+        if made {
+            return Ok((node.clone(), node.present(stat)));
+        }
+        node.set_location(parent, name.to_os_string(), None);
+        let stat = node.stat().unwrap_or_else(|_| node.present(stat));
         Ok((node, stat))
     }
 }

@@ -8,7 +8,7 @@
 //! dropped when the kernel forgets them, so memory follows what the kernel
 //! caches, not the size of the tree.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,13 +29,86 @@ const LAYER_SHIFT: u32 = 48;
 const INO_MASK: u64 = (1 << LAYER_SHIFT) - 1;
 const BIG_BASE: u64 = 1 << 63;
 
+/// How the union reaches one real object of a layer.
+///
+/// Directories are held open (`O_PATH`): lookups and listings start from
+/// them. Anything else is reached by name from its directory when needed, so
+/// the number of descriptors follows the directories the kernel holds, not
+/// the files (the open-file limit can be far below the number of files).
+#[derive(Clone, Debug)]
+pub enum Real {
+    Open(Arc<OwnedFd>),
+    At(Arc<OwnedFd>, Arc<OsStr>),
+}
+
+impl Real {
+    /// A directory's descriptor; directories are always held open.
+    pub fn dir(&self) -> BorrowedFd<'_> {
+        match self {
+            Real::Open(fd) => fd.as_fd(),
+            Real::At(dir, _) => dir.as_fd(), // never made for directories
+        }
+    }
+
+    /// The directory's descriptor, shared.
+    pub fn dir_arc(&self) -> Arc<OwnedFd> {
+        match self {
+            Real::Open(fd) | Real::At(fd, _) => fd.clone(),
+        }
+    }
+
+    /// The object `name` (with `stat` `st`) in this directory.
+    pub fn child(&self, name: &OsStr, st: &Stat) -> Result<Real> {
+        if sys::is_dir(st) {
+            Ok(Real::Open(Arc::new(sys::open_path(self.dir(), name)?)))
+        } else {
+            Ok(Real::At(self.dir_arc(), Arc::from(name)))
+        }
+    }
+
+    pub fn stat(&self) -> Result<Stat> {
+        match self {
+            Real::Open(fd) => sys::stat_fd(fd.as_fd()),
+            Real::At(dir, name) => sys::stat_at(dir.as_fd(), name),
+        }
+    }
+
+    /// An `O_PATH` descriptor on the object.
+    pub fn path_fd(&self) -> Result<Arc<OwnedFd>> {
+        match self {
+            Real::Open(fd) => Ok(fd.clone()),
+            Real::At(dir, name) => Ok(Arc::new(sys::open_path(dir.as_fd(), name)?)),
+        }
+    }
+
+    /// Opens the object for I/O.
+    pub fn open(&self, flags: i32) -> Result<OwnedFd> {
+        match self {
+            Real::Open(fd) => sys::reopen(fd.as_fd(), flags),
+            Real::At(dir, name) => sys::open_at(dir.as_fd(), name, flags),
+        }
+    }
+
+    /// Holds the object open from now on (before its name goes away).
+    pub fn pinned(&self) -> Result<Real> {
+        Ok(Real::Open(self.path_fd()?))
+    }
+}
+
 /// A real object in one lower layer.
 #[derive(Clone, Debug)]
 pub struct LowerObj {
     pub layer: u16,
-    pub fd: Arc<OwnedFd>,
+    pub real: Real,
     /// For directories: holds kernel xattr whiteouts (`overlay.opaque=x`).
     pub xwhiteouts: bool,
+}
+
+impl LowerObj {
+    /// The directory's descriptor (lower objects that merge are directories).
+    pub fn dir(&self) -> BorrowedFd<'_> {
+        self.real.dir()
+    }
 }
 
 /// What a node is made of; changes with copy-up, rename and unlink.
@@ -44,7 +117,7 @@ pub struct NodeState {
     /// Parent and name the node was last seen under (copy-up needs a path).
     pub parent: Option<Arc<Node>>,
     pub name: OsString,
-    pub upper: Option<Arc<OwnedFd>>,
+    pub upper: Option<Real>,
     /// For a directory: the lower directories merged under it, top first.
     /// For anything else: at most the one lower object it shows.
     pub lowers: Vec<LowerObj>,
@@ -82,16 +155,16 @@ impl Node {
         self.kind == libc::S_IFDIR
     }
 
-    pub fn upper(&self) -> Option<Arc<OwnedFd>> {
+    pub fn upper(&self) -> Option<Real> {
         self.state.read().upper.clone()
     }
 
     /// The topmost real object and whether it is the upper one.
-    pub fn real(&self) -> (Arc<OwnedFd>, bool) {
+    pub fn real(&self) -> (Real, bool) {
         let st = self.state.read();
         match &st.upper {
             Some(u) => (u.clone(), true),
-            None => (st.lowers[0].fd.clone(), false),
+            None => (st.lowers[0].real.clone(), false),
         }
     }
 
@@ -102,8 +175,7 @@ impl Node {
 
     /// `stat` of the topmost real object, as the union shows it.
     pub fn stat(&self) -> Result<Stat> {
-        let (fd, _) = self.real();
-        let st = sys::stat_fd(fd.as_fd())?;
+        let st = self.real().0.stat()?;
         Ok(self.present(st))
     }
 
@@ -121,10 +193,35 @@ impl Node {
         st
     }
 
-    pub fn set_location(&self, parent: Arc<Node>, name: OsString) {
+    /// The node now lives at `name` in `parent`, whose upper directory is
+    /// `parent_upper` when the node's own upper object moved there.
+    pub fn set_location(&self, parent: Arc<Node>, name: OsString, parent_upper: Option<&Real>) {
         let mut st = self.state.write();
+        if let (Some(Real::At(..)), Some(dir)) = (&st.upper, parent_upper) {
+            let dir = match dir {
+                Real::Open(fd) => fd.clone(),
+                Real::At(..) => return, // not a directory: nothing sensible to do
+            };
+            st.upper = Some(Real::At(dir, Arc::from(name.as_os_str())));
+        }
         st.parent = Some(parent);
         st.name = name;
+    }
+
+    /// Holds the node's objects open: its name is about to go away while the
+    /// kernel may still use it (an open file that is unlinked or replaced).
+    pub fn pin(&self) -> Result<()> {
+        let mut st = self.state.write();
+        if let Some(u @ Real::At(..)) = &st.upper {
+            let pinned = u.pinned()?;
+            st.upper = Some(pinned);
+        }
+        if let Some(l) = st.lowers.first_mut()
+            && let Real::At(..) = l.real
+        {
+            l.real = l.real.pinned()?;
+        }
+        Ok(())
     }
 
     pub fn mark_unlinked(&self) {
@@ -223,9 +320,4 @@ impl NodeTable {
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
     }
-}
-
-/// Borrows the fd of an `Arc<OwnedFd>`.
-pub fn bfd(fd: &Arc<OwnedFd>) -> BorrowedFd<'_> {
-    fd.as_fd()
 }

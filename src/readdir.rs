@@ -7,13 +7,13 @@
 
 use std::collections::HashSet;
 use std::ffi::OsString;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use crate::format;
-use crate::node::{LowerObj, Node, ROOT_ID, UPPER};
+use crate::node::{LowerObj, Node, ROOT_ID, Real, UPPER};
 use crate::superblock::Union;
 use crate::sys::{self, RawDirEntry, Result, Stat};
 
@@ -51,14 +51,14 @@ enum Kind {
     Object(u32),
 }
 
-fn classify(dir: &OwnedFd, e: &RawDirEntry, xwhiteouts: bool) -> Result<Kind> {
+fn classify(dir: BorrowedFd<'_>, e: &RawDirEntry, xwhiteouts: bool) -> Result<Kind> {
     let kind = dtype_kind(e.dtype);
     let needs_stat =
         matches!(kind, None | Some(libc::S_IFCHR)) || (xwhiteouts && kind == Some(libc::S_IFREG));
     if !needs_stat {
         return Ok(Kind::Object(kind.unwrap_or(libc::S_IFREG)));
     }
-    let st = match sys::stat_at(dir.as_fd(), &e.name) {
+    let st = match sys::stat_at(dir, &e.name) {
         Ok(st) => st,
         Err(sys::Errno::ENOENT) => return Ok(Kind::Whiteout), // gone meanwhile
         Err(err) => return Err(err),
@@ -67,7 +67,7 @@ fn classify(dir: &OwnedFd, e: &RawDirEntry, xwhiteouts: bool) -> Result<Kind> {
         return Ok(Kind::Whiteout);
     }
     if xwhiteouts && sys::file_type(st.st_mode) == libc::S_IFREG {
-        let fd = sys::open_path(dir.as_fd(), &e.name)?;
+        let fd = sys::open_path(dir, &e.name)?;
         if format::is_xattr_whiteout(fd.as_fd(), &st) {
             return Ok(Kind::Whiteout);
         }
@@ -80,15 +80,15 @@ impl Union {
     /// `lowers`.
     pub fn merged_entries(
         &self,
-        upper: Option<&Arc<OwnedFd>>,
+        upper: Option<&Real>,
         lowers: &[LowerObj],
     ) -> Result<Vec<MergedEntry>> {
         let mut seen: HashSet<OsString> = HashSet::new();
         let mut out = Vec::new();
         if let Some(dir) = upper {
-            for e in sys::read_dir(dir.as_fd())? {
+            for e in sys::read_dir(dir.dir())? {
                 seen.insert(e.name.clone());
-                if let Kind::Object(kind) = classify(dir, &e, false)? {
+                if let Kind::Object(kind) = classify(dir.dir(), &e, false)? {
                     out.push(MergedEntry {
                         id: self.table.id_for(UPPER, e.ino),
                         kind,
@@ -99,7 +99,7 @@ impl Union {
         }
         for lower in lowers {
             let mut hidden_below = Vec::new();
-            for e in sys::read_dir(lower.fd.as_fd())? {
+            for e in sys::read_dir(lower.dir())? {
                 if format::is_aufs_marker(&e.name) {
                     let target = &e.name.as_encoded_bytes()[format::AUFS_WHITEOUT_PREFIX.len()..];
                     // SAFETY-free: the bytes come from a valid OsString minus an ASCII prefix.
@@ -110,7 +110,7 @@ impl Union {
                 if !seen.insert(e.name.clone()) {
                     continue;
                 }
-                if let Kind::Object(kind) = classify(&lower.fd, &e, lower.xwhiteouts)? {
+                if let Kind::Object(kind) = classify(lower.dir(), &e, lower.xwhiteouts)? {
                     out.push(MergedEntry {
                         id: self.table.id_for(lower.layer, e.ino),
                         kind,
@@ -238,7 +238,7 @@ impl Union {
         }
         match node.upper() {
             Some(u) => {
-                let d = sys::reopen(u.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                let d = sys::reopen(u.dir(), libc::O_RDONLY | libc::O_DIRECTORY)?;
                 sys::fsync(d.as_fd(), data_only)
             }
             None => Ok(()),

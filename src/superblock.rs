@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 
 use crate::file::OpenFile;
 use crate::format::{self, Opacity, XattrNamespace};
-use crate::node::{LowerObj, Node, NodeState, NodeTable, ROOT_ID};
+use crate::node::{LowerObj, Node, NodeState, NodeTable, ROOT_ID, Real};
 use crate::readdir::DirStream;
 use crate::sys::{self, Errno, Result};
 
@@ -55,7 +55,7 @@ impl Union {
                     format::dir_opacity(fd.as_fd(), false) == Opacity::HasXattrWhiteouts;
                 LowerObj {
                     layer: i as u16 + 1,
-                    fd: Arc::new(fd),
+                    real: Real::Open(Arc::new(fd)),
                     xwhiteouts,
                 }
             })
@@ -67,7 +67,7 @@ impl Union {
             NodeState {
                 parent: None,
                 name: OsString::new(),
-                upper: Some(upper_root.clone()),
+                upper: Some(Real::Open(upper_root.clone())),
                 lowers,
                 unlinked: false,
             },

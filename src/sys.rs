@@ -117,6 +117,15 @@ pub fn open_dir_path(path: &std::path::Path) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Opens `name` in `dir` for I/O with `flags`, never following a symlink.
+pub fn open_at(dir: BorrowedFd<'_>, name: &OsStr, flags: libc::c_int) -> Result<OwnedFd> {
+    let name = cstr(name)?;
+    let flags = (flags | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+    let fd = retry(|| check(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) }))?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Opens the object behind an `O_PATH` handle for I/O with `flags`.
 pub fn reopen(fd: BorrowedFd<'_>, flags: libc::c_int) -> Result<OwnedFd> {
     let p = proc_path(fd.as_raw_fd());
