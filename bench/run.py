@@ -352,7 +352,9 @@ def union_round(variant, data, scratch, prof):
     for p in (upper, work, mnt):
         p.mkdir(parents=True)
     r = {}
-    r["mount_ready"] = timed(lambda: variant.mount(lowers, upper, work, mnt))
+    ready = timed(lambda: variant.mount(lowers, upper, work, mnt))
+    if not isinstance(variant, Bare):  # copying the lowers is no mount
+        r["mount_ready"] = ready
     try:
         env = {
             "LARGE_FILE": str(mnt / "big/large.bin"),
@@ -563,6 +565,12 @@ def main():
             try:
                 res = union_round(v, data, scratch / "u", prof)
                 res.update(real_world_round(v, data, scratch / "r"))
+            except (subprocess.CalledProcessError, OSError, RuntimeError) as e:
+                # A variant that breaks is reported, not allowed to stop the others.
+                notes.append(f"{v.name} failed in round {rnd + 1}: {e}")
+                log(f"{v.name} failed: {e}")
+                cleanup_mounts(scratch)
+                res = {}
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             for k, val in res.items():
@@ -586,6 +594,15 @@ def main():
     (out / "chart.svg").write_text(svg_chart(medians, names))
     print(md)
     log(f"wrote {out}/results.md, results.json, chart.svg")
+
+
+def cleanup_mounts(under):
+    """Lazily unmounts anything still mounted below `under`."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split(" ")[4] for line in f]
+    for p in reversed(points):
+        if p.startswith(str(under)):
+            subprocess.run(["umount", "-l", p], stderr=subprocess.DEVNULL)
 
 
 def fs_type(path):

@@ -55,6 +55,26 @@ impl Union {
         Ok(Slot { dir, over_whiteout })
     }
 
+    /// The mode a new object gets: the caller's umask applies unless the
+    /// directory has a default ACL (which the upper filesystem applies).
+    fn creation_mode(&self, parent: &Node, mode: u32, caller: Caller) -> u32 {
+        if caller.umask & 0o777 == 0 || parent.no_xattrs.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return mode & !(caller.umask & 0o777);
+        }
+        let has_default_acl = parent
+            .real()
+            .0
+            .xattrs()
+            .and_then(|x| x.get(OsStr::new("system.posix_acl_default")))
+            .is_ok();
+        if has_default_acl {
+            mode
+        } else {
+            mode & !(caller.umask & 0o777)
+        }
+    }
+
     /// Makes a new object at `name` in `parent` and enters it in the table.
     fn create_object(
         &self,
@@ -74,13 +94,23 @@ impl Union {
             (slot.dir.dir(), name.to_os_string())
         };
         let opened = (new.make)(build_dir, &build_name)?;
-        let finish = || -> Result<OwnedFd> {
-            let obj = sys::open_path(build_dir, &build_name)?;
+        let finish = || -> Result<Option<OwnedFd>> {
+            // A created file is handled through its open descriptor; anything
+            // else through an O_PATH one.
+            let path_fd = match opened {
+                Some(_) => None,
+                None => Some(sys::open_path(build_dir, &build_name)?),
+            };
+            let obj = opened
+                .as_ref()
+                .or(path_fd.as_ref())
+                .ok_or(Errno::EIO)?
+                .as_fd();
             if new.take_owner {
-                set_owner(obj.as_fd(), slot.dir.dir(), caller, new.mode)?;
+                set_owner(obj, slot.dir.dir(), caller, new.mode)?;
             }
             if opaque {
-                format::set_opaque(obj.as_fd(), self.ns)?;
+                format::set_opaque(obj, self.ns)?;
             }
             if slot.over_whiteout {
                 if is_dir {
@@ -96,10 +126,10 @@ impl Union {
                     sys::rename_at(build_dir, &build_name, slot.dir.dir(), name, 0)?;
                 }
             }
-            Ok(obj)
+            Ok(path_fd)
         };
-        let obj = match finish() {
-            Ok(obj) => obj,
+        let path_fd = match finish() {
+            Ok(path_fd) => path_fd,
             Err(e) => {
                 if slot.over_whiteout || new.take_owner {
                     let _ = remove_tree(build_dir, &build_name);
@@ -107,9 +137,10 @@ impl Union {
                 return Err(e);
             }
         };
+        let obj = opened.as_ref().or(path_fd.as_ref()).ok_or(Errno::EIO)?;
         let stat = sys::stat_fd(obj.as_fd())?;
-        let upper_ref = if sys::is_dir(&stat) {
-            Real::Open(Arc::new(obj))
+        let upper_ref = if let (true, Some(fd)) = (sys::is_dir(&stat), path_fd) {
+            Real::Open(Arc::new(fd))
         } else {
             Real::At(slot.dir.dir_arc(), Arc::from(name))
         };
@@ -141,6 +172,7 @@ impl Union {
         caller: Caller,
     ) -> Result<(Arc<Node>, Stat, OwnedFd)> {
         let parent = self.node(parent)?;
+        let mode = self.creation_mode(&parent, mode, caller);
         let mut make = |d: BorrowedFd<'_>, n: &OsStr| {
             sys::create_file(d, n, flags & !libc::O_DIRECT, mode & 0o777).map(Some)
         };
@@ -161,6 +193,7 @@ impl Union {
         caller: Caller,
     ) -> Result<(Arc<Node>, Stat)> {
         let parent = self.node(parent)?;
+        let mode = self.creation_mode(&parent, mode, caller);
         let mut make =
             |d: BorrowedFd<'_>, n: &OsStr| sys::mkdir_at(d, n, mode & 0o7777).map(|_| None);
         let new = NewObject {
@@ -184,6 +217,7 @@ impl Union {
             return Err(Errno::EPERM); // that is a whiteout
         }
         let parent = self.node(parent)?;
+        let mode = self.creation_mode(&parent, mode, caller);
         let mut make = |d: BorrowedFd<'_>, n: &OsStr| sys::mknod_at(d, n, mode, rdev).map(|_| None);
         let new = NewObject {
             mode,
@@ -222,8 +256,16 @@ impl Union {
             take_owner: false,
             make: &mut make,
         };
-        let (linked, stat, _) =
-            self.create_object(&parent, new_name, Caller { uid: 0, gid: 0 }, new)?;
+        let (linked, stat, _) = self.create_object(
+            &parent,
+            new_name,
+            Caller {
+                uid: 0,
+                gid: 0,
+                umask: 0,
+            },
+            new,
+        )?;
         Ok((linked, stat))
     }
 
@@ -260,16 +302,18 @@ impl Union {
     fn remove_name(&self, parent: &Arc<Node>, name: &OsStr, found: &Found) -> Result<()> {
         let is_dir = found.is_dir();
         let dir = self.ensure_upper(parent)?;
-        let lower_remains = self.name_in_lowers(parent, name)?;
         let held = self.existing_node(found);
         if let Some(node) = &held {
             node.pin()?; // the kernel may still use it (an open file)
         }
-        match (&found.upper, lower_remains) {
-            (Some(_), true) => self.replace_with_whiteout(dir.dir(), name, is_dir)?,
-            (Some(_), false) if is_dir => self.remove_upper_dir(dir.dir(), name)?,
-            (Some(_), false) => sys::unlink_at(dir.dir(), name, false)?,
-            (None, _) => format::make_whiteout(dir.dir(), name)?,
+        if found.upper.is_none() {
+            format::make_whiteout(dir.dir(), name)?; // only lower objects: hide them
+        } else if self.name_in_lowers(parent, name)? {
+            self.replace_with_whiteout(dir.dir(), name, is_dir)?;
+        } else if is_dir {
+            self.remove_upper_dir(dir.dir(), name)?;
+        } else {
+            sys::unlink_at(dir.dir(), name, false)?;
         }
         if let Some(node) = held {
             node.mark_unlinked();
@@ -484,16 +528,15 @@ impl Union {
 /// Gives a new object its owner: the caller, with the group of a setgid
 /// parent directory; then the mode bits a chown clears or creation left out.
 fn set_owner(obj: BorrowedFd<'_>, parent: BorrowedFd<'_>, caller: Caller, mode: u32) -> Result<()> {
+    let (own_uid, own_gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if (caller.uid, caller.gid) == (own_uid, own_gid) && mode & 0o7000 == 0 {
+        return Ok(()); // created as the caller would have: owner and group are right
+    }
     let pst = sys::stat_fd(parent)?;
     let sgid_parent = pst.st_mode & libc::S_ISGID != 0;
     let gid = if sgid_parent { pst.st_gid } else { caller.gid };
     // What creating it as this process gave it.
-    let own_uid = unsafe { libc::geteuid() };
-    let own_gid = if sgid_parent {
-        pst.st_gid
-    } else {
-        unsafe { libc::getegid() }
-    };
+    let own_gid = if sgid_parent { pst.st_gid } else { own_gid };
     let chowned = caller.uid != own_uid || gid != own_gid;
     if chowned {
         sys::chown_fd(obj, Some(caller.uid), Some(gid))?;

@@ -155,10 +155,11 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     })
 }
 
-fn caller(req: &Request) -> Caller {
+fn caller(req: &Request, umask: u32) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        umask,
     }
 }
 
@@ -203,7 +204,10 @@ impl Filesystem for UnionFs {
         let wanted = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO;
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            // ACLs checked and cached by the kernel: one getxattr per inode,
+            // not one per `ls -l` of it.
+            | InitFlags::FUSE_POSIX_ACL;
         let _ = config.add_capabilities(wanted);
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
@@ -271,13 +275,13 @@ impl Filesystem for UnionFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
         let r = self
             .core
-            .mknod(parent.0, name, mode, decode_dev(rdev), caller(req));
+            .mknod(parent.0, name, mode, decode_dev(rdev), caller(req, umask));
         reply_entry(reply, r.map(|(_, st)| st));
     }
 
@@ -287,13 +291,13 @@ impl Filesystem for UnionFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         reply_entry(
             reply,
             self.core
-                .mkdir(parent.0, name, mode, caller(req))
+                .mkdir(parent.0, name, mode, caller(req, umask))
                 .map(|(_, st)| st),
         );
     }
@@ -316,7 +320,7 @@ impl Filesystem for UnionFs {
     ) {
         let r = self
             .core
-            .symlink(parent.0, link_name, target.as_os_str(), caller(req));
+            .symlink(parent.0, link_name, target.as_os_str(), caller(req, 0));
         reply_entry(reply, r.map(|(_, st)| st));
     }
 
@@ -558,11 +562,14 @@ impl Filesystem for UnionFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.core.create(parent.0, name, mode, flags, caller(req)) {
+        match self
+            .core
+            .create(parent.0, name, mode, flags, caller(req, umask))
+        {
             Ok((node, st, fd)) => {
                 let ino = node.id;
                 let o = self.core.created(node, fd, flags);

@@ -4,6 +4,7 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::format;
 use crate::node::Node;
@@ -107,12 +108,26 @@ impl Union {
             return Err(Errno::ENODATA);
         }
         let node = self.node(id)?;
-        sys::get_xattr(node.real().0.path_fd()?.as_fd(), name)
+        if node.no_xattrs.load(Ordering::Relaxed) {
+            return Err(Errno::ENODATA);
+        }
+        let target = node.real().0.xattrs()?;
+        let r = target.get(name);
+        if r == Err(Errno::ENODATA) && target.list().is_ok_and(|l| l.is_empty()) {
+            node.no_xattrs.store(true, Ordering::Relaxed);
+        }
+        r
     }
 
     pub fn listxattr(&self, id: u64) -> Result<Vec<OsString>> {
         let node = self.node(id)?;
-        let names = sys::list_xattr(node.real().0.path_fd()?.as_fd())?;
+        if node.no_xattrs.load(Ordering::Relaxed) {
+            return Ok(vec![]);
+        }
+        let names = node.real().0.xattrs()?.list()?;
+        if names.is_empty() {
+            node.no_xattrs.store(true, Ordering::Relaxed);
+        }
         Ok(names
             .into_iter()
             .filter(|n| !format::is_private_xattr(n))
@@ -124,8 +139,9 @@ impl Union {
             return Err(Errno::EPERM);
         }
         let node = self.node(id)?;
-        let upper = self.ensure_upper(&node)?.path_fd()?;
-        sys::set_xattr(upper.as_fd(), name, value, flags)
+        let upper = self.ensure_upper(&node)?;
+        node.no_xattrs.store(false, Ordering::Relaxed);
+        upper.xattrs()?.set(name, value, flags)
     }
 
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
@@ -134,9 +150,9 @@ impl Union {
         }
         let node = self.node(id)?;
         // A missing attribute is ENODATA and must not copy anything up.
-        sys::get_xattr(node.real().0.path_fd()?.as_fd(), name)?;
-        let upper = self.ensure_upper(&node)?.path_fd()?;
-        sys::remove_xattr(upper.as_fd(), name)
+        self.getxattr(id, name)?;
+        let upper = self.ensure_upper(&node)?;
+        upper.xattrs()?.remove(name)
     }
 
     pub fn statfs(&self) -> Result<FsStats> {

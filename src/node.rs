@@ -89,6 +89,14 @@ impl Real {
         }
     }
 
+    /// Where xattr calls on the object go (no descriptor is opened).
+    pub fn xattrs(&self) -> Result<sys::XattrTarget> {
+        match self {
+            Real::Open(fd) => Ok(sys::XattrTarget::fd(fd.as_fd())),
+            Real::At(dir, name) => sys::XattrTarget::at(dir.as_fd(), name),
+        }
+    }
+
     /// Holds the object open from now on (before its name goes away).
     pub fn pinned(&self) -> Result<Real> {
         Ok(Real::Open(self.path_fd()?))
@@ -136,6 +144,10 @@ pub struct Node {
     pub copy_up_lock: Mutex<()>,
     /// Set once the node has an upper object (lets lower readers switch over).
     pub copied_up: AtomicBool,
+    /// The object was seen to have no xattr at all, and none was set since:
+    /// the kernel asks for `security.capability` on every write and for
+    /// `security.selinux` on every `ls -l`, and these need no system call.
+    pub no_xattrs: AtomicBool,
 }
 
 impl Node {
@@ -148,6 +160,7 @@ impl Node {
             state: RwLock::new(state),
             copy_up_lock: Mutex::new(()),
             copied_up: AtomicBool::new(copied_up),
+            no_xattrs: AtomicBool::new(false),
         }
     }
 

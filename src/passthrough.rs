@@ -60,7 +60,7 @@ impl OpenReply for ReplyOpen {
         self.open_backing(fd)
     }
     fn passthrough(self, fh: u64, id: &BackingId) {
-        self.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+        self.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, id);
     }
     fn cached(self, fh: u64, flags: FopenFlags) {
         self.opened(FileHandle(fh), flags);
@@ -84,7 +84,7 @@ impl OpenReply for CreateReply {
             &self.attr,
             Generation(0),
             FileHandle(fh),
-            FopenFlags::empty(),
+            FopenFlags::FOPEN_NOFLUSH,
             id,
         );
     }
@@ -122,10 +122,12 @@ impl IoModes {
         on_upper: bool,
         reply: impl OpenReply,
     ) {
+        // The daemon does nothing at flush (writes are done when they return,
+        // locks are the kernel's): NOFLUSH spares a round trip per close.
         let cached_flags = if on_upper {
-            FopenFlags::empty()
+            FopenFlags::FOPEN_NOFLUSH
         } else {
-            FopenFlags::FOPEN_KEEP_CACHE
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
         };
         if !self.enabled() {
             reply.cached(fh, cached_flags);

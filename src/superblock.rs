@@ -20,6 +20,8 @@ use crate::sys::{self, Errno, Result};
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    /// The caller's umask, for the modes of what it creates.
+    pub umask: u32,
 }
 
 /// Settings of one mount.

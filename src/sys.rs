@@ -341,84 +341,149 @@ pub fn stat_times(st: &Stat) -> (SetTime, SetTime) {
     )
 }
 
-// --- xattrs through the proc link: it resolves to the very object behind an
-// `O_PATH` handle, a symlink included (the link is not followed further).
+// --- xattrs through /proc: `/proc/self/fd/N` resolves to the very object
+// behind a descriptor (a symlink included: the link is not followed further),
+// and `/proc/self/fd/D/NAME` with the l* calls to NAME in directory D.
 
-fn get_xattr_raw(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> Result<usize> {
-    let p = proc_path(fd.as_raw_fd());
-    check_size(unsafe {
-        libc::getxattr(
-            p.as_ptr(),
+/// Where an xattr call goes.
+pub struct XattrTarget {
+    path: CString,
+    follow: bool,
+}
+
+impl XattrTarget {
+    /// The object behind `fd`.
+    pub fn fd(fd: BorrowedFd<'_>) -> XattrTarget {
+        XattrTarget {
+            path: proc_path(fd.as_raw_fd()),
+            follow: true,
+        }
+    }
+
+    /// The object `name` in directory `dir`, without opening it.
+    pub fn at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<XattrTarget> {
+        let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+        p.extend_from_slice(name.as_bytes());
+        Ok(XattrTarget {
+            path: CString::new(p).map_err(|_| Errno::EINVAL)?,
+            follow: false,
+        })
+    }
+
+    fn get_raw(&self, name: &CStr, buf: &mut [u8]) -> Result<usize> {
+        let (p, n, b, l) = (
+            self.path.as_ptr(),
             name.as_ptr(),
             buf.as_mut_ptr().cast(),
             buf.len(),
-        )
-    })
-}
+        );
+        check_size(unsafe {
+            if self.follow {
+                libc::getxattr(p, n, b, l)
+            } else {
+                libc::lgetxattr(p, n, b, l)
+            }
+        })
+    }
 
-/// The value of xattr `name`.
-pub fn get_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<u8>> {
-    let name = cstr(name)?;
-    let mut buf = vec![0u8; 256];
-    loop {
-        match get_xattr_raw(fd, &name, &mut buf) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
+    /// The value of xattr `name`.
+    pub fn get(&self, name: &OsStr) -> Result<Vec<u8>> {
+        let name = cstr(name)?;
+        let mut buf = vec![0u8; 256];
+        loop {
+            match self.get_raw(&name, &mut buf) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    return Ok(buf);
+                }
+                Err(Errno::ERANGE) if buf.len() < (1 << 16) => {
+                    let need = self.get_raw(&name, &mut [])?;
+                    buf.resize(need.max(buf.len() * 2), 0);
+                }
+                Err(e) => return Err(e),
             }
-            Err(Errno::ERANGE) if buf.len() < (1 << 16) => {
-                let need = get_xattr_raw(fd, &name, &mut [])?;
-                buf.resize(need.max(buf.len() * 2), 0);
-            }
-            Err(e) => return Err(e),
         }
     }
-}
 
-pub fn set_xattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-    let name = cstr(name)?;
-    let p = proc_path(fd.as_raw_fd());
-    check(unsafe {
-        libc::setxattr(
-            p.as_ptr(),
+    pub fn set(&self, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        let name = cstr(name)?;
+        let (p, n, v, l) = (
+            self.path.as_ptr(),
             name.as_ptr(),
             value.as_ptr().cast(),
             value.len(),
-            flags,
-        )
-    })
-    .map(drop)
-}
-
-fn list_xattr_raw(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize> {
-    let p = proc_path(fd.as_raw_fd());
-    check_size(unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
-}
-
-/// All xattr names of an object.
-pub fn list_xattr(fd: BorrowedFd<'_>) -> Result<Vec<OsString>> {
-    let mut buf = vec![0u8; 1024];
-    let n = loop {
-        match list_xattr_raw(fd, &mut buf) {
-            Ok(n) => break n,
-            Err(Errno::ERANGE) => {
-                let need = list_xattr_raw(fd, &mut [])?;
-                buf.resize(need.max(buf.len() * 2), 0);
+        );
+        check(unsafe {
+            if self.follow {
+                libc::setxattr(p, n, v, l, flags)
+            } else {
+                libc::lsetxattr(p, n, v, l, flags)
             }
-            Err(e) => return Err(e),
-        }
-    };
-    Ok(buf[..n]
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| OsString::from_vec(s.to_vec()))
-        .collect())
+        })
+        .map(drop)
+    }
+
+    fn list_raw(&self, buf: &mut [u8]) -> Result<usize> {
+        let (p, b, l) = (self.path.as_ptr(), buf.as_mut_ptr().cast(), buf.len());
+        check_size(unsafe {
+            if self.follow {
+                libc::listxattr(p, b, l)
+            } else {
+                libc::llistxattr(p, b, l)
+            }
+        })
+    }
+
+    /// All xattr names of the object.
+    pub fn list(&self) -> Result<Vec<OsString>> {
+        let mut buf = vec![0u8; 1024];
+        let n = loop {
+            match self.list_raw(&mut buf) {
+                Ok(n) => break n,
+                Err(Errno::ERANGE) => {
+                    let need = self.list_raw(&mut [])?;
+                    buf.resize(need.max(buf.len() * 2), 0);
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(buf[..n]
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| OsString::from_vec(s.to_vec()))
+            .collect())
+    }
+
+    pub fn remove(&self, name: &OsStr) -> Result<()> {
+        let name = cstr(name)?;
+        let (p, n) = (self.path.as_ptr(), name.as_ptr());
+        check(unsafe {
+            if self.follow {
+                libc::removexattr(p, n)
+            } else {
+                libc::lremovexattr(p, n)
+            }
+        })
+        .map(drop)
+    }
+}
+
+/// The value of xattr `name` of the object behind `fd`.
+pub fn get_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<u8>> {
+    XattrTarget::fd(fd).get(name)
+}
+
+pub fn set_xattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    XattrTarget::fd(fd).set(name, value, flags)
+}
+
+/// All xattr names of the object behind `fd`.
+pub fn list_xattr(fd: BorrowedFd<'_>) -> Result<Vec<OsString>> {
+    XattrTarget::fd(fd).list()
 }
 
 pub fn remove_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    let name = cstr(name)?;
-    let p = proc_path(fd.as_raw_fd());
-    check(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
+    XattrTarget::fd(fd).remove(name)
 }
 
 /// One entry as `getdents64` returns it.

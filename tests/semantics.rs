@@ -749,3 +749,21 @@ fn many_files_do_not_need_many_descriptors() {
     (&h).read_to_string(&mut text).unwrap();
     assert_eq!(text, "y");
 }
+
+#[test]
+fn umask_applies_to_new_objects() {
+    let f = Fixture::new("umask");
+    let m = f.mnt.display();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 027 && touch {m}/nfile && mkdir {m}/ndir && mkfifo {m}/nfifo"
+        ))
+        .status()
+        .unwrap();
+    assert!(out.success());
+    assert_eq!(fs::metadata(f.p("nfile")).unwrap().mode() & 0o7777, 0o640);
+    assert_eq!(fs::metadata(f.p("ndir")).unwrap().mode() & 0o7777, 0o750);
+    assert_eq!(fs::metadata(f.p("nfifo")).unwrap().mode() & 0o7777, 0o640);
+    assert_eq!(fs::metadata(f.up("nfile")).unwrap().mode() & 0o7777, 0o640);
+}
