@@ -439,8 +439,11 @@ impl Filesystem for UnionFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // The kernel may keep listings between opens: a directory changes only
+        // through the kernel, which then drops what it kept.
+        let keep = FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE;
         match self.core.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), keep),
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -218,12 +218,22 @@ impl Union {
     pub fn lookup(&self, parent_id: u64, name: &OsStr) -> Result<(Arc<Node>, Stat)> {
         let parent = self.node(parent_id)?;
         let found = self.resolve(&parent, name)?;
+        self.acquire_found(&parent, name, found)
+    }
+
+    /// The node of a resolved object, with one more kernel reference.
+    pub fn acquire_found(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        found: Found,
+    ) -> Result<(Arc<Node>, Stat)> {
         let id = self.id_of(&found);
         let stat = found.stat;
         let mut made = false;
         let node = self.table.acquire(id, || {
             made = true;
-            self.node_from(&parent, name, found)
+            self.node_from(parent, name, found)
         });
         if node.kind != sys::file_type(stat.st_mode) {
             self.table.forget(id, 1);
@@ -232,7 +242,7 @@ impl Union {
         if made {
             return Ok((node.clone(), node.present(stat)));
         }
-        node.set_location(parent, name.to_os_string(), None);
+        node.set_location(parent.clone(), name.to_os_string(), None);
         let stat = node.stat().unwrap_or_else(|_| node.present(stat));
         Ok((node, stat))
     }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::format;
+use crate::namei::Found;
 use crate::node::{LowerObj, Node, ROOT_ID, Real, UPPER};
 use crate::superblock::Union;
 use crate::sys::{self, RawDirEntry, Result, Stat};
@@ -24,6 +25,8 @@ pub struct MergedEntry {
     pub id: u64,
     /// `S_IFMT` bits.
     pub kind: u32,
+    /// The layer the entry comes from (0: upper).
+    pub layer: u16,
 }
 
 /// An open directory: the listing it serves.
@@ -93,6 +96,7 @@ impl Union {
                         id: self.table.id_for(UPPER, e.ino),
                         kind,
                         name: e.name,
+                        layer: UPPER,
                     });
                 }
             }
@@ -115,6 +119,7 @@ impl Union {
                         id: self.table.id_for(lower.layer, e.ino),
                         kind,
                         name: e.name,
+                        layer: lower.layer,
                     });
                 }
             }
@@ -159,11 +164,13 @@ impl Union {
                     name: ".".into(),
                     id: dir.id,
                     kind: libc::S_IFDIR,
+                    layer: UPPER,
                 },
                 MergedEntry {
                     name: "..".into(),
                     id: parent_id,
                     kind: libc::S_IFDIR,
+                    layer: UPPER,
                 },
             ];
             entries.extend(self.entries_of(dir)?);
@@ -211,7 +218,7 @@ impl Union {
                     let parent = node.parent_and_name().0.unwrap_or_else(|| node.clone());
                     (parent.stat()?, None)
                 }
-                _ => match self.lookup(id, &e.name) {
+                _ => match self.lookup_listed(&node, e) {
                     Ok((n, st)) => (st, Some(n.id)),
                     Err(_) => continue, // gone since the listing was taken
                 },
@@ -224,6 +231,54 @@ impl Union {
             }
         }
         Ok(())
+    }
+
+    /// Looks up an entry of a listing: a non-directory is known to come from
+    /// the layer that listed it, which spares probing the others.
+    fn lookup_listed(&self, dir: &Arc<Node>, e: &MergedEntry) -> Result<(Arc<Node>, Stat)> {
+        if e.kind == libc::S_IFDIR {
+            return self.lookup(dir.id, &e.name);
+        }
+        let layer_dir = {
+            let st = dir.state.read();
+            if e.layer == UPPER {
+                st.upper.clone()
+            } else {
+                st.lowers
+                    .iter()
+                    .find(|l| l.layer == e.layer)
+                    .map(|l| l.real.clone())
+            }
+        };
+        let Some(layer_dir) = layer_dir else {
+            return self.lookup(dir.id, &e.name);
+        };
+        let stat = sys::stat_at(layer_dir.dir(), &e.name)?;
+        if sys::is_dir(&stat) || format::is_whiteout_dev(&stat) {
+            return self.lookup(dir.id, &e.name); // changed since the listing
+        }
+        let real = Real::At(layer_dir.dir_arc(), Arc::from(e.name.as_os_str()));
+        let found = if e.layer == UPPER {
+            Found {
+                upper: Some(real),
+                lowers: vec![],
+                stat,
+                top_layer: UPPER,
+            }
+        } else {
+            let lower = LowerObj {
+                layer: e.layer,
+                real,
+                xwhiteouts: false,
+            };
+            Found {
+                upper: None,
+                lowers: vec![lower],
+                stat,
+                top_layer: e.layer,
+            }
+        };
+        self.acquire_found(dir, &e.name, found)
     }
 
     pub fn releasedir(&self, fh: u64) {
