@@ -54,26 +54,18 @@ impl Union {
         if let Some(size) = ch.size {
             self.truncate(&node, ch.fh, size)?;
         }
-        let changes_more = ch.uid.is_some() || ch.gid.is_some() || ch.mode.is_some();
-        if !changes_more && ch.atime.is_none() && ch.mtime.is_none() {
-            return node.stat();
-        }
-        let upper = upper.path_fd()?;
         if ch.uid.is_some() || ch.gid.is_some() {
-            sys::chown_fd(upper.as_fd(), ch.uid, ch.gid)?;
+            upper.chown(ch.uid, ch.gid)?;
         }
         if let Some(mode) = ch.mode {
             if node.kind == libc::S_IFLNK {
                 return Err(Errno::ENOTSUP);
             }
-            sys::chmod_fd(upper.as_fd(), mode)?;
+            upper.chmod(mode)?;
         }
         if ch.atime.is_some() || ch.mtime.is_some() {
-            sys::set_times_fd(
-                upper.as_fd(),
-                ch.atime.unwrap_or(SetTime::Omit),
-                ch.mtime.unwrap_or(SetTime::Omit),
-            )?;
+            let omit = |t: Option<SetTime>| t.unwrap_or(SetTime::Omit);
+            upper.set_times(omit(ch.atime), omit(ch.mtime))?;
         }
         node.stat()
     }

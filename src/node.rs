@@ -89,6 +89,28 @@ impl Real {
         }
     }
 
+    pub fn chown(&self, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+        match self {
+            Real::Open(fd) => sys::chown_fd(fd.as_fd(), uid, gid),
+            Real::At(dir, name) => sys::chown_at(dir.as_fd(), name, uid, gid),
+        }
+    }
+
+    /// chmod (never called for a symlink).
+    pub fn chmod(&self, mode: u32) -> Result<()> {
+        match self {
+            Real::Open(fd) => sys::chmod_fd(fd.as_fd(), mode),
+            Real::At(dir, name) => sys::chmod_at(dir.as_fd(), name, mode),
+        }
+    }
+
+    pub fn set_times(&self, atime: sys::SetTime, mtime: sys::SetTime) -> Result<()> {
+        match self {
+            Real::Open(fd) => sys::set_times_fd(fd.as_fd(), atime, mtime),
+            Real::At(dir, name) => sys::set_times_at(dir.as_fd(), name, atime, mtime),
+        }
+    }
+
     /// Where xattr calls on the object go (no descriptor is opened).
     pub fn xattrs(&self) -> Result<sys::XattrTarget> {
         match self {

@@ -86,6 +86,11 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
 fn existing_dir(what: &str, p: &Path) -> Result<PathBuf, String> {
     let meta = std::fs::metadata(p).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => format!("{what} {} does not exist", p.display()),
+        _ if e.raw_os_error() == Some(libc::ENOTCONN) => format!(
+            "{what} {} is a dead FUSE mount (its daemon was killed); free it with: umount -l {}",
+            p.display(),
+            p.display()
+        ),
         _ => format!("{what} {}: {e}", p.display()),
     })?;
     if !meta.is_dir() {

@@ -283,6 +283,53 @@ pub fn chown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> Resul
     Ok(())
 }
 
+/// chown of `name` in `dir`, not following a symlink.
+pub fn chown_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<()> {
+    let name = cstr(name)?;
+    let (uid, gid) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
+    check(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// chmod of `name` in `dir`, which is not a symlink.
+pub fn chmod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
+    let name = cstr(name)?;
+    check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode & 0o7777, 0) }).map(drop)
+}
+
+/// Times of `name` in `dir`, not following a symlink.
+pub fn set_times_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    atime: SetTime,
+    mtime: SetTime,
+) -> Result<()> {
+    let name = cstr(name)?;
+    let times = [atime.timespec(), mtime.timespec()];
+    check(unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
 /// chmod of the object behind an `O_PATH` handle (not for symlinks).
 pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
     let p = proc_path(fd.as_raw_fd());

@@ -349,3 +349,58 @@ fn passthrough_on_is_refused_where_it_cannot_work() {
     assert!(err.contains("passthrough=on but unavailable"), "{err}");
     assert!(!is_mounted(&m));
 }
+
+#[test]
+fn killed_daemon_leaves_a_consistent_upper_and_a_clear_error() {
+    let s = Scratch::new("killed");
+    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    // A large lower file, so that the kill lands during its copy-up.
+    let big = l.join("big");
+    let data: Vec<u8> = (0..64u32 << 20).map(|i| (i % 253) as u8).collect();
+    fs::write(&big, &data).unwrap();
+    let mut mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+    let target = m.join("big");
+    let writer = std::thread::spawn(move || {
+        // Opening for writing copies the file up; the daemon dies meanwhile.
+        let _ = fs::OpenOptions::new().write(true).open(&target);
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    unsafe { libc::kill(mount.pid().unwrap() as i32, libc::SIGKILL) };
+    assert_eq!(wait_exit(&mut mount), -1, "killed by a signal");
+    writer.join().unwrap();
+    // The dead mount is named, with the way to free it.
+    let out = unionfs(&[
+        "mount",
+        &l.display().to_string(),
+        &u.display().to_string(),
+        &m.display().to_string(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dead FUSE mount") && err.contains("umount -l"),
+        "{err}"
+    );
+    umount_lazy(&m);
+    // No half-copied file: the upper has nothing or the whole file.
+    if let Ok(meta) = fs::metadata(u.join("big")) {
+        assert_eq!(meta.len(), data.len() as u64);
+        assert!(
+            fs::read(u.join("big")).unwrap() == data,
+            "a copied-up file is complete"
+        );
+    }
+    // The next mount cleans the work directory and shows the file whole.
+    let again = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+    let work = s.path.join(".u.unionfs-work/work");
+    assert!(
+        fs::read_dir(&work).unwrap().next().is_none(),
+        "work directory cleaned"
+    );
+    assert!(fs::read(m.join("big")).unwrap() == data);
+    drop(again);
+    // And the kernel's overlayfs mounts the same upper.
+    let (kw, km) = (s.dir("kw"), s.dir("km"));
+    let k = Mount::kernel(std::slice::from_ref(&l), &u, &kw, &km);
+    assert!(fs::read(km.join("big")).unwrap() == data);
+    drop(k);
+}
