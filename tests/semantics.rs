@@ -767,3 +767,61 @@ fn umask_applies_to_new_objects() {
     assert_eq!(fs::metadata(f.p("nfifo")).unwrap().mode() & 0o7777, 0o640);
     assert_eq!(fs::metadata(f.up("nfile")).unwrap().mode() & 0o7777, 0o640);
 }
+
+#[test]
+fn a_full_upper_gives_enospc_and_loses_nothing() {
+    let s = Scratch::new("enospc");
+    let l = s.dir("l");
+    let big: Vec<u8> = (0..6u32 << 20).map(|i| (i % 251) as u8).collect();
+    fs::write(l.join("big"), &big).unwrap();
+    fs::write(l.join("small"), "small").unwrap();
+    // A 4 MiB upper filesystem holding the upper and the work directory.
+    let upfs = s.dir("upfs");
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&upfs)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            umount_lazy(&self.0);
+        }
+    }
+    let _tmpfs = Unmount(upfs.clone());
+    let (upper, work, mnt) = (upfs.join("upper"), upfs.join("work"), s.dir("mnt"));
+    fs::create_dir(&upper).unwrap();
+    fs::create_dir(&work).unwrap();
+    let wd = format!("workdir={}", work.display());
+    let m = Mount::unionfs(std::slice::from_ref(&l), &upper, &mnt, &[&wd]);
+    fs::write(mnt.join("kept"), "already in the upper").unwrap();
+    // The copy-up does not fit: ENOSPC, and the file stays as it was.
+    let r = OpenOptions::new().write(true).open(mnt.join("big"));
+    assert_eq!(errno_of(r), libc::ENOSPC);
+    assert!(fs::read(mnt.join("big")).unwrap() == big);
+    assert_eq!(errno_of(fs::metadata(upper.join("big"))), libc::ENOENT);
+    assert!(
+        fs::read_dir(work.join("work")).unwrap().next().is_none(),
+        "no partial copy left"
+    );
+    // A write that does not fit fails the same way and damages nothing.
+    let r = fs::write(mnt.join("huge"), vec![1u8; 5 << 20]);
+    assert_eq!(errno_of(r), libc::ENOSPC);
+    assert_eq!(read(&mnt.join("kept")), "already in the upper");
+    // Once space is freed the mount works on.
+    fs::remove_file(mnt.join("huge")).unwrap();
+    // The kernel releases the last open of `huge` asynchronously after close,
+    // and only then is its space free: allow it a moment.
+    let start = std::time::Instant::now();
+    while let Err(e) = fs::write(mnt.join("small"), "changed") {
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "space never came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(read(&mnt.join("small")), "changed");
+    drop(m);
+}
