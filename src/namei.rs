@@ -239,11 +239,10 @@ impl Union {
             self.table.forget(id, 1);
             return Err(Errno(libc::ESTALE));
         }
-        if made {
-            return Ok((node.clone(), node.present(stat)));
+        if !made {
+            node.set_location(parent.clone(), name.to_os_string(), None);
         }
-        node.set_location(parent.clone(), name.to_os_string(), None);
-        let stat = node.stat().unwrap_or_else(|_| node.present(stat));
+        let stat = node.present(stat);
         Ok((node, stat))
     }
 }
