@@ -51,7 +51,7 @@ impl Union {
             let upper = if node.is_dir() {
                 Real::Open(Arc::new(obj))
             } else {
-                Real::At(parent_upper.dir_arc(), Arc::from(name.as_os_str()))
+                Real::At(parent_upper.dir_arc(), name.clone())
             };
             node.state.write().upper = Some(upper.clone());
             node.copied_up.store(true, Ordering::Release);

@@ -139,10 +139,11 @@ impl Union {
         };
         let obj = opened.as_ref().or(path_fd.as_ref()).ok_or(Errno::EIO)?;
         let stat = sys::stat_fd(obj.as_fd())?;
+        let shared_name: Arc<OsStr> = Arc::from(name);
         let upper_ref = if let (true, Some(fd)) = (sys::is_dir(&stat), path_fd) {
             Real::Open(Arc::new(fd))
         } else {
-            Real::At(slot.dir.dir_arc(), Arc::from(name))
+            Real::At(slot.dir.dir_arc(), shared_name.clone())
         };
         let id = self.table.id_for(UPPER, stat.st_ino);
         let node = self.table.acquire(id, || {
@@ -151,14 +152,14 @@ impl Union {
                 sys::file_type(stat.st_mode),
                 NodeState {
                     parent: Some(parent.clone()),
-                    name: name.to_os_string(),
+                    name: shared_name,
                     upper: Some(upper_ref),
                     lowers: vec![],
                     unlinked: false,
                 },
             )
         });
-        node.set_location(parent.clone(), name.to_os_string(), None);
+        node.set_location(parent.clone(), name, None);
         let stat = node.present(stat);
         Ok((node, stat, opened))
     }
@@ -449,8 +450,8 @@ impl Union {
             self.opaque_if_moved_into_merged(u, &src.parent)?;
         }
         sys::rename_at(from.dir(), name, to.dir(), new_name, libc::RENAME_EXCHANGE)?;
-        src_node.set_location(dst.parent.clone(), new_name.to_os_string(), Some(&to));
-        dst_node.set_location(src.parent.clone(), name.to_os_string(), Some(&from));
+        src_node.set_location(dst.parent.clone(), new_name, Some(&to));
+        dst_node.set_location(src.parent.clone(), name, Some(&from));
         Ok(())
     }
 
@@ -520,7 +521,7 @@ impl Union {
         if let Some(node) = replaced {
             node.mark_unlinked();
         }
-        src_node.set_location(new_parent, new_name.to_os_string(), Some(&to));
+        src_node.set_location(new_parent, new_name, Some(&to));
         Ok(())
     }
 }

@@ -191,12 +191,22 @@ impl Union {
 
     /// A node for a resolved object, not entered in the table.
     pub fn node_from(&self, parent: &Arc<Node>, name: &OsStr, found: Found) -> Node {
+        // A file's name is already held by its handle: share it.
+        let held = found
+            .upper
+            .iter()
+            .chain(found.lowers.iter().map(|l| &l.real))
+            .find_map(|r| match r {
+                Real::At(_, n) if **n == *name => Some(n.clone()),
+                _ => None,
+            });
+        let name = held.unwrap_or_else(|| Arc::from(name));
         Node::new(
             self.id_of(&found),
             sys::file_type(found.stat.st_mode),
             NodeState {
                 parent: Some(parent.clone()),
-                name: name.to_os_string(),
+                name,
                 upper: found.upper,
                 lowers: found.lowers,
                 unlinked: false,
@@ -240,7 +250,7 @@ impl Union {
             return Err(Errno(libc::ESTALE));
         }
         if !made {
-            node.set_location(parent.clone(), name.to_os_string(), None);
+            node.set_location(parent.clone(), name, None);
         }
         let stat = node.present(stat);
         Ok((node, stat))

@@ -8,7 +8,7 @@
 //! dropped when the kernel forgets them, so memory follows what the kernel
 //! caches, not the size of the tree.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -146,7 +146,7 @@ impl LowerObj {
 pub struct NodeState {
     /// Parent and name the node was last seen under (copy-up needs a path).
     pub parent: Option<Arc<Node>>,
-    pub name: OsString,
+    pub name: Arc<OsStr>,
     pub upper: Option<Real>,
     /// For a directory: the lower directories merged under it, top first.
     /// For anything else: at most the one lower object it shows.
@@ -203,7 +203,7 @@ impl Node {
         }
     }
 
-    pub fn parent_and_name(&self) -> (Option<Arc<Node>>, OsString) {
+    pub fn parent_and_name(&self) -> (Option<Arc<Node>>, Arc<OsStr>) {
         let st = self.state.read();
         (st.parent.clone(), st.name.clone())
     }
@@ -230,14 +230,19 @@ impl Node {
 
     /// The node now lives at `name` in `parent`, whose upper directory is
     /// `parent_upper` when the node's own upper object moved there.
-    pub fn set_location(&self, parent: Arc<Node>, name: OsString, parent_upper: Option<&Real>) {
+    pub fn set_location(&self, parent: Arc<Node>, name: &OsStr, parent_upper: Option<&Real>) {
         let mut st = self.state.write();
+        let name: Arc<OsStr> = if *st.name == *name {
+            st.name.clone()
+        } else {
+            Arc::from(name)
+        };
         if let (Some(Real::At(..)), Some(dir)) = (&st.upper, parent_upper) {
             let dir = match dir {
                 Real::Open(fd) => fd.clone(),
                 Real::At(..) => return, // not a directory: nothing sensible to do
             };
-            st.upper = Some(Real::At(dir, Arc::from(name.as_os_str())));
+            st.upper = Some(Real::At(dir, name.clone()));
         }
         st.parent = Some(parent);
         st.name = name;

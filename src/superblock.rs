@@ -68,7 +68,7 @@ impl Union {
             libc::S_IFDIR,
             NodeState {
                 parent: None,
-                name: OsString::new(),
+                name: Arc::from(OsStr::new("")),
                 upper: Some(Real::Open(upper_root.clone())),
                 lowers,
                 unlinked: false,
