@@ -214,16 +214,6 @@ impl Union {
         )
     }
 
-    /// The node at `name` in `parent`: the kernel's one if it holds it, else a
-    /// transient one.
-    pub fn child(&self, parent: &Arc<Node>, name: &OsStr) -> Result<Arc<Node>> {
-        let found = self.resolve(parent, name)?;
-        match self.existing_node(&found) {
-            Some(n) => Ok(n),
-            None => Ok(Arc::new(self.node_from(parent, name, found))),
-        }
-    }
-
     /// FUSE lookup: resolves and takes a kernel reference.
     pub fn lookup(&self, parent_id: u64, name: &OsStr) -> Result<(Arc<Node>, Stat)> {
         let parent = self.node(parent_id)?;

@@ -320,19 +320,18 @@ impl NodeTable {
 
     /// The node `id` with one more kernel reference, made by `make` if new.
     pub fn acquire(&self, id: u64, make: impl FnOnce() -> Node) -> Arc<Node> {
-        let node = match self.nodes.entry(id) {
-            Entry::Occupied(e) => e.get().clone(),
-            Entry::Vacant(e) => e.insert(Arc::new(make())).clone(),
-        };
-        node.lookups.fetch_add(1, Ordering::Relaxed);
-        node
-    }
-
-    /// Adds a kernel reference to a node already in the table.
-    pub fn acquire_existing(&self, node: &Arc<Node>) {
-        node.lookups.fetch_add(1, Ordering::Relaxed);
-        if let Entry::Vacant(e) = self.nodes.entry(node.id) {
-            e.insert(node.clone());
+        // Counted under the entry's lock, so a concurrent forget cannot drop
+        // the node between finding it and counting the new reference.
+        match self.nodes.entry(id) {
+            Entry::Occupied(e) => {
+                e.get().lookups.fetch_add(1, Ordering::Relaxed);
+                e.get().clone()
+            }
+            Entry::Vacant(e) => {
+                let node = Arc::new(make());
+                node.lookups.fetch_add(1, Ordering::Relaxed);
+                e.insert(node).clone()
+            }
         }
     }
 
@@ -351,13 +350,5 @@ impl NodeTable {
                 e.remove();
             }
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
     }
 }
