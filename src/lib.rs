@@ -18,5 +18,6 @@ pub mod node;
 pub mod options;
 pub mod passthrough;
 pub mod readdir;
+pub mod run;
 pub mod superblock;
 pub mod sys;

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fuser::{Config, MountOption, Session, SessionACL};
+use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use tracing::{info, warn};
 
 use crate::fuse::UnionFs;
@@ -53,7 +53,8 @@ fn raise_fd_limit() {
 /// The work directory, locked for this mount and emptied of what an earlier
 /// run (or crash) left.
 struct WorkDir {
-    _lock: OwnedFd,
+    /// Holds the flock; the work directory is free again once dropped.
+    lock: OwnedFd,
     scratch: OwnedFd,
 }
 
@@ -107,10 +108,7 @@ fn claim_workdir(plan: &MountPlan) -> Result<WorkDir, String> {
         ),
         Err(e) => return Err(format!("cannot clean {}/{WORK_SUBDIR}: {e}", wd.display())),
     }
-    Ok(WorkDir {
-        _lock: lock,
-        scratch,
-    })
+    Ok(WorkDir { lock, scratch })
 }
 
 fn block_stop_signals() -> libc::sigset_t {
@@ -170,8 +168,9 @@ fn session_config(n_threads: usize) -> Config {
     cfg
 }
 
-/// Mounts the planned union and serves it until it is unmounted.
-pub fn serve(plan: &MountPlan) -> Result<(), String> {
+/// Opens the layers, claims the work directory and mounts the union; the
+/// returned session is not served yet.
+fn mount_union(plan: &MountPlan) -> Result<(Session<UnionFs>, OwnedFd, Arc<Union>), String> {
     check_dev_fuse()?;
     raise_fd_limit();
     unsafe { libc::umask(0) };
@@ -181,12 +180,11 @@ pub fn serve(plan: &MountPlan) -> Result<(), String> {
         .iter()
         .map(|l| open_layer("lower directory", l))
         .collect::<Result<Vec<_>, _>>()?;
-    let work = claim_workdir(plan)?;
+    let WorkDir { lock, scratch } = claim_workdir(plan)?;
     let tuning = Tuning {
         volatile: plan.volatile,
     };
-    let union = Arc::new(Union::new(upper, lowers, work.scratch, tuning));
-    let signals = block_stop_signals();
+    let union = Arc::new(Union::new(upper, lowers, scratch, tuning));
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -204,11 +202,58 @@ pub fn serve(plan: &MountPlan) -> Result<(), String> {
         xattrs = ?union.ns,
         "mounted"
     );
+    Ok((session, lock, union))
+}
+
+/// Mounts the planned union and serves it until it is unmounted.
+pub fn serve(plan: &MountPlan) -> Result<(), String> {
+    let signals = block_stop_signals();
+    let (session, work, _union) = mount_union(plan)?;
     spawn_signal_watcher(signals, plan.mountpoint.clone());
     if let Err(e) = session.run() {
         warn!("session ended: {e}");
     }
-    drop(work._lock);
+    drop(work);
     info!("unmounted");
     Ok(())
+}
+
+/// A union mounted and served by background threads, for a caller that
+/// has other work to do meanwhile (the container launcher).
+pub struct Running {
+    session: BackgroundSession,
+    _work_lock: OwnedFd,
+    mountpoint: PathBuf,
+}
+
+/// Mounts the planned union and serves it in the background.
+pub fn start(plan: &MountPlan) -> Result<Running, String> {
+    let (session, work, _union) = mount_union(plan)?;
+    let session = session
+        .spawn()
+        .map_err(|e| format!("cannot start serving the union: {e}"))?;
+    Ok(Running {
+        session,
+        _work_lock: work,
+        mountpoint: plan.mountpoint.clone(),
+    })
+}
+
+impl Running {
+    /// Detaches the mount and waits a little for the session to end; a
+    /// session still busy after that is left to end with the process.
+    pub fn stop(self) {
+        unmount_lazily(&self.mountpoint);
+        let deadline = std::time::Instant::now() + BUSY_GRACE;
+        while !self.session.guard.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if self.session.guard.is_finished() {
+            if let Err(e) = self.session.join() {
+                warn!("session ended: {e}");
+            }
+        } else {
+            info!("union still in use after detach; leaving it to the process exit");
+        }
+    }
 }

@@ -1,0 +1,203 @@
+//! `unionfs run`: a union as the root filesystem of a command in new
+//! namespaces. This module owns the launcher's side of it: checking the
+//! request, the scratch directory, entering a user namespace for rootless
+//! runs, mounting the union (served from the launcher's own mount
+//! namespace, never the container's), and handing over to the container.
+//!
+//! Exit codes: the command's own status (128+N when it dies of signal N);
+//! 125 when the launcher itself fails or is given bad values; 126 when the
+//! command cannot be executed; 127 when it is not found in the container.
+
+mod container;
+mod idmap;
+mod request;
+mod supervise;
+
+use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+
+use tracing::{debug, info};
+
+use crate::options::{self, MountRequest};
+use crate::superblock::remove_tree;
+use crate::{mount, sys};
+
+use request::Spec;
+pub use request::{Net, RunRequest};
+
+/// The launcher failed or was given bad values.
+pub const EXIT_LAUNCHER: u8 = 125;
+/// The command was found but could not be executed.
+pub const EXIT_CANNOT_EXECUTE: u8 = 126;
+/// The command is not in the container.
+pub const EXIT_NOT_FOUND: u8 = 127;
+
+/// A failure with the exit code it ends the run with.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn launcher(message: impl Into<String>) -> Failure {
+        Failure {
+            code: EXIT_LAUNCHER,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure::launcher(message)
+    }
+}
+
+/// Runs the request and returns the exit code for the launcher.
+pub fn run(req: RunRequest) -> Result<u8, Failure> {
+    let spec = request::check(req)?;
+    let rootless = unsafe { libc::geteuid() } != 0;
+    if rootless {
+        check_dev_fuse_for_user()?;
+    }
+    let scratch = Scratch::create(spec.upper.is_none())?;
+    if rootless {
+        idmap::enter_user_namespace()?;
+    }
+    enter_private_mount_namespace()?;
+    let plan = options::plan(&MountRequest {
+        lowers: spec.lowers.clone(),
+        upper: spec.upper.clone().unwrap_or_else(|| scratch.path("upper")),
+        mountpoint: scratch.path("root"),
+        options: mount_options(&spec, &scratch),
+    })?;
+    let signals = supervise::block_signals();
+    let container = supervise::fork_container(&spec, &plan.mountpoint)?;
+    let running = match mount::start(&plan) {
+        Ok(r) => r,
+        Err(e) => {
+            container.abandon();
+            return Err(Failure::launcher(e));
+        }
+    };
+    debug!(root = %plan.mountpoint.display(), "union mounted; starting the container");
+    let status = container.start_and_wait(signals, spec.stop_timeout);
+    running.stop();
+    drop(scratch);
+    info!(status, "container exited");
+    Ok(status)
+}
+
+fn mount_options(spec: &Spec, scratch: &Scratch) -> Vec<String> {
+    let mut opts = spec.mount_options.clone();
+    if spec.upper.is_none() {
+        let work = scratch.path("work");
+        opts.push(format!("workdir={}", escape_option(&work)));
+        // A throwaway upper needs no flushes to disk.
+        opts.push("volatile".into());
+    }
+    opts
+}
+
+fn escape_option(p: &Path) -> String {
+    p.to_string_lossy()
+        .replace('\\', "\\\\")
+        .replace(',', "\\,")
+}
+
+/// A rootless run makes the FUSE mount as the user: say so plainly when
+/// the user cannot open /dev/fuse, before anything is created.
+fn check_dev_fuse_for_user() -> Result<(), Failure> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map(drop)
+        .map_err(|e| {
+            Failure::launcher(format!(
+                "/dev/fuse cannot be opened by uid {}: {e} (a rootless run needs a /dev/fuse the user can open, e.g. mode 0666)",
+                unsafe { libc::getuid() }
+            ))
+        })
+}
+
+/// A mount namespace of the launcher's own, with no propagation to or from
+/// the host: the union mounted there vanishes with the launcher.
+fn enter_private_mount_namespace() -> Result<(), Failure> {
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(Failure::launcher(format!(
+            "cannot create a mount namespace: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    container::make_rprivate("/")
+        .map_err(|e| Failure::launcher(format!("cannot make / private: {e}")))
+}
+
+/// The launcher's scratch directory: the container's root mount point and,
+/// for a throwaway run, its upper and work directories. Removed on drop.
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn create(throwaway_upper: bool) -> Result<Scratch, Failure> {
+        let base = std::env::var_os("TMPDIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+        let dir = make_temp_dir(&base)?;
+        let scratch = Scratch { dir };
+        let mut subdirs = vec!["root"];
+        if throwaway_upper {
+            subdirs.extend(["upper", "work"]);
+        }
+        for name in subdirs {
+            std::fs::create_dir(scratch.path(name)).map_err(|e| {
+                Failure::launcher(format!(
+                    "cannot create {}: {e}",
+                    scratch.path(name).display()
+                ))
+            })?;
+        }
+        Ok(scratch)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let (Some(parent), Some(name)) = (self.dir.parent(), self.dir.file_name()) else {
+            return;
+        };
+        match sys::open_dir_path(parent) {
+            Ok(fd) => {
+                if let Err(e) = remove_tree(fd.as_fd(), name) {
+                    tracing::warn!("cannot remove {}: {e}", self.dir.display());
+                }
+            }
+            Err(e) => tracing::warn!("cannot open {}: {e}", parent.display()),
+        }
+    }
+}
+
+fn make_temp_dir(base: &Path) -> Result<PathBuf, Failure> {
+    let mut template: Vec<u8> = base.join("unionfs-run.XXXXXX").into_os_string().into_vec();
+    template.push(0);
+    let p = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return Err(Failure::launcher(format!(
+            "cannot create a directory in {}: {}",
+            base.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    template.pop();
+    Ok(PathBuf::from(OsString::from_vec(template)))
+}
