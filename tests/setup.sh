@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a Debian machine, as root:
 # fuse3 (fusermount3), attr, util-linux (setpriv, unshare), fio,
-# fuse-overlayfs and busybox-static for the benchmark smoke test, the crates.io
+# fuse-overlayfs and busybox-static for the benchmark smoke test and the
+# launcher tests, uidmap and debootstrap for rootless and Debian containers, the crates.io
 # conformance tools fsx and pjdfstest (see tools/install-pjdfstest.sh), and the
 # unprivileged users pjdfstest switches to. Safe to run again.
 set -euo pipefail
@@ -19,7 +20,9 @@ command -v setfattr >/dev/null || need+=(attr)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v fio >/dev/null || need+=(fio)                      # bench/ (smoke test)
 command -v fuse-overlayfs >/dev/null || need+=(fuse-overlayfs) # bench/ compares with it
-command -v busybox >/dev/null || need+=(busybox-static)       # bench/ real-world rootfs
+command -v busybox >/dev/null || need+=(busybox-static)       # bench/ and `run` rootfs
+command -v newuidmap >/dev/null || need+=(uidmap)             # rootless `run`
+command -v debootstrap >/dev/null || need+=(debootstrap)      # `run` on a Debian rootfs
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -33,4 +36,7 @@ bash "$here/tools/install-pjdfstest.sh"
 getent group nogroup >/dev/null || groupadd -g 65534 nogroup
 id nobody >/dev/null 2>&1 || useradd -M -u 65534 -g nogroup -s /usr/sbin/nologin nobody
 id tests >/dev/null 2>&1 || useradd -M -U -s /usr/sbin/nologin tests
+# Subordinate ids for rootless containers (useradd adds them on most systems).
+grep -q '^tests:' /etc/subuid 2>/dev/null || usermod --add-subuids 100000-165535 tests
+grep -q '^tests:' /etc/subgid 2>/dev/null || usermod --add-subgids 100000-165535 tests
 echo "tests/setup.sh: ready"

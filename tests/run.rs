@@ -1,0 +1,760 @@
+//! `unionfs run`: containers on a busybox rootfs made here and on a real
+//! Debian rootfs (debootstrap, cached under /var/tmp between runs), rootful
+//! and rootless, with what must be left behind on every way out: nothing.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Scratch, bin};
+
+/// A busybox rootfs: the static binary, its applet links and a few files.
+fn busybox_rootfs(root: &Path) {
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
+    let list = Command::new("/bin/busybox")
+        .arg("--list-full")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let link = root.join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("/bin/busybox", link).unwrap();
+        }
+    }
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )
+    .unwrap();
+    fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    fs::write(
+        root.join("etc/os-release"),
+        "NAME=\"busybox test rootfs\"\nID=busybox\n",
+    )
+    .unwrap();
+}
+
+/// A test's world: a rootfs lower, a scratch TMPDIR for the launcher.
+struct World {
+    s: Scratch,
+    lower: PathBuf,
+    tmp: PathBuf,
+}
+
+impl World {
+    fn new(tag: &str) -> World {
+        let s = Scratch::new(tag);
+        fs::set_permissions(&s.path, fs::Permissions::from_mode(0o755)).unwrap();
+        let lower = s.dir("rootfs");
+        busybox_rootfs(&lower);
+        let tmp = s.dir("tmp");
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).unwrap();
+        World { s, lower, tmp }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("run")
+            .arg("--lower")
+            .arg(&self.lower)
+            .args(args)
+            .env("TMPDIR", &self.tmp)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        finish(
+            self.cmd(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// Nothing of the launcher is left: no scratch directory, no mount.
+    fn assert_clean(&self) {
+        let left: Vec<_> = fs::read_dir(&self.tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let tmp = self.tmp.to_string_lossy();
+        assert!(!info.contains(tmp.as_ref()), "a mount is left under {tmp}");
+    }
+}
+
+/// Waits for a child, killing it after a minute (a hang is a failure).
+fn finish(mut child: Child) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("unionfs run hung");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "status {:?}, stderr: {}",
+        o.status,
+        stderr(o)
+    );
+    stdout(o)
+}
+
+/// Processes other than launchers whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() != "unionfs")
+        })
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(marker)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_busybox_container_sees_its_own_world() {
+    let w = World::new("run-basic");
+    let upper = w.s.path.join("upper");
+    let out = ok(&w.run(&[
+        "--upper",
+        upper.to_str().unwrap(),
+        "--hostname",
+        "box1",
+        "--",
+        "sh",
+        "-c",
+        "echo hi > /x; echo pid=$$; hostname; cat /etc/os-release; ps -o pid,args | wc -l; \
+         ls /dev; grep ' / ' /proc/mounts; grep ' /sys ' /proc/mounts; echo path=$PATH",
+    ]));
+    assert!(out.contains("pid=1\n"), "{out}");
+    assert!(out.contains("box1\n"), "{out}");
+    assert!(out.contains("busybox test rootfs"), "{out}");
+    // The header, sh, ps and wc: nothing of the host.
+    assert!(out.contains("\n4\n"), "{out}");
+    for dev in [
+        "null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm", "fd",
+    ] {
+        assert!(out.lines().any(|l| l == dev), "/dev/{dev} missing: {out}");
+    }
+    assert!(out.contains("unionfs / fuse.unionfs"), "{out}");
+    assert!(out.contains(" /sys sysfs ro,"), "{out}");
+    assert!(out.contains("path=/usr/local/sbin:"), "{out}");
+    assert_eq!(fs::read_to_string(upper.join("x")).unwrap(), "hi\n");
+    assert!(!w.lower.join("x").exists());
+    // No mount point or old root was written into the upper.
+    let names: Vec<_> = fs::read_dir(&upper)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names, vec!["x"], "upper holds {names:?}");
+    w.assert_clean();
+
+    // The next run over the same upper sees the change.
+    let out = ok(&w.run(&["--upper", upper.to_str().unwrap(), "--", "cat", "/x"]));
+    assert_eq!(out, "hi\n");
+    w.assert_clean();
+}
+
+#[test]
+fn exit_codes_come_back() {
+    let w = World::new("run-exit");
+    for code in [0, 1, 42] {
+        let o = w.run(&["--", "sh", "-c", &format!("exit {code}")]);
+        assert_eq!(o.status.code(), Some(code), "{}", stderr(&o));
+    }
+    // A signal: 128+N. (PID 1 cannot kill itself, so under --init.)
+    let o = w.run(&["--init", "--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
+    let o = w.run(&["--", "no-such-command"]);
+    assert_eq!(o.status.code(), Some(127));
+    assert_eq!(
+        stderr(&o),
+        "unionfs run: no-such-command: not found in the container\n"
+    );
+    // Found in the host's PATH is not enough.
+    let o = w.run(&["--", "cargo", "--version"]);
+    assert_eq!(o.status.code(), Some(127), "{}", stderr(&o));
+    fs::write(w.lower.join("bin/notexec"), "#!/bin/sh\n").unwrap();
+    let o = w.run(&["--", "/bin/notexec"]);
+    assert_eq!(o.status.code(), Some(126), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    w.assert_clean();
+}
+
+#[test]
+fn the_throwaway_upper_is_removed_and_the_lower_untouched() {
+    let w = World::new("run-temp");
+    let out = ok(&w.run(&[
+        "--",
+        "sh",
+        "-c",
+        "echo new > /etc/os-release; rm /bin/ls; mkdir /d; cat /etc/os-release",
+    ]));
+    assert_eq!(out, "new\n");
+    assert!(w.lower.join("bin/ls").exists());
+    assert!(
+        fs::read_to_string(w.lower.join("etc/os-release"))
+            .unwrap()
+            .contains("busybox")
+    );
+    w.assert_clean();
+}
+
+#[test]
+fn init_reaps_orphans_and_passes_signals() {
+    let w = World::new("run-init");
+    // Orphans left by a subshell are reaped: no zombie remains.
+    let out = ok(&w.run(&[
+        "--init",
+        "--",
+        "sh",
+        "-c",
+        "(sleep 0.1 &) ; sleep 0.4; echo pid=$$; ps -o stat,args | grep -c '^Z' || true",
+    ]));
+    assert!(out.contains("pid=2\n"), "{out}");
+    assert!(out.ends_with("0\n"), "a zombie was left: {out}");
+}
+
+#[test]
+fn sigterm_to_the_launcher_ends_everything() {
+    let w = World::new("run-term");
+    // PID 1 without a handler ignores SIGTERM: killed after the stop timeout.
+    let child = w
+        .cmd(&["--stop-timeout", "1", "--", "sleep", "4101"])
+        .spawn()
+        .unwrap();
+    wait_until("the container", || !processes_with("sleep 4101").is_empty());
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = finish(child);
+    assert_eq!(o.status.code(), Some(137));
+    assert!(processes_with("sleep 4101").is_empty());
+    w.assert_clean();
+
+    // A command that handles SIGTERM gets it and ends by itself.
+    let child = w
+        .cmd(&["--", "sh", "-c", "trap 'exit 7' TERM; sleep 4102 & wait"])
+        .spawn()
+        .unwrap();
+    wait_until("the container", || !processes_with("sleep 4102").is_empty());
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = finish(child);
+    assert_eq!(o.status.code(), Some(7));
+    wait_until("the orphan to go", || {
+        processes_with("sleep 4102").is_empty()
+    });
+    w.assert_clean();
+
+    // Under --init the command gets the default action: 128+15.
+    let child = w.cmd(&["--init", "--", "sleep", "4103"]).spawn().unwrap();
+    wait_until("the container", || !processes_with("sleep 4103").is_empty());
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let o = finish(child);
+    assert_eq!(o.status.code(), Some(129));
+    w.assert_clean();
+}
+
+#[test]
+fn a_killed_launcher_takes_its_container_along() {
+    let w = World::new("run-kill");
+    let mut child = w.cmd(&["--", "sleep", "4104"]).spawn().unwrap();
+    wait_until("the container", || !processes_with("sleep 4104").is_empty());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_until("the container to die", || {
+        processes_with("sleep 4104").is_empty()
+    });
+    // The mount lived in the launcher's own namespace: gone with it. (The
+    // scratch directory cannot be removed by a killed process.)
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!info.contains(w.tmp.to_string_lossy().as_ref()));
+}
+
+#[test]
+fn binds_environment_user_cwd_and_network() {
+    let w = World::new("run-opts");
+    let data = w.s.dir("data");
+    fs::write(data.join("in"), "from host\n").unwrap();
+    let bind_rw = format!("{}:/mnt/rw", data.display());
+    let bind_ro = format!("{}:/mnt/ro:ro", data.display());
+    let upper = w.s.path.join("upper");
+    let out = ok(&w.run(&[
+        "--upper",
+        upper.to_str().unwrap(),
+        "--bind",
+        &bind_rw,
+        "--bind",
+        &bind_ro,
+        "-e",
+        "GREETING=hello world",
+        "-e",
+        "PATH=/bin",
+        "--cwd",
+        "/work/here",
+        "--net",
+        "none",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING; echo $PATH; pwd; cat /mnt/ro/in; echo w > /mnt/rw/out; \
+         touch /mnt/ro/x 2>/dev/null || echo ro-refused; ifconfig -a | grep -c '^[a-z]'; \
+         ifconfig lo | grep -c UP",
+    ]));
+    assert_eq!(
+        out, "hello world\n/bin\n/work/here\nfrom host\nro-refused\n1\n1\n",
+        "stdout"
+    );
+    assert_eq!(fs::read_to_string(data.join("out")).unwrap(), "w\n");
+    assert!(upper.join("work/here").is_dir());
+    // Bind mount points were made in the upper; the binds' content was not.
+    assert!(!upper.join("mnt/rw/out").exists());
+
+    let out = ok(&w.run(&[
+        "--upper",
+        upper.to_str().unwrap(),
+        "--user",
+        "nobody",
+        "--",
+        "sh",
+        "-c",
+        "id -u; id -g; echo $HOME; touch /tmp/mine; cat /etc/shadow 2>/dev/null || echo denied; touch /etc/x 2>/dev/null || echo denied",
+    ]));
+    assert_eq!(out, "65534\n65534\n/nonexistent\ndenied\ndenied\n");
+    assert_eq!(fs::metadata(upper.join("tmp/mine")).unwrap().uid(), 65534);
+    let out = ok(&w.run(&["--user", "1234:5", "--", "sh", "-c", "id -u; id -g"]));
+    assert_eq!(out, "1234\n5\n");
+    w.assert_clean();
+}
+
+#[test]
+fn symlinks_in_the_image_cannot_place_mounts_outside_it() {
+    let w = World::new("run-hostile");
+    // The image points /mnt at an absolute path that exists on the host and,
+    // as a different directory, in the image: mount points must be made in
+    // the image's.
+    let outside = w.s.dir("outside");
+    let inside = w.lower.join(outside.strip_prefix("/").unwrap());
+    fs::create_dir_all(&inside).unwrap();
+    std::os::unix::fs::symlink(&outside, w.lower.join("mnt")).unwrap();
+    let upper = w.s.path.join("upper");
+    let data = w.s.dir("data");
+    fs::write(data.join("f"), "data\n").unwrap();
+    let bind = format!("{}:/mnt/target", data.display());
+    let out = ok(&w.run(&[
+        "--upper",
+        upper.to_str().unwrap(),
+        "--bind",
+        &bind,
+        "--",
+        "cat",
+        "/mnt/target/f",
+    ]));
+    assert_eq!(out, "data\n");
+    let host_side: Vec<_> = fs::read_dir(&outside)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        host_side.is_empty(),
+        "the launcher wrote outside the root: {host_side:?}"
+    );
+    assert!(
+        upper
+            .join(outside.strip_prefix("/").unwrap())
+            .join("target")
+            .is_dir()
+    );
+
+    // A /dev leading nowhere in the image is refused, and nothing is made.
+    fs::remove_dir(w.lower.join("dev")).unwrap();
+    std::os::unix::fs::symlink(outside.join("dev"), w.lower.join("dev")).unwrap();
+    let o = w.run(&["--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        stderr(&o).contains("cannot make /dev in the container"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(fs::read_dir(&outside).unwrap().next().is_none());
+    w.assert_clean();
+}
+
+#[test]
+fn bad_input_gets_one_line_and_nothing_is_left() {
+    let w = World::new("run-bad");
+    let file = w.s.path.join("a-file");
+    fs::write(&file, "").unwrap();
+    let f = file.to_str().unwrap();
+    let lower = w.lower.to_str().unwrap().to_string();
+    let missing = w.s.path.join("missing").to_string_lossy().into_owned();
+    let deep = format!("{missing}/a/b");
+    let missing_bind = format!("{missing}:/x");
+    // (arguments after `run`, expected exit code, expected text in the line)
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec!["--lower", &missing, "--", "true"],
+            125,
+            "lower directory",
+        ),
+        (vec!["--lower", f, "--", "true"], 125, "not a directory"),
+        (vec!["--lower", "", "--", "true"], 125, "empty element"),
+        (
+            vec!["--lower", &lower, "--upper", f, "--", "true"],
+            125,
+            "not a directory",
+        ),
+        (
+            vec!["--lower", &lower, "--upper", &deep, "--", "true"],
+            125,
+            "cannot create upper",
+        ),
+        (
+            vec!["--lower", &lower, "--upper", &lower, "--", "true"],
+            125,
+            "must not be the same",
+        ),
+        (
+            vec!["--lower", &lower, "-e", "NOVALUE", "--", "true"],
+            125,
+            "bad --env",
+        ),
+        (
+            vec!["--lower", &lower, "-e", "=x", "--", "true"],
+            125,
+            "bad --env",
+        ),
+        (
+            vec!["--lower", &lower, "--bind", "/etc", "--", "true"],
+            125,
+            "bad --bind",
+        ),
+        (
+            vec!["--lower", &lower, "--bind", &missing_bind, "--", "true"],
+            125,
+            "bad --bind",
+        ),
+        (
+            vec!["--lower", &lower, "--bind", "/etc:rel", "--", "true"],
+            125,
+            "absolute",
+        ),
+        (
+            vec!["--lower", &lower, "--bind", "/etc:/x:rx", "--", "true"],
+            125,
+            "ro or rw",
+        ),
+        (
+            vec!["--lower", &lower, "--bind", "/etc:/", "--", "true"],
+            125,
+            "root",
+        ),
+        (
+            vec!["--lower", &lower, "--bind", "/etc:/a/../b", "--", "true"],
+            125,
+            "'..'",
+        ),
+        (
+            vec!["--lower", &lower, "--cwd", "relative", "--", "true"],
+            125,
+            "bad --cwd",
+        ),
+        (
+            vec!["--lower", &lower, "--user", "a b", "--", "true"],
+            125,
+            "bad --user",
+        ),
+        (
+            vec!["--lower", &lower, "--user", "ghost", "--", "true"],
+            125,
+            "ghost: not in",
+        ),
+        (
+            vec!["--lower", &lower, "--user", "0:ghosts", "--", "true"],
+            125,
+            "ghosts: not in",
+        ),
+        (
+            vec!["--lower", &lower, "--hostname", "bad name", "--", "true"],
+            125,
+            "bad --hostname",
+        ),
+        (
+            vec!["--lower", &lower, "-o", "bogus", "--", "true"],
+            125,
+            "bogus",
+        ),
+        (
+            vec!["--lower", &lower, "--", "nope"],
+            127,
+            "nope: not found in the container",
+        ),
+        (
+            vec!["--lower", &lower, "--net", "bogus", "--", "true"],
+            2,
+            "bogus",
+        ),
+        (
+            vec!["--lower", &lower, "--stop-timeout", "x", "--", "true"],
+            2,
+            "stop-timeout",
+        ),
+        (vec!["--lower", &lower], 2, "CMD"),
+        (vec!["--", "true"], 2, "--lower"),
+    ];
+    for (args, code, text) in &cases {
+        let o = Command::new(bin())
+            .arg("run")
+            .args(args)
+            .env("TMPDIR", &w.tmp)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(*code), "{args:?}: {err}");
+        assert!(err.contains(text), "{args:?}: {err}");
+        if *code == 125 || *code == 127 {
+            assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+            assert!(err.starts_with("unionfs run: "), "{args:?}: {err}");
+        }
+        w.assert_clean();
+    }
+    assert!(!Path::new(&missing).exists());
+    eprintln!("bad run invocations refused: {}", cases.len());
+}
+
+/// Runs `unionfs run` as `user` (a name) in a mount namespace where
+/// /dev/fuse is a node everyone may open, as on most distributions.
+fn run_rootless(w: &World, user: &str, args: &str) -> Output {
+    let node = w.s.path.join("fuse-node");
+    let script = format!(
+        "mknod -m 666 {node} c 10 229 && mount --bind {node} /dev/fuse && \
+         exec setpriv --reuid={user} --regid=$(id -g {user}) --clear-groups \
+         env TMPDIR={tmp} {bin} run --lower {lower} {args}",
+        node = node.display(),
+        tmp = w.tmp.display(),
+        bin = bin().display(),
+        lower = w.lower.display(),
+    );
+    let child = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    finish(child)
+}
+
+fn uid_of(user: &str) -> u32 {
+    let o = Command::new("id").args(["-u", user]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+}
+
+fn subuid_start(user: &str) -> u32 {
+    let text = fs::read_to_string("/etc/subuid").unwrap_or_default();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{user}:"))?
+                .split(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{user} has no range in /etc/subuid (tests/setup.sh adds it)"))
+}
+
+#[test]
+fn rootless_with_subordinate_ids() {
+    let w = World::new("run-rootless");
+    let uid = uid_of("tests");
+    let upper = w.s.path.join("upper");
+    fs::create_dir(&upper).unwrap();
+    std::os::unix::fs::chown(&upper, Some(uid), None).unwrap();
+    let o = run_rootless(
+        &w,
+        "tests",
+        &format!(
+            "--upper {}/u -- sh -c 'id -u; echo pid=$$; echo hi > /x; touch /y; chown 65534:65534 /y; hostname'",
+            upper.display()
+        ),
+    );
+    let out = ok(&o);
+    assert_eq!(out, "0\npid=1\nunionfs\n");
+    let meta = fs::metadata(upper.join("u/x")).unwrap();
+    assert_eq!(meta.uid(), uid, "root inside is the user outside");
+    let start = subuid_start("tests");
+    assert_eq!(
+        fs::metadata(upper.join("u/y")).unwrap().uid(),
+        start + 65533
+    );
+    w.assert_clean();
+}
+
+#[test]
+fn rootless_with_a_single_id() {
+    let w = World::new("run-single");
+    // nobody has no subordinate ids: root inside is nobody, nothing else mapped.
+    let o = run_rootless(
+        &w,
+        "nobody",
+        "-- sh -c 'id -u; echo hi > /x; ls -ln /x; chown 5 /x 2>/dev/null || echo refused; cat /proc/self/uid_map'",
+    );
+    let out = ok(&o);
+    assert!(out.starts_with("0\n"), "{out}");
+    assert!(out.contains("refused"), "{out}");
+    assert!(out.trim_end().ends_with("0      65534          1"), "{out}");
+    w.assert_clean();
+}
+
+#[test]
+fn rootless_without_a_usable_dev_fuse_says_so() {
+    let w = World::new("run-nofuse");
+    let o = Command::new("setpriv")
+        .args(["--reuid=tests", "--regid=tests", "--clear-groups"])
+        .arg(bin())
+        .args(["run", "--lower"])
+        .arg(&w.lower)
+        .args(["--", "true"])
+        .env("TMPDIR", &w.tmp)
+        .output()
+        .unwrap();
+    // /dev/fuse is 0600 root here, as Debian ships it.
+    assert!(fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o006 != 0o006);
+    assert_eq!(o.status.code(), Some(125));
+    let err = stderr(&o);
+    assert!(err.contains("/dev/fuse cannot be opened"), "{err}");
+    assert_eq!(err.lines().count(), 1);
+    w.assert_clean();
+}
+
+/// A minimal Debian bookworm rootfs, made once per machine.
+fn debian_rootfs() -> PathBuf {
+    let cached = PathBuf::from("/var/tmp/unionfs-test-debian");
+    if cached.join("var/lib/dpkg/status").exists() {
+        return cached;
+    }
+    let building = PathBuf::from(format!(
+        "/var/tmp/unionfs-test-debian.{}",
+        std::process::id()
+    ));
+    let mirror = "http://deb.debian.org/debian";
+    let o = Command::new("debootstrap")
+        .args(["--variant=minbase", "bookworm"])
+        .arg(&building)
+        .arg(mirror)
+        .output()
+        .expect("debootstrap is installed (tests/setup.sh)");
+    assert!(o.status.success(), "debootstrap failed: {}", stderr(&o));
+    if fs::rename(&building, &cached).is_err() {
+        let _ = fs::remove_dir_all(&building);
+    }
+    cached
+}
+
+#[test]
+fn a_debian_container_keeps_its_package_changes_in_the_upper() {
+    let rootfs = debian_rootfs();
+    let s = Scratch::new("run-debian");
+    let tmp = s.dir("tmp");
+    let upper = s.path.join("upper");
+    let run = |script: &str| {
+        let child = Command::new(bin())
+            .args(["run", "--lower"])
+            .arg(&rootfs)
+            .arg("--upper")
+            .arg(&upper)
+            .args(["--", "sh", "-c", script])
+            .env("TMPDIR", &tmp)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        finish(child)
+    };
+    let lower_status = fs::read(rootfs.join("var/lib/dpkg/status")).unwrap();
+    let out = ok(&run(
+        "dpkg -l | grep -c '^ii'; cat /etc/debian_version; useradd -m alice && id -u alice; \
+         dpkg --purge --force-depends e2fsprogs >/dev/null 2>&1; dpkg -l e2fsprogs 2>&1 | tail -1; \
+         test -e /sbin/mke2fs || echo mke2fs-gone",
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].parse::<u32>().unwrap() > 50, "{out}");
+    assert!(lines[1].starts_with("12."), "{out}");
+    assert_eq!(lines[2], "1000");
+    assert!(out.contains("mke2fs-gone"), "{out}");
+    // The changes are in the upper: new files, rewritten ones, whiteouts.
+    assert!(
+        fs::read_to_string(upper.join("etc/passwd"))
+            .unwrap()
+            .contains("alice:")
+    );
+    assert!(upper.join("home/alice").is_dir());
+    assert_ne!(
+        fs::read(upper.join("var/lib/dpkg/status")).unwrap(),
+        lower_status
+    );
+    let whiteout = fs::symlink_metadata(upper.join("usr/sbin/mke2fs")).unwrap();
+    assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0);
+    // The lower is as it was.
+    assert_eq!(
+        fs::read(rootfs.join("var/lib/dpkg/status")).unwrap(),
+        lower_status
+    );
+    assert!(rootfs.join("usr/sbin/mke2fs").exists());
+    // The next run over the same upper sees them.
+    let out = ok(&run(
+        "id -u alice; dpkg -s e2fsprogs >/dev/null 2>&1 || echo purged",
+    ));
+    assert_eq!(out, "1000\npurged\n");
+    let left: Vec<_> = fs::read_dir(&tmp).unwrap().flatten().collect();
+    assert!(left.is_empty());
+}
