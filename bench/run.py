@@ -39,6 +39,9 @@ PROFILES = {
 
 HIGHER, LOWER = "higher", "lower"
 
+# Containers started per round for the container row (median reported).
+CONTAINER_RUNS = 10
+
 # key, title, unit, which direction is better
 WORKLOADS = [
     ("mount_ready", "mount ready (command start to mounted)", "ms", LOWER),
@@ -61,6 +64,7 @@ WORKLOADS = [
     ("rw_find", "real world: find of the rootfs", "ms", LOWER),
     ("rw_rewrite", "real world: rewrite many files", "ms", LOWER),
     ("rss", "daemon peak RSS", "MiB", LOWER),
+    ("container", "container start to exit, busybox `true` (unionfs run)", "ms", LOWER),
 ]
 
 
@@ -204,6 +208,11 @@ class Variant:
     def daemon_pid(self, mnt):
         return None
 
+    def container_start_ms(self, rootfs, scratch, runs):
+        """Median time from launch to exit of a container running `true`;
+        None for a variant without a container launcher."""
+        return None
+
 
 class Bare(Variant):
     """The upper filesystem itself: the lowers copied into a plain directory."""
@@ -272,6 +281,13 @@ class Unionfs(Variant):
 
     def daemon_pid(self, mnt):
         return self.proc.pid if self.proc else None
+
+    def container_start_ms(self, rootfs, scratch, runs):
+        scratch.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, TMPDIR=str(scratch))
+        cmd = [str(self.binary), "run", "--lower", str(rootfs), "--", "true"]
+        times = [sh_timed(cmd, env=env) for _ in range(runs)]
+        return statistics.median(times)
 
 
 def peak_rss_mib(pid):
@@ -406,6 +422,8 @@ def real_world_round(variant, data, scratch):
         r["rw_rewrite"] = rewrite_all(mnt / "usr/share/data")
     finally:
         variant.unmount(mnt)
+    if (data / "rw-lower/bin/busybox").exists():
+        r["container"] = variant.container_start_ms(data / "rw-lower", scratch / "containers", CONTAINER_RUNS)
     return r
 
 
