@@ -31,7 +31,8 @@ impl Union {
                 return Ok(u);
             }
             let (parent, _) = node.parent_and_name();
-            let parent = parent.ok_or(Errno::EIO)?;
+            // Only the root of a read-only union has no upper and no parent.
+            let parent = parent.ok_or(Errno::EROFS)?;
             let parent_upper = self.ensure_upper(&parent)?;
             let _guard = node.copy_up_lock.lock();
             if let Some(u) = node.upper() {
@@ -70,7 +71,7 @@ impl Union {
     ) -> Result<OwnedFd> {
         let dir_times = sys::stat_fd(dir)?;
         let tmp = self.temp_name();
-        let work = self.work_fd();
+        let work = self.work_fd()?;
         let built = self.build_copy(&tmp, src, st).and_then(|obj| {
             sys::rename_at(work, &tmp, dir, name, libc::RENAME_NOREPLACE)?;
             Ok(obj)
@@ -89,7 +90,7 @@ impl Union {
 
     /// Builds the full copy of `src` as `tmp` in the work directory.
     fn build_copy(&self, tmp: &OsStr, src: BorrowedFd<'_>, st: &Stat) -> Result<OwnedFd> {
-        let work = self.work_fd();
+        let work = self.work_fd()?;
         let kind = sys::file_type(st.st_mode);
         let data = match kind {
             libc::S_IFREG => Some(sys::create_file(work, tmp, libc::O_WRONLY, 0o600)?),

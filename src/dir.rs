@@ -89,7 +89,7 @@ impl Union {
         // new directory still does, as in the kernel.
         let opaque = is_dir && slot.over_whiteout;
         let (build_dir, build_name) = if slot.over_whiteout {
-            (self.work_fd(), self.temp_name())
+            (self.work_fd()?, self.temp_name())
         } else {
             (slot.dir.dir(), name.to_os_string())
         };
@@ -272,7 +272,7 @@ impl Union {
 
     /// Turns the upper object at `name` in `dir` into a whiteout, atomically.
     fn replace_with_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> Result<()> {
-        let work = self.work_fd();
+        let work = self.work_fd()?;
         let tmp = self.temp_name();
         format::make_whiteout(work, &tmp)?;
         let flags = if is_dir { libc::RENAME_EXCHANGE } else { 0 };
@@ -292,8 +292,8 @@ impl Union {
         match sys::unlink_at(dir, name, true) {
             Err(Errno::ENOTEMPTY) => {
                 let tmp = self.temp_name();
-                sys::rename_at(dir, name, self.work_fd(), &tmp, 0)?;
-                remove_tree(self.work_fd(), &tmp)
+                sys::rename_at(dir, name, self.work_fd()?, &tmp, 0)?;
+                remove_tree(self.work_fd()?, &tmp)
             }
             other => other,
         }

@@ -18,16 +18,13 @@ use fuser::{
 use tracing::debug;
 
 use crate::inode::AttrChange;
+use crate::options::Presentation;
 use crate::passthrough::{
     CreateReply, IoModes, PassthroughMode, can_register_backing_files, log_mode,
 };
 use crate::superblock::{Caller, Union};
 use crate::sys::{Errno, Result, SetTime, Stat};
 
-/// How long the kernel may trust what it was told. Every change to the union
-/// passes through the kernel, which updates or drops what it cached, and the
-/// lower layers do not change by contract: the answers stay true.
-const TTL: Duration = Duration::from_secs(60);
 const MAX_WRITE: u32 = 1 << 20;
 
 /// The union as fuser sees it.
@@ -35,14 +32,59 @@ pub struct UnionFs {
     core: Arc<Union>,
     passthrough: PassthroughMode,
     io: IoModes,
+    /// Owners, link counts, xattrs and ACLs as shown, and how long the
+    /// kernel may trust what it was told (every change to the union passes
+    /// through the kernel, and the lowers do not change by contract).
+    shown: Presentation,
 }
 
 impl UnionFs {
-    pub fn new(core: Arc<Union>, passthrough: PassthroughMode) -> UnionFs {
+    pub fn new(core: Arc<Union>, passthrough: PassthroughMode, shown: Presentation) -> UnionFs {
         UnionFs {
             core,
             passthrough,
             io: IoModes::default(),
+            shown,
+        }
+    }
+
+    fn attr(&self, st: &Stat) -> FileAttr {
+        let mut a = attr(st);
+        let ids = &self.shown.ids;
+        a.uid = ids.uids.shown(a.uid);
+        a.gid = ids.gids.shown(a.gid);
+        if self.shown.static_nlink && a.kind == FileType::Directory {
+            a.nlink = 1;
+        }
+        a
+    }
+
+    /// Who asks, with ids as the layers store them.
+    fn caller(&self, req: &Request, umask: u32) -> Caller {
+        Caller {
+            uid: self.shown.ids.uids.disk(req.uid()),
+            gid: self.shown.ids.gids.disk(req.gid()),
+            umask,
+        }
+    }
+
+    fn reply_entry(&self, reply: ReplyEntry, r: Result<Stat>) {
+        match r {
+            Ok(st) => reply.entry(&self.shown.ttl, &self.attr(&st), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    /// A lookup answer; a name that is not there is cached as such (node
+    /// id 0), which is safe because every change goes through the kernel.
+    fn reply_lookup(&self, reply: ReplyEntry, r: Result<Stat>) {
+        match r {
+            Err(e) if e == Errno::ENOENT => {
+                let mut none: Stat = unsafe { std::mem::zeroed() };
+                none.st_mode = libc::S_IFREG;
+                reply.entry(&self.shown.ttl, &attr(&none), Generation(0));
+            }
+            other => self.reply_entry(reply, other),
         }
     }
 
@@ -155,34 +197,6 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     })
 }
 
-fn caller(req: &Request, umask: u32) -> Caller {
-    Caller {
-        uid: req.uid(),
-        gid: req.gid(),
-        umask,
-    }
-}
-
-fn reply_entry(reply: ReplyEntry, r: Result<Stat>) {
-    match r {
-        Ok(st) => reply.entry(&TTL, &attr(&st), Generation(0)),
-        Err(e) => reply.error(errno(e)),
-    }
-}
-
-/// A lookup answer; a name that is not there is cached as such for `TTL`
-/// (node id 0), which is safe because every change goes through the kernel.
-fn reply_lookup(reply: ReplyEntry, r: Result<Stat>) {
-    match r {
-        Err(e) if e == Errno::ENOENT => {
-            let mut none: Stat = unsafe { std::mem::zeroed() };
-            none.st_mode = libc::S_IFREG;
-            reply.entry(&TTL, &attr(&none), Generation(0));
-        }
-        other => reply_entry(reply, other),
-    }
-}
-
 fn reply_empty(reply: ReplyEmpty, r: Result<()>) {
     match r {
         Ok(()) => reply.ok(),
@@ -204,18 +218,22 @@ impl Filesystem for UnionFs {
         let wanted = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
-            // ACLs checked and cached by the kernel: one getxattr per inode,
-            // not one per `ls -l` of it.
-            | InitFlags::FUSE_POSIX_ACL;
-        let _ = config.add_capabilities(wanted);
+            | InitFlags::FUSE_READDIRPLUS_AUTO;
+        // ACLs checked and cached by the kernel: one getxattr per inode,
+        // not one per `ls -l` of it.
+        let acl = if self.shown.acl && self.shown.xattrs {
+            InitFlags::FUSE_POSIX_ACL
+        } else {
+            InitFlags::empty()
+        };
+        let _ = config.add_capabilities(wanted | acl);
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
         self.negotiate_passthrough(config)
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_lookup(reply, self.core.lookup(parent.0, name).map(|(_, st)| st));
+        self.reply_lookup(reply, self.core.lookup(parent.0, name).map(|(_, st)| st));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -224,7 +242,7 @@ impl Filesystem for UnionFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.core.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(st) => reply.attr(&TTL, &attr(&st)),
+            Ok(st) => reply.attr(&self.shown.ttl, &self.attr(&st)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -249,15 +267,15 @@ impl Filesystem for UnionFs {
     ) {
         let ch = AttrChange {
             mode,
-            uid,
-            gid,
+            uid: uid.map(|u| self.shown.ids.uids.disk(u)),
+            gid: gid.map(|g| self.shown.ids.gids.disk(g)),
             size,
             atime: set_time(atime),
             mtime: set_time(mtime),
             fh: fh.map(|f| f.0),
         };
         match self.core.setattr(ino.0, ch) {
-            Ok(st) => reply.attr(&TTL, &attr(&st)),
+            Ok(st) => reply.attr(&self.shown.ttl, &self.attr(&st)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -279,10 +297,14 @@ impl Filesystem for UnionFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .core
-            .mknod(parent.0, name, mode, decode_dev(rdev), caller(req, umask));
-        reply_entry(reply, r.map(|(_, st)| st));
+        let r = self.core.mknod(
+            parent.0,
+            name,
+            mode,
+            decode_dev(rdev),
+            self.caller(req, umask),
+        );
+        self.reply_entry(reply, r.map(|(_, st)| st));
     }
 
     fn mkdir(
@@ -294,10 +316,10 @@ impl Filesystem for UnionFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(
+        self.reply_entry(
             reply,
             self.core
-                .mkdir(parent.0, name, mode, caller(req, umask))
+                .mkdir(parent.0, name, mode, self.caller(req, umask))
                 .map(|(_, st)| st),
         );
     }
@@ -320,8 +342,8 @@ impl Filesystem for UnionFs {
     ) {
         let r = self
             .core
-            .symlink(parent.0, link_name, target.as_os_str(), caller(req, 0));
-        reply_entry(reply, r.map(|(_, st)| st));
+            .symlink(parent.0, link_name, target.as_os_str(), self.caller(req, 0));
+        self.reply_entry(reply, r.map(|(_, st)| st));
     }
 
     fn rename(
@@ -349,7 +371,7 @@ impl Filesystem for UnionFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(
+        self.reply_entry(
             reply,
             self.core
                 .link(ino.0, newparent.0, newname)
@@ -478,8 +500,8 @@ impl Filesystem for UnionFs {
                 INodeNo(st.st_ino),
                 next,
                 &e.name,
-                &TTL,
-                &attr(st),
+                &self.shown.ttl,
+                &self.attr(st),
                 Generation(0),
             )
         });
@@ -531,14 +553,23 @@ impl Filesystem for UnionFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if !self.shown.xattrs {
+            return reply.error(FErrno::from_i32(libc::ENOTSUP));
+        }
         reply_empty(reply, self.core.setxattr(ino.0, name, value, flags));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.shown.xattrs {
+            return reply.error(FErrno::from_i32(libc::ENOTSUP));
+        }
         reply_xattr(reply, self.core.getxattr(ino.0, name), size);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.shown.xattrs {
+            return reply_xattr(reply, Ok(Vec::new()), size);
+        }
         let r = self.core.listxattr(ino.0).map(|names| {
             let mut buf = Vec::new();
             for n in names {
@@ -551,6 +582,9 @@ impl Filesystem for UnionFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if !self.shown.xattrs {
+            return reply.error(FErrno::from_i32(libc::ENOTSUP));
+        }
         reply_empty(reply, self.core.removexattr(ino.0, name));
     }
 
@@ -571,14 +605,14 @@ impl Filesystem for UnionFs {
     ) {
         match self
             .core
-            .create(parent.0, name, mode, flags, caller(req, umask))
+            .create(parent.0, name, mode, flags, self.caller(req, umask))
         {
             Ok((node, st, fd)) => {
                 let ino = node.id;
                 let o = self.core.created(node, fd, flags);
                 let reply = CreateReply {
                     reply,
-                    ttl: TTL,
+                    ttl: self.shown.ttl,
                     attr: attr(&st),
                 };
                 self.io.reply_open(ino, o.fh, o.fd.as_fd(), true, reply);

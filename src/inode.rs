@@ -148,7 +148,7 @@ impl Union {
     }
 
     pub fn statfs(&self) -> Result<FsStats> {
-        let st = sys::statfs_fd(self.upper_root.as_fd())?;
+        let st = sys::statfs_fd(self.space_root.as_fd())?;
         Ok(FsStats {
             blocks: st.f_blocks,
             bfree: st.f_bfree,

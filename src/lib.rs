@@ -5,12 +5,14 @@
 //! `file`) knows nothing of FUSE; `fuse` adapts it to fuser, `mount` brings a
 //! union up and down, `options` checks what the user asked for.
 
+pub mod compat;
 pub mod copy_up;
 pub mod demo;
 pub mod dir;
 pub mod file;
 pub mod format;
 pub mod fuse;
+pub mod ids;
 pub mod inode;
 pub mod mount;
 pub mod namei;

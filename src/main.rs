@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use unionfs::options::{self, MountRequest};
-use unionfs::{demo, mount, run};
+use unionfs::{compat, demo, mount, run};
 
 /// Exit code for bad input (as clap's own usage errors).
 const EXIT_BAD_INPUT: u8 = 2;
@@ -19,7 +19,8 @@ const EXIT_FAILED: u8 = 1;
 #[command(
     name = "unionfs",
     version,
-    about = "A copy-on-write union filesystem over FUSE, compatible with overlayfs"
+    about = "A copy-on-write union filesystem over FUSE, compatible with overlayfs",
+    after_help = compat::USAGE
 )]
 struct Cli {
     #[command(subcommand)]
@@ -104,6 +105,16 @@ fn init_logging(default: &str) {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if compat::is_compat_invocation(&args) {
+        let debug = args.iter().any(|a| a == "-d" || a == "--debug");
+        init_logging(if debug {
+            "unionfs=debug"
+        } else {
+            "unionfs=warn"
+        });
+        return ExitCode::from(compat::main(&args[1..]));
+    }
     let cli = Cli::parse();
     // A launcher speaks only of problems; a mount reports what it does.
     init_logging(if matches!(cli.command, Command::Run { .. }) {
@@ -123,6 +134,7 @@ fn main() -> ExitCode {
                 upper,
                 mountpoint,
                 options,
+                workdir: None,
             };
             let plan = match options::plan(&req) {
                 Ok(p) => p,
@@ -131,7 +143,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_INPUT);
                 }
             };
-            match mount::serve(&plan) {
+            match mount::serve(&plan, || {}) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(msg) => {
                     eprintln!("unionfs: {msg}");

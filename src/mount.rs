@@ -11,7 +11,7 @@ use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use tracing::{info, warn};
 
 use crate::fuse::UnionFs;
-use crate::options::MountPlan;
+use crate::options::{Access, MountPlan, UpperPlan};
 use crate::superblock::{Tuning, Union, clear_dir};
 use crate::sys;
 
@@ -58,7 +58,7 @@ struct WorkDir {
     scratch: OwnedFd,
 }
 
-fn claim_workdir(plan: &MountPlan) -> Result<WorkDir, String> {
+fn claim_workdir(plan: &UpperPlan) -> Result<WorkDir, String> {
     let wd = &plan.workdir;
     if plan.create_workdir {
         match std::fs::create_dir(wd) {
@@ -151,65 +151,92 @@ fn spawn_signal_watcher(set: libc::sigset_t, mnt: PathBuf) {
     });
 }
 
-fn session_config(n_threads: usize) -> Config {
+fn session_config(plan: &MountPlan, n_threads: usize) -> Config {
+    let f = &plan.mount_flags;
+    let root = unsafe { libc::geteuid() } == 0;
     let mut cfg = Config::default();
     cfg.mount_options = vec![
-        MountOption::FSName("unionfs".into()),
+        MountOption::FSName(f.fsname.clone().unwrap_or_else(|| "unionfs".into())),
         MountOption::CUSTOM("subtype=unionfs".into()),
         MountOption::DefaultPermissions,
     ];
-    if unsafe { libc::geteuid() } == 0 {
-        cfg.mount_options
-            .extend([MountOption::Suid, MountOption::Dev]);
-    }
-    cfg.acl = SessionACL::All;
+    let flags = [
+        (f.read_only, MountOption::RO),
+        (f.noexec, MountOption::NoExec),
+        (f.noatime, MountOption::NoAtime),
+        // Setuid and devices work as on a kernel mount when root mounts.
+        (root && !f.nosuid, MountOption::Suid),
+        (root && !f.nodev, MountOption::Dev),
+    ];
+    cfg.mount_options
+        .extend(flags.into_iter().filter(|(on, _)| *on).map(|(_, o)| o));
+    cfg.acl = match f.access {
+        Access::AllowOther => SessionACL::All,
+        Access::AllowRoot => SessionACL::RootAndOwner,
+        Access::Default if root => SessionACL::All,
+        Access::Default => SessionACL::Owner,
+    };
     cfg.n_threads = Some(n_threads);
     cfg.clone_fd = true;
     cfg
 }
 
+/// A mounted union not served yet, with the lock on its work directory.
+type Mounted = (Session<UnionFs>, Option<OwnedFd>, Arc<Union>);
+
 /// Opens the layers, claims the work directory and mounts the union; the
 /// returned session is not served yet.
-fn mount_union(plan: &MountPlan) -> Result<(Session<UnionFs>, OwnedFd, Arc<Union>), String> {
+fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
     check_dev_fuse()?;
     raise_fd_limit();
     unsafe { libc::umask(0) };
-    let upper = open_layer("upper directory", &plan.upper)?;
     let lowers = plan
         .lowers
         .iter()
         .map(|l| open_layer("lower directory", l))
         .collect::<Result<Vec<_>, _>>()?;
-    let WorkDir { lock, scratch } = claim_workdir(plan)?;
+    let (upper, lock) = match &plan.upper {
+        Some(u) => {
+            let upper = open_layer("upper directory", &u.upper)?;
+            let WorkDir { lock, scratch } = claim_workdir(u)?;
+            (Some((upper, scratch)), Some(lock))
+        }
+        None => (None, None),
+    };
     let tuning = Tuning {
         volatile: plan.volatile,
     };
-    let union = Arc::new(Union::new(upper, lowers, scratch, tuning));
+    let union = Arc::new(Union::new(upper, lowers, tuning));
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
         .clamp(2, 8)
         * 2;
     let session = Session::new(
-        UnionFs::new(union.clone(), plan.passthrough),
+        UnionFs::new(union.clone(), plan.passthrough, plan.presentation.clone()),
         &plan.mountpoint,
-        &session_config(threads),
+        &session_config(plan, threads),
     )
     .map_err(|e| format!("cannot mount on {}: {e}", plan.mountpoint.display()))?;
-    info!(
-        mountpoint = %plan.mountpoint.display(),
-        workdir = %plan.workdir.display(),
-        xattrs = ?union.ns,
-        "mounted"
-    );
+    match &plan.upper {
+        Some(u) => info!(
+            mountpoint = %plan.mountpoint.display(),
+            workdir = %u.workdir.display(),
+            xattrs = ?union.ns,
+            "mounted"
+        ),
+        None => info!(mountpoint = %plan.mountpoint.display(), "mounted read-only"),
+    }
     Ok((session, lock, union))
 }
 
-/// Mounts the planned union and serves it until it is unmounted.
-pub fn serve(plan: &MountPlan) -> Result<(), String> {
+/// Mounts the planned union and serves it until it is unmounted;
+/// `on_mounted` runs once the mount is live.
+pub fn serve(plan: &MountPlan, on_mounted: impl FnOnce()) -> Result<(), String> {
     let signals = block_stop_signals();
     let (session, work, _union) = mount_union(plan)?;
     spawn_signal_watcher(signals, plan.mountpoint.clone());
+    on_mounted();
     if let Err(e) = session.run() {
         warn!("session ended: {e}");
     }
@@ -222,7 +249,7 @@ pub fn serve(plan: &MountPlan) -> Result<(), String> {
 /// has other work to do meanwhile (the container launcher).
 pub struct Running {
     session: BackgroundSession,
-    _work_lock: OwnedFd,
+    _work_lock: Option<OwnedFd>,
     mountpoint: PathBuf,
 }
 

@@ -7,6 +7,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::ids::IdMapping;
 use crate::passthrough::PassthroughMode;
 
 /// What the user asked for.
@@ -17,19 +18,79 @@ pub struct MountRequest {
     pub mountpoint: PathBuf,
     /// `-o` arguments, each a comma-separated list.
     pub options: Vec<String>,
+    /// A work directory chosen by the program (wins over `-o workdir=`).
+    pub workdir: Option<PathBuf>,
+}
+
+/// The writable half of a union.
+#[derive(Clone, Debug)]
+pub struct UpperPlan {
+    pub upper: PathBuf,
+    pub workdir: PathBuf,
+    /// The work directory is the default one and may not exist yet.
+    pub create_workdir: bool,
 }
 
 /// A checked mount: canonical paths, all directories, nothing overlapping.
 #[derive(Clone, Debug)]
 pub struct MountPlan {
     pub lowers: Vec<PathBuf>,
-    pub upper: PathBuf,
+    /// None: a read-only union of the lowers.
+    pub upper: Option<UpperPlan>,
     pub mountpoint: PathBuf,
-    pub workdir: PathBuf,
-    /// The work directory is the default one and may not exist yet.
-    pub create_workdir: bool,
     pub volatile: bool,
     pub passthrough: PassthroughMode,
+    pub presentation: Presentation,
+    pub mount_flags: MountFlags,
+}
+
+/// How the union presents itself (defaults suit `unionfs mount`).
+#[derive(Clone, Debug)]
+pub struct Presentation {
+    pub ids: IdMapping,
+    /// Directories report a link count of 1.
+    pub static_nlink: bool,
+    /// Extended attributes are served (else ENOTSUP).
+    pub xattrs: bool,
+    /// POSIX ACLs are enforced by the kernel.
+    pub acl: bool,
+    /// How long the kernel may cache entries and attributes.
+    pub ttl: std::time::Duration,
+}
+
+impl Default for Presentation {
+    fn default() -> Self {
+        Presentation {
+            ids: IdMapping::default(),
+            static_nlink: false,
+            xattrs: true,
+            acl: true,
+            ttl: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// Who may use the mount besides its owner.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Access {
+    /// Everyone when mounted by root (as a kernel mount), else the owner.
+    #[default]
+    Default,
+    AllowOther,
+    AllowRoot,
+}
+
+/// Flags of the mount itself.
+#[derive(Clone, Debug, Default)]
+pub struct MountFlags {
+    pub read_only: bool,
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
+    pub noatime: bool,
+    pub access: Access,
+    /// The source shown in /proc/mounts (default `unionfs`).
+    pub fsname: Option<String>,
 }
 
 /// Splits `L1:L2:...`, where `\:` is a colon inside a path and `\\` a backslash.
@@ -128,7 +189,8 @@ pub fn default_workdir(upper: &Path) -> Result<PathBuf, String> {
     Ok(parent.join(OsString::from_vec(n)))
 }
 
-fn check_workdir(work: &Path, plan: &MountPlan) -> Result<(), String> {
+fn check_workdir(plan: &UpperPlan, lowers: &[PathBuf], mountpoint: &Path) -> Result<(), String> {
+    let work = &plan.workdir;
     if dev_of(work)? != dev_of(&plan.upper)? {
         return Err(format!(
             "work directory {} is not on the same filesystem as upper directory {}",
@@ -143,18 +205,18 @@ fn check_workdir(work: &Path, plan: &MountPlan) -> Result<(), String> {
             plan.upper.display()
         ));
     }
-    if let Some(l) = plan.lowers.iter().find(|l| overlap(work, l)) {
+    if let Some(l) = lowers.iter().find(|l| overlap(work, l)) {
         return Err(format!(
             "work directory {} overlaps lower directory {}",
             work.display(),
             l.display()
         ));
     }
-    if overlap(work, &plan.mountpoint) {
+    if overlap(work, mountpoint) {
         return Err(format!(
             "work directory {} overlaps mount point {}",
             work.display(),
-            plan.mountpoint.display()
+            mountpoint.display()
         ));
     }
     Ok(())
@@ -163,23 +225,61 @@ fn check_workdir(work: &Path, plan: &MountPlan) -> Result<(), String> {
 /// Checks a request completely; touches nothing.
 pub fn plan(req: &MountRequest) -> Result<MountPlan, String> {
     let opts = parse_options(&req.options)?;
-    if req.lowers.is_empty() {
+    let layers = Layers {
+        lowers: &req.lowers,
+        upper: Some(&req.upper),
+        workdir: req.workdir.as_deref().or(opts.workdir.as_deref()),
+        mountpoint: &req.mountpoint,
+    };
+    let (lowers, upper, mountpoint) = check_layers(&layers)?;
+    Ok(MountPlan {
+        lowers,
+        upper,
+        mountpoint,
+        volatile: opts.volatile,
+        passthrough: opts.passthrough,
+        presentation: Presentation::default(),
+        mount_flags: MountFlags::default(),
+    })
+}
+
+/// The directories of a mount, unchecked.
+pub struct Layers<'a> {
+    pub lowers: &'a str,
+    pub upper: Option<&'a Path>,
+    /// None: the default work directory beside the upper.
+    pub workdir: Option<&'a Path>,
+    pub mountpoint: &'a Path,
+}
+
+/// Checks the directories: all exist, none inside another, the work
+/// directory on the upper's filesystem. Touches nothing.
+pub fn check_layers(l: &Layers) -> Result<(Vec<PathBuf>, Option<UpperPlan>, PathBuf), String> {
+    if l.lowers.is_empty() {
         return Err("no lower directory given".into());
     }
-    let lowers = split_lowers(&req.lowers)?
+    let lowers = split_lowers(l.lowers)?
         .iter()
-        .map(|l| existing_dir("lower directory", l))
+        .map(|p| existing_dir("lower directory", p))
         .collect::<Result<Vec<_>, _>>()?;
-    let upper = existing_dir("upper directory", &req.upper)?;
-    let mountpoint = existing_dir("mount point", &req.mountpoint)?;
-    if let Some(l) = lowers.iter().find(|l| overlap(&upper, l)) {
+    let upper = l
+        .upper
+        .map(|u| existing_dir("upper directory", u))
+        .transpose()?;
+    let mountpoint = existing_dir("mount point", l.mountpoint)?;
+    if let Some((upper, low)) = upper.as_ref().and_then(|u| {
+        lowers
+            .iter()
+            .find(|low| overlap(u, low))
+            .map(|low| (u, low))
+    }) {
         return Err(format!(
             "upper directory {} and lower directory {} must not be the same or inside one another",
             upper.display(),
-            l.display()
+            low.display()
         ));
     }
-    for layer in lowers.iter().chain(std::iter::once(&upper)) {
+    for layer in lowers.iter().chain(upper.iter()) {
         if overlap(&mountpoint, layer) {
             return Err(format!(
                 "mount point {} and layer {} must not be the same or inside one another",
@@ -188,17 +288,26 @@ pub fn plan(req: &MountRequest) -> Result<MountPlan, String> {
             ));
         }
     }
-    let mut plan = MountPlan {
-        lowers,
+    let upper = match upper {
+        Some(u) => Some(plan_workdir(u, l.workdir, &lowers, &mountpoint)?),
+        None => None,
+    };
+    Ok((lowers, upper, mountpoint))
+}
+
+fn plan_workdir(
+    upper: PathBuf,
+    workdir: Option<&Path>,
+    lowers: &[PathBuf],
+    mountpoint: &Path,
+) -> Result<UpperPlan, String> {
+    let mut plan = UpperPlan {
         upper,
-        mountpoint,
         workdir: PathBuf::new(),
         create_workdir: false,
-        volatile: opts.volatile,
-        passthrough: opts.passthrough,
     };
-    match opts.workdir {
-        Some(w) => plan.workdir = existing_dir("work directory", &w)?,
+    match workdir {
+        Some(w) => plan.workdir = existing_dir("work directory", w)?,
         None => {
             let w = default_workdir(&plan.upper)?;
             match std::fs::symlink_metadata(&w) {
@@ -215,7 +324,7 @@ pub fn plan(req: &MountRequest) -> Result<MountPlan, String> {
         }
     }
     if !plan.create_workdir {
-        check_workdir(&plan.workdir, &plan)?;
+        check_workdir(&plan, lowers, mountpoint)?;
     }
     Ok(plan)
 }

@@ -32,9 +32,11 @@ pub struct Tuning {
 }
 
 pub struct Union {
-    pub upper_root: Arc<OwnedFd>,
-    /// `WORKDIR/work`: where objects are built before they appear.
-    pub work: OwnedFd,
+    /// What statfs reports on: the upper, or the top lower of a read-only union.
+    pub space_root: Arc<OwnedFd>,
+    /// `WORKDIR/work`: where objects are built before they appear (None in
+    /// a read-only union).
+    work: Option<OwnedFd>,
     pub ns: XattrNamespace,
     pub tuning: Tuning,
     pub table: NodeTable,
@@ -46,9 +48,19 @@ pub struct Union {
 
 impl Union {
     /// Builds the union over already opened layer roots. `work` must be an
-    /// empty directory on the upper filesystem.
-    pub fn new(upper: OwnedFd, lowers: Vec<OwnedFd>, work: OwnedFd, tuning: Tuning) -> Union {
-        let ns = format::probe_namespace(work.as_fd());
+    /// empty directory on the upper filesystem. Without an upper (and work)
+    /// directory the union is read-only: whatever would change it fails
+    /// with EROFS.
+    pub fn new(upper: Option<(OwnedFd, OwnedFd)>, lowers: Vec<OwnedFd>, tuning: Tuning) -> Union {
+        let (upper, work) = upper.unzip();
+        let ns = work.as_ref().map_or(XattrNamespace::Trusted, |w| {
+            format::probe_namespace(w.as_fd())
+        });
+        let space_root = match (&upper, lowers.first()) {
+            (Some(u), _) => Arc::new(u.try_clone().expect("dup of the upper directory")),
+            (None, Some(l)) => Arc::new(l.try_clone().expect("dup of a lower directory")),
+            (None, None) => panic!("a union needs a layer"),
+        };
         let lowers = lowers
             .into_iter()
             .enumerate()
@@ -62,20 +74,19 @@ impl Union {
                 }
             })
             .collect();
-        let upper_root = Arc::new(upper);
         let root = Node::new(
             ROOT_ID,
             libc::S_IFDIR,
             NodeState {
                 parent: None,
                 name: Arc::from(OsStr::new("")),
-                upper: Some(Real::Open(upper_root.clone())),
+                upper: upper.map(|u| Real::Open(Arc::new(u))),
                 lowers,
                 unlinked: false,
             },
         );
         Union {
-            upper_root,
+            space_root,
             work,
             ns,
             tuning,
@@ -102,8 +113,9 @@ impl Union {
         OsString::from(format!("#u{}-{n}", std::process::id()))
     }
 
-    pub fn work_fd(&self) -> BorrowedFd<'_> {
-        self.work.as_fd()
+    /// The work directory; EROFS in a read-only union.
+    pub fn work_fd(&self) -> Result<BorrowedFd<'_>> {
+        self.work.as_ref().map(|w| w.as_fd()).ok_or(Errno::EROFS)
     }
 }
 

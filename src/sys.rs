@@ -27,6 +27,7 @@ impl Errno {
     pub const EISDIR: Errno = Errno(libc::EISDIR);
     pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
     pub const ENOTSUP: Errno = Errno(libc::EOPNOTSUPP);
+    pub const EROFS: Errno = Errno(libc::EROFS);
 
     /// The calling thread's `errno`.
     pub fn last() -> Errno {

@@ -72,7 +72,8 @@ pub fn run(req: RunRequest) -> Result<u8, Failure> {
         lowers: spec.lowers.clone(),
         upper: spec.upper.clone().unwrap_or_else(|| scratch.path("upper")),
         mountpoint: scratch.path("root"),
-        options: mount_options(&spec, &scratch),
+        options: mount_options(&spec),
+        workdir: spec.upper.is_none().then(|| scratch.path("work")),
     })?;
     let signals = supervise::block_signals();
     let container = supervise::fork_container(&spec, &plan.mountpoint)?;
@@ -91,21 +92,13 @@ pub fn run(req: RunRequest) -> Result<u8, Failure> {
     Ok(status)
 }
 
-fn mount_options(spec: &Spec, scratch: &Scratch) -> Vec<String> {
+fn mount_options(spec: &Spec) -> Vec<String> {
     let mut opts = spec.mount_options.clone();
     if spec.upper.is_none() {
-        let work = scratch.path("work");
-        opts.push(format!("workdir={}", escape_option(&work)));
         // A throwaway upper needs no flushes to disk.
         opts.push("volatile".into());
     }
     opts
-}
-
-fn escape_option(p: &Path) -> String {
-    p.to_string_lossy()
-        .replace('\\', "\\\\")
-        .replace(',', "\\,")
 }
 
 /// A rootless run makes the FUSE mount as the user: say so plainly when

@@ -1,0 +1,500 @@
+//! The fuse-overlayfs command line, so that unionfs stands in for it as the
+//! `mount_program` of podman, buildah and CRI-O, and serves as the mount(8)
+//! helper for `fuse.unionfs` (mount.fuse3 runs `unionfs SOURCE MNT -o OPTS`).
+//!
+//! `unionfs [-f] [-d] [-o OPTS]... [SOURCE] MNT`, also when the binary is
+//! named `fuse-overlayfs`. Without `-f` the command returns once the mount
+//! is live, leaving the daemon behind, as its callers expect; a failure is
+//! one line on stderr, exit status 1, nothing mounted.
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::ids::{IdMap, IdMapping};
+use crate::mount;
+use crate::options::{Access, Layers, MountFlags, MountPlan, Presentation, check_layers};
+use crate::passthrough::PassthroughMode;
+
+/// The subcommands of the native command line.
+const SUBCOMMANDS: [&str; 4] = ["mount", "run", "demo", "help"];
+
+/// Is this the fuse-overlayfs form? `args` includes the program name.
+pub fn is_compat_invocation(args: &[OsString]) -> bool {
+    let named_as_peer = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .is_some_and(|n| n == "fuse-overlayfs");
+    let Some(first) = args.get(1).and_then(|a| a.to_str()) else {
+        return named_as_peer && args.len() > 1;
+    };
+    if named_as_peer {
+        return true;
+    }
+    if SUBCOMMANDS.contains(&first) || matches!(first, "-h" | "--help" | "-V" | "--version") {
+        return false;
+    }
+    // The form always carries options (a lone word is a mistyped subcommand).
+    args[1..]
+        .iter()
+        .any(|a| a.as_encoded_bytes().starts_with(b"-o"))
+}
+
+/// What the command line asked for.
+#[derive(Debug, Default)]
+pub struct Invocation {
+    pub foreground: bool,
+    pub debug: bool,
+    pub mountpoint: Option<PathBuf>,
+    pub options: Vec<String>,
+    /// `--help` or `--version`: print and exit.
+    pub info: Option<String>,
+}
+
+pub const USAGE: &str = "usage: unionfs [-f] [-d] [-o OPTIONS]... [SOURCE] MOUNTPOINT
+  the fuse-overlayfs command line; also `unionfs mount|run|demo` (see `unionfs help`)
+  -f          stay in the foreground
+  -d          debug: foreground, with every request logged
+  -o OPTIONS  comma separated: lowerdir=L1[:L2...], upperdir=DIR, workdir=DIR,
+              volatile, fsync=0, uidmapping=C:H:N[:...], gidmapping=C:H:N[:...],
+              squash_to_root, squash_to_uid=N, squash_to_gid=N, static_nlink,
+              noacl, noxattrs=1, timeout=SECS, passthrough=on|off|auto, ro, rw,
+              nosuid, nodev, noexec, noatime, allow_other, allow_root";
+
+/// Parses the arguments after the program name.
+pub fn parse_args(args: &[OsString]) -> Result<Invocation, String> {
+    let mut inv = Invocation::default();
+    let mut positionals: Vec<PathBuf> = Vec::new();
+    let mut it = args.iter();
+    let mut only_positionals = false;
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if only_positionals || !s.starts_with('-') || s == "-" {
+            positionals.push(PathBuf::from(a));
+            continue;
+        }
+        match s.as_ref() {
+            "--" => only_positionals = true,
+            "-f" => inv.foreground = true,
+            "-d" | "--debug" => {
+                inv.debug = true;
+                inv.foreground = true;
+            }
+            // libfuse's single-threaded switch: accepted, no effect.
+            "-s" => {}
+            "-h" | "--help" => inv.info = Some(USAGE.to_string()),
+            "-V" | "--version" => {
+                inv.info = Some(format!(
+                    "unionfs {} (fuse-overlayfs compatible command line)",
+                    env!("CARGO_PKG_VERSION")
+                ))
+            }
+            "-o" => match it.next() {
+                Some(v) => inv.options.push(v.to_string_lossy().into_owned()),
+                None => return Err("-o needs a value".into()),
+            },
+            _ if s.starts_with("-o") => inv.options.push(s[2..].to_string()),
+            _ => return Err(format!("unknown option '{s}'")),
+        }
+    }
+    match positionals.len() {
+        0 => {}
+        1 | 2 => inv.mountpoint = positionals.pop(),
+        _ => {
+            return Err(format!(
+                "too many arguments: {} (expected [SOURCE] MOUNTPOINT, or a subcommand: mount, run, demo)",
+                positionals
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+        }
+    }
+    Ok(inv)
+}
+
+/// Splits an option list on commas outside double quotes; `\,` is a
+/// comma inside a value. Empty elements are dropped.
+pub fn split_options(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                cur.push(c);
+            }
+            '\\' if chars.peek() == Some(&',') => cur.push(chars.next().unwrap_or(',')),
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out.retain(|o| !o.is_empty());
+    out
+}
+
+/// The options, interpreted.
+#[derive(Debug, Default)]
+pub struct CompatOptions {
+    pub lowerdir: Option<String>,
+    pub upperdir: Option<PathBuf>,
+    pub workdir: Option<PathBuf>,
+    pub volatile: bool,
+    pub passthrough: PassthroughMode,
+    pub presentation: Presentation,
+    pub flags: MountFlags,
+    squash_to_root: bool,
+    /// Options accepted and ignored because the caller expects them to be.
+    pub ignored: Vec<String>,
+    /// Options not known: reported, then the mount goes on.
+    pub unknown: Vec<String>,
+}
+
+/// Options fuse-overlayfs and mount(8) pass that need nothing from us.
+fn accepted_without_effect(key: &str, value: Option<&str>) -> bool {
+    matches!(
+        (key, value),
+        (
+            "default_permissions"
+                | "rw"
+                | "suid"
+                | "dev"
+                | "exec"
+                | "atime"
+                | "relatime"
+                | "strictatime"
+                | "diratime"
+                | "nodiratime"
+                | "async"
+                | "debug"
+                | "nonempty"
+                | "auto"
+                | "noauto"
+                | "user"
+                | "nouser"
+                | "users"
+                | "_netdev"
+                | "nofail",
+            None,
+        ) | (
+            "threaded"
+                | "writeback"
+                | "context"
+                | "fscontext"
+                | "defcontext"
+                | "rootcontext"
+                | "subtype"
+                | "max_read"
+                | "xattr_permissions"
+                | "fast_ino"
+                | "plugins"
+                | "x-systemd.automount",
+            Some(_),
+        )
+    )
+}
+
+fn number(key: &str, v: &str) -> Result<u32, String> {
+    v.parse()
+        .map_err(|_| format!("bad value for {key}: '{v}' is not a number"))
+}
+
+impl CompatOptions {
+    pub fn parse(lists: &[String]) -> Result<CompatOptions, String> {
+        let mut o = CompatOptions::default();
+        for opt in lists.iter().flat_map(|l| split_options(l)) {
+            o.apply(&opt)?;
+        }
+        if o.squash_to_root {
+            o.presentation.ids.uids.squash.get_or_insert(0);
+            o.presentation.ids.gids.squash.get_or_insert(0);
+        }
+        Ok(o)
+    }
+
+    fn apply(&mut self, opt: &str) -> Result<(), String> {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        let ids: &mut IdMapping = &mut self.presentation.ids;
+        match (key, value) {
+            ("lowerdir", Some(v)) => self.lowerdir = Some(v.to_string()),
+            ("upperdir", Some(v)) => self.upperdir = Some(PathBuf::from(v)),
+            ("workdir", Some(v)) => self.workdir = Some(PathBuf::from(v)),
+            ("volatile", None) | ("fsync", Some("0")) => self.volatile = true,
+            ("fsync", Some("1")) => self.volatile = false,
+            ("uidmapping", Some(v)) => ids.uids.ranges = IdMap::parse_ranges(v)?,
+            ("gidmapping", Some(v)) => ids.gids.ranges = IdMap::parse_ranges(v)?,
+            ("squash_to_root", None) => self.squash_to_root = true,
+            ("squash_to_uid", Some(v)) => ids.uids.squash = Some(number(key, v)?),
+            ("squash_to_gid", Some(v)) => ids.gids.squash = Some(number(key, v)?),
+            ("static_nlink", None) => self.presentation.static_nlink = true,
+            ("noacl", None) => self.presentation.acl = false,
+            ("noxattrs", None) => self.presentation.xattrs = false,
+            ("noxattrs", Some(v)) => self.presentation.xattrs = number(key, v)? == 0,
+            ("timeout", Some(v)) => self.presentation.ttl = timeout(v)?,
+            ("passthrough", Some(v)) => self.passthrough = v.parse()?,
+            ("redirect_dir", Some("off" | "nofollow")) => {}
+            ("redirect_dir", Some(v)) => {
+                return Err(format!(
+                    "redirect_dir={v} is not supported (directories of lower layers are not renamed: EXDEV)"
+                ));
+            }
+            ("ro", None) => self.flags.read_only = true,
+            ("nosuid", None) => self.flags.nosuid = true,
+            ("nodev", None) => self.flags.nodev = true,
+            ("noexec", None) => self.flags.noexec = true,
+            ("noatime", None) => self.flags.noatime = true,
+            ("allow_other", None) => self.flags.access = Access::AllowOther,
+            ("allow_root", None) => self.flags.access = Access::AllowRoot,
+            ("fsname", Some(v)) => self.flags.fsname = Some(v.to_string()),
+            _ if accepted_without_effect(key, value) => self.ignored.push(opt.to_string()),
+            _ => self.unknown.push(opt.to_string()),
+        }
+        Ok(())
+    }
+}
+
+fn timeout(v: &str) -> Result<Duration, String> {
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(format!(
+            "bad value for timeout: '{v}' is not a number of seconds"
+        )),
+    }
+}
+
+/// Turns the options and mount point into a checked plan; touches nothing.
+pub fn plan(o: CompatOptions, mountpoint: Option<&Path>) -> Result<MountPlan, String> {
+    let mountpoint = mountpoint.ok_or("no mount point given")?;
+    let lowers = o
+        .lowerdir
+        .as_deref()
+        .ok_or("no lowerdir given (-o lowerdir=DIR[:DIR...])")?;
+    if o.upperdir.is_some() && o.workdir.is_none() {
+        return Err("upperdir needs a workdir (-o workdir=DIR on the upper's filesystem)".into());
+    }
+    let (lowers, upper, mountpoint) = check_layers(&Layers {
+        lowers,
+        upper: o.upperdir.as_deref(),
+        workdir: o.workdir.as_deref(),
+        mountpoint,
+    })?;
+    let mut flags = o.flags;
+    // Without an upper directory the union is read-only, as fuse-overlayfs's.
+    flags.read_only |= upper.is_none();
+    Ok(MountPlan {
+        lowers,
+        upper,
+        mountpoint,
+        volatile: o.volatile,
+        passthrough: o.passthrough,
+        presentation: o.presentation,
+        mount_flags: flags,
+    })
+}
+
+/// Mounts the plan; in the background unless `foreground`, returning only
+/// once the mount is live (or has failed).
+pub fn mount(plan: &MountPlan, foreground: bool) -> Result<(), String> {
+    if foreground {
+        return mount::serve(plan, || {});
+    }
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!(
+            "cannot create a pipe: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let (report_rx, report_tx) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("cannot fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            drop(report_rx);
+            unsafe { libc::setsid() };
+            let tx = report_tx.as_raw_fd();
+            let result = mount::serve(plan, move || {
+                // Mounted: tell the caller, and let go of its stdio (a caller
+                // that reads our output until EOF would wait forever).
+                send(tx, b"\0");
+                detach_stdio();
+            });
+            match result {
+                Ok(()) => std::process::exit(0),
+                Err(msg) => {
+                    send(tx, msg.as_bytes());
+                    std::process::exit(1);
+                }
+            }
+        }
+        _child => {
+            drop(report_tx);
+            match receive(&report_rx) {
+                Some(msg) if msg == b"\0" => Ok(()),
+                Some(msg) => Err(String::from_utf8_lossy(&msg).into_owned()),
+                None => Err("the daemon exited before mounting".into()),
+            }
+        }
+    }
+}
+
+fn send(fd: i32, msg: &[u8]) {
+    unsafe { libc::write(fd, msg.as_ptr().cast(), msg.len()) };
+}
+
+/// Everything the daemon reported, or None if it said nothing.
+fn receive(fd: &OwnedFd) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            0 => break,
+            n if n > 0 => {
+                out.extend_from_slice(&buf[..n as usize]);
+                if out == b"\0" {
+                    break;
+                }
+            }
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => break,
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+fn detach_stdio() {
+    let null = c"/dev/null";
+    unsafe {
+        let fd = libc::open(null.as_ptr(), libc::O_RDWR);
+        if fd >= 0 {
+            for target in 0..3 {
+                libc::dup2(fd, target);
+            }
+            if fd > 2 {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+/// Shown for `unknown argument ignored: X`, as fuse-overlayfs words it.
+pub fn report_unknown(o: &CompatOptions) {
+    for u in &o.unknown {
+        eprintln!("unknown argument ignored: {u}");
+    }
+}
+
+/// The whole fuse-overlayfs form: returns the exit status.
+pub fn main(args: &[OsString]) -> u8 {
+    let inv = match parse_args(args) {
+        Ok(i) => i,
+        Err(msg) => return fail(&msg),
+    };
+    if let Some(text) = &inv.info {
+        println!("{text}");
+        return 0;
+    }
+    let opts = match CompatOptions::parse(&inv.options) {
+        Ok(o) => o,
+        Err(msg) => return fail(&msg),
+    };
+    report_unknown(&opts);
+    if !opts.ignored.is_empty() {
+        tracing::debug!(options = ?opts.ignored, "accepted without effect");
+    }
+    let plan = match plan(opts, inv.mountpoint.as_deref()) {
+        Ok(p) => p,
+        Err(msg) => return fail(&msg),
+    };
+    match mount(&plan, inv.foreground) {
+        Ok(()) => 0,
+        Err(msg) => fail(&msg),
+    }
+}
+
+fn fail(msg: &str) -> u8 {
+    eprintln!("unionfs: {msg}");
+    1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn recognises_the_form() {
+        assert!(is_compat_invocation(&os(&[
+            "unionfs",
+            "-o",
+            "lowerdir=/a",
+            "/m"
+        ])));
+        assert!(is_compat_invocation(&os(&[
+            "unionfs", "unionfs", "/m", "-o", "x"
+        ])));
+        assert!(is_compat_invocation(&os(&[
+            "/usr/bin/fuse-overlayfs",
+            "--version"
+        ])));
+        assert!(!is_compat_invocation(&os(&[
+            "unionfs", "mount", "a", "b", "c"
+        ])));
+        assert!(!is_compat_invocation(&os(&["unionfs", "--version"])));
+        assert!(!is_compat_invocation(&os(&["unionfs"])));
+        assert!(!is_compat_invocation(&os(&["unionfs", "frobnicate"])));
+    }
+
+    #[test]
+    fn splits_options_with_quotes_and_empty_elements() {
+        assert_eq!(
+            split_options(r#"work,,volatile,context="a:b:c,d",x\,y"#),
+            vec!["work", "volatile", r#"context="a:b:c,d""#, "x,y"]
+        );
+    }
+
+    #[test]
+    fn interprets_what_podman_passes() {
+        let o = CompatOptions::parse(&[
+            "lowerdir=/l1:/l2,upperdir=/u,workdir=/w,,volatile".into(),
+            "uidmapping=0:100000:65536,gidmapping=0:100000:65536,squash_to_uid=7".into(),
+            "context=\"system_u:object_r:container_file_t:s0:c1,c2\",nodev,bogus=1,threaded=1"
+                .into(),
+        ])
+        .unwrap();
+        assert_eq!(o.lowerdir.as_deref(), Some("/l1:/l2"));
+        assert!(o.volatile && o.flags.nodev);
+        assert_eq!(o.presentation.ids.uids.shown(0), 7);
+        assert_eq!(o.presentation.ids.gids.shown(1), 100001);
+        assert_eq!(o.unknown, vec!["bogus=1"]);
+        assert_eq!(o.ignored.len(), 2);
+        assert!(CompatOptions::parse(&["redirect_dir=on".into()]).is_err());
+        assert!(CompatOptions::parse(&["uidmapping=1:2".into()]).is_err());
+        assert!(CompatOptions::parse(&["timeout=abc".into()]).is_err());
+    }
+
+    #[test]
+    fn parses_arguments() {
+        let i = parse_args(&os(&["-f", "-o", "lowerdir=/a", "-oupperdir=/u", "/m"])).unwrap();
+        assert!(i.foreground && !i.debug);
+        assert_eq!(i.options, vec!["lowerdir=/a", "upperdir=/u"]);
+        assert_eq!(i.mountpoint.as_deref(), Some(Path::new("/m")));
+        let i = parse_args(&os(&["unionfs", "/m", "-o", "x"])).unwrap();
+        assert_eq!(i.mountpoint.as_deref(), Some(Path::new("/m")));
+        assert!(parse_args(&os(&["a", "b", "c"])).is_err());
+        assert!(parse_args(&os(&["-x"])).is_err());
+        assert!(parse_args(&os(&["-o"])).is_err());
+    }
+}
