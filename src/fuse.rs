@@ -49,7 +49,7 @@ impl UnionFs {
     }
 
     fn attr(&self, st: &Stat) -> FileAttr {
-        let mut a = attr(st);
+        let mut a = raw_attr(st);
         let ids = &self.shown.ids;
         a.uid = ids.uids.shown(a.uid);
         a.gid = ids.gids.shown(a.gid);
@@ -82,7 +82,7 @@ impl UnionFs {
             Err(e) if e == Errno::ENOENT => {
                 let mut none: Stat = unsafe { std::mem::zeroed() };
                 none.st_mode = libc::S_IFREG;
-                reply.entry(&self.shown.ttl, &attr(&none), Generation(0));
+                reply.entry(&self.shown.ttl, &raw_attr(&none), Generation(0));
             }
             other => self.reply_entry(reply, other),
         }
@@ -152,7 +152,8 @@ fn decode_dev(dev: u32) -> u64 {
     libc::makedev(major, minor)
 }
 
-fn attr(st: &Stat) -> FileAttr {
+/// Attributes as stored; what the kernel is told goes through `UnionFs::attr`.
+fn raw_attr(st: &Stat) -> FileAttr {
     FileAttr {
         ino: INodeNo(st.st_ino),
         size: st.st_size as u64,
@@ -613,7 +614,7 @@ impl Filesystem for UnionFs {
                 let reply = CreateReply {
                     reply,
                     ttl: self.shown.ttl,
-                    attr: attr(&st),
+                    attr: self.attr(&st),
                 };
                 self.io.reply_open(ino, o.fh, o.fd.as_fd(), true, reply);
             }

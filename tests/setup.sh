@@ -2,7 +2,8 @@
 # Installs what the test suite needs on a Debian machine, as root:
 # fuse3 (fusermount3), attr, util-linux (setpriv, unshare), fio,
 # fuse-overlayfs and busybox-static for the benchmark smoke test and the
-# launcher tests, uidmap and debootstrap for rootless and Debian containers, the crates.io
+# launcher tests, uidmap and debootstrap for rootless and Debian containers,
+# podman, buildah and runc (clients of the fuse-overlayfs command line), the crates.io
 # conformance tools fsx and pjdfstest (see tools/install-pjdfstest.sh), and the
 # unprivileged users pjdfstest switches to. Safe to run again.
 set -euo pipefail
@@ -23,9 +24,11 @@ command -v fuse-overlayfs >/dev/null || need+=(fuse-overlayfs) # bench/ compares
 command -v busybox >/dev/null || need+=(busybox-static)       # bench/ and `run` rootfs
 command -v newuidmap >/dev/null || need+=(uidmap)             # rootless `run`
 command -v debootstrap >/dev/null || need+=(debootstrap)      # `run` on a Debian rootfs
+command -v podman >/dev/null || need+=(podman runc catatonit)  # the real mount_program client
+command -v buildah >/dev/null || need+=(buildah)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 grep -qw overlay /proc/filesystems || modprobe overlay || true
 grep -qw fuse /proc/filesystems || modprobe fuse || true

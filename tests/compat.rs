@@ -1,0 +1,905 @@
+//! unionfs as a drop-in for fuse-overlayfs: its command line (also under
+//! that name, and as the mount(8) helper), daemonizing once mounted, the id
+//! mapping and squash options checked against fuse-overlayfs itself, and
+//! podman and buildah using unionfs as their `mount_program`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Scratch, bin, is_mounted, umount_lazy, walkdir_all};
+
+/// Unmounts on drop, whatever happened, and waits for the daemon to go.
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            umount_lazy(&self.0);
+        }
+    }
+}
+
+/// Runs a command that must return on its own within 30 s, closing its
+/// stdout and stderr (a daemon that kept them would hang its caller).
+fn run_to_end(mut cmd: Command) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("{cmd:?} did not return");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        out.read_to_end(&mut o).unwrap();
+        err.read_to_end(&mut e).unwrap();
+        let _ = tx.send((o, e));
+    });
+    let (stdout, stderr) = rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_else(|_| panic!("{cmd:?}: the daemon kept the caller's stdout/stderr open"));
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The pid of the daemon serving `mnt` (its command line names it).
+fn daemon_of(mnt: &Path) -> Option<u32> {
+    let want = mnt.to_string_lossy().into_owned();
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<String> = c.split(|b| *b == 0).map(text).collect();
+                args.contains(&want)
+                    && args
+                        .first()
+                        .is_some_and(|a| a.ends_with("unionfs") || a.ends_with("fuse-overlayfs"))
+            })
+        })
+}
+
+fn wait_gone(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.contains(") Z ") {
+            return; // exited, not yet reaped by whoever adopted it
+        }
+        assert!(Instant::now() < deadline, "daemon {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Two lowers and an empty upper, work directory and mount point.
+struct Layers {
+    s: Scratch,
+    l1: PathBuf,
+    l2: PathBuf,
+    up: PathBuf,
+    work: PathBuf,
+    mnt: PathBuf,
+}
+
+impl Layers {
+    fn new(tag: &str) -> Layers {
+        let s = Scratch::new(tag);
+        let (l1, l2) = (s.dir("l1"), s.dir("l2"));
+        fs::write(l1.join("top"), "top\n").unwrap();
+        fs::write(l2.join("bottom"), "bottom\n").unwrap();
+        fs::write(l2.join("hidden"), "hidden\n").unwrap();
+        common::mknod(&l1.join("hidden"), libc::S_IFCHR, 0);
+        fs::create_dir(l2.join("dir")).unwrap();
+        fs::write(l2.join("dir/f"), "f\n").unwrap();
+        let (up, work, mnt) = (s.dir("up"), s.dir("work"), s.dir("mnt"));
+        Layers {
+            s,
+            l1,
+            l2,
+            up,
+            work,
+            mnt,
+        }
+    }
+
+    fn options(&self) -> String {
+        format!(
+            "lowerdir={}:{},upperdir={},workdir={}",
+            self.l1.display(),
+            self.l2.display(),
+            self.up.display(),
+            self.work.display()
+        )
+    }
+}
+
+fn compat(args: &[&str]) -> Output {
+    let mut c = Command::new(bin());
+    c.args(args).env_remove("RUST_LOG");
+    run_to_end(c)
+}
+
+#[test]
+fn mounts_in_the_background_and_stops_with_fusermount() {
+    let l = Layers::new("compat-bg");
+    let opts = format!("{},,volatile", l.options());
+    let mnt = l.mnt.to_str().unwrap();
+    let _guard = MountGuard(l.mnt.clone());
+    let out = compat(&["-o", &opts, mnt]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "{}",
+        text(&out.stderr)
+    );
+    // Live as soon as the command has returned.
+    assert!(is_mounted(&l.mnt));
+    assert_eq!(
+        fs::read_to_string(l.mnt.join("bottom")).unwrap(),
+        "bottom\n"
+    );
+    assert!(!l.mnt.join("hidden").exists());
+    fs::write(l.mnt.join("new"), "new\n").unwrap();
+    assert_eq!(fs::read_to_string(l.up.join("new")).unwrap(), "new\n");
+    let pid = daemon_of(&l.mnt).expect("a daemon serves the mount");
+    let st = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&l.mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_gone(pid);
+    assert!(!is_mounted(&l.mnt));
+}
+
+#[test]
+fn answers_to_the_name_fuse_overlayfs_and_runs_in_the_foreground() {
+    let l = Layers::new("compat-name");
+    let peer = l.s.path.join("fuse-overlayfs");
+    std::os::unix::fs::symlink(bin(), &peer).unwrap();
+    let version = run_to_end({
+        let mut c = Command::new(&peer);
+        c.arg("--version");
+        c
+    });
+    assert!(version.status.success());
+    assert!(
+        text(&version.stdout).starts_with("unionfs "),
+        "{}",
+        text(&version.stdout)
+    );
+    let _guard = MountGuard(l.mnt.clone());
+    let mut child = Command::new(&peer)
+        .args(["-f", "-o", &l.options()])
+        .arg(&l.mnt)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !is_mounted(&l.mnt) {
+        assert!(child.try_wait().unwrap().is_none(), "exited early");
+        assert!(Instant::now() < deadline, "not mounted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(fs::read_to_string(l.mnt.join("top")).unwrap(), "top\n");
+    let st = Command::new("umount").arg(&l.mnt).status().unwrap();
+    assert!(st.success());
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn lowerdir_alone_is_a_read_only_union() {
+    let l = Layers::new("compat-ro");
+    let opts = format!("lowerdir={}:{}", l.l1.display(), l.l2.display());
+    let _guard = MountGuard(l.mnt.clone());
+    let out = compat(&["-o", &opts, l.mnt.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut names: Vec<String> = fs::read_dir(&l.mnt)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["bottom", "dir", "top"]);
+    assert_eq!(fs::read_to_string(l.mnt.join("dir/f")).unwrap(), "f\n");
+    let erofs = |r: std::io::Result<()>| r.unwrap_err().raw_os_error() == Some(libc::EROFS);
+    assert!(erofs(fs::write(l.mnt.join("x"), "x")));
+    assert!(erofs(fs::write(l.mnt.join("top"), "x")));
+    assert!(erofs(fs::remove_file(l.mnt.join("top"))));
+    assert!(erofs(fs::create_dir(l.mnt.join("d"))));
+    let info = fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = info
+        .lines()
+        .find(|x| x.split(' ').nth(1) == Some(l.mnt.to_str().unwrap()))
+        .unwrap();
+    assert!(line.contains(" ro,"), "{line}");
+    assert_eq!(fs::read_dir(&l.up).unwrap().count(), 0);
+}
+
+#[test]
+fn unknown_options_are_reported_and_the_mount_goes_on() {
+    let l = Layers::new("compat-unknown");
+    let opts = format!(
+        "{},bogus,frob=1,context=\"system_u:object_r:container_file_t:s0:c1,c2\",threaded=1,nodev,noatime,fsync=0",
+        l.options()
+    );
+    let _guard = MountGuard(l.mnt.clone());
+    let out = compat(&["unionfs", l.mnt.to_str().unwrap(), "-o", &opts]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        "unknown argument ignored: bogus\nunknown argument ignored: frob=1\n"
+    );
+    assert!(is_mounted(&l.mnt));
+    let info = fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = info
+        .lines()
+        .find(|x| x.split(' ').nth(1) == Some(l.mnt.to_str().unwrap()))
+        .unwrap();
+    assert!(line.contains("nodev") && line.contains("noatime"), "{line}");
+}
+
+#[test]
+fn bad_input_is_one_line_exit_1_and_nothing_mounted() {
+    let l = Layers::new("compat-bad");
+    let (l1, up, work, mnt) = (
+        l.l1.to_str().unwrap(),
+        l.up.to_str().unwrap(),
+        l.work.to_str().unwrap(),
+        l.mnt.to_str().unwrap(),
+    );
+    let missing = l.s.path.join("missing");
+    let missing = missing.to_str().unwrap();
+    let good = format!("lowerdir={l1},upperdir={up},workdir={work}");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "-o".into(),
+                format!("upperdir={up},workdir={work}"),
+                mnt.into(),
+            ],
+            "no lowerdir",
+        ),
+        (
+            vec![
+                "-o".into(),
+                format!("lowerdir={l1},upperdir={up}"),
+                mnt.into(),
+            ],
+            "needs a workdir",
+        ),
+        (vec!["-o".into(), good.clone()], "no mount point"),
+        (
+            vec![
+                "-o".into(),
+                format!("lowerdir={missing},upperdir={up},workdir={work}"),
+                mnt.into(),
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "-o".into(),
+                format!("lowerdir={l1},upperdir={missing},workdir={work}"),
+                mnt.into(),
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "-o".into(),
+                format!("lowerdir={l1},upperdir={up},workdir={missing}"),
+                mnt.into(),
+            ],
+            "does not exist",
+        ),
+        (
+            vec!["-o".into(), good.clone(), missing.into()],
+            "does not exist",
+        ),
+        (
+            vec![
+                "-o".into(),
+                format!("lowerdir={l1},upperdir={l1},workdir={work}"),
+                mnt.into(),
+            ],
+            "must not be the same",
+        ),
+        (
+            vec![
+                "-o".into(),
+                format!("lowerdir={l1},upperdir={up},workdir={up}"),
+                mnt.into(),
+            ],
+            "inside one another",
+        ),
+        (
+            vec!["-o".into(), format!("{good},uidmapping=0:1"), mnt.into()],
+            "bad id mapping",
+        ),
+        (
+            vec!["-o".into(), format!("{good},gidmapping=a:b:c"), mnt.into()],
+            "bad id mapping",
+        ),
+        (
+            vec!["-o".into(), format!("{good},squash_to_uid=x"), mnt.into()],
+            "squash_to_uid",
+        ),
+        (
+            vec!["-o".into(), format!("{good},timeout=-1"), mnt.into()],
+            "timeout",
+        ),
+        (
+            vec!["-o".into(), format!("{good},redirect_dir=on"), mnt.into()],
+            "redirect_dir=on",
+        ),
+        (
+            vec!["-o".into(), format!("{good},passthrough=maybe"), mnt.into()],
+            "passthrough",
+        ),
+        (
+            vec!["-x".into(), "-o".into(), good.clone(), mnt.into()],
+            "unknown option '-x'",
+        ),
+        (
+            vec![
+                "-o".into(),
+                good.clone(),
+                "a".into(),
+                "b".into(),
+                mnt.into(),
+            ],
+            "too many arguments",
+        ),
+        (vec![mnt.into(), "-o".into()], "-o needs a value"),
+    ];
+    for (args, expect) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = compat(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("unionfs: ") && err.contains(expect),
+            "{args:?}: {err}"
+        );
+        assert!(!is_mounted(&l.mnt), "{args:?} mounted");
+        assert_eq!(
+            fs::read_dir(&l.up).unwrap().count(),
+            0,
+            "{args:?} wrote to the upper"
+        );
+        assert_eq!(
+            fs::read_dir(&l.work).unwrap().count(),
+            0,
+            "{args:?} wrote to the work dir"
+        );
+    }
+    eprintln!(
+        "bad fuse-overlayfs style invocations refused: {}",
+        cases.len()
+    );
+}
+
+/// Owner, group and (with `nlink`) directory link count of every path
+/// under `root`. (Merged directories report one link, as with the kernel's
+/// overlayfs; fuse-overlayfs counts them: compared only for static_nlink.)
+fn owners(root: &Path, nlink: bool) -> BTreeMap<String, (u32, u32, u64)> {
+    walkdir_all(root)
+        .into_iter()
+        .map(|p| {
+            let m = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let links = if nlink && m.is_dir() { m.nlink() } else { 0 };
+            (rel, (m.uid(), m.gid(), links))
+        })
+        .collect()
+}
+
+/// Layers owned by various ids, for the mapping options.
+fn owned_layers(s: &Scratch) -> (PathBuf, PathBuf) {
+    let (l1, l2) = (s.dir("ol1"), s.dir("ol2"));
+    for (name, id) in [("root", 0), ("one", 1), ("seven", 7), ("far", 70000)] {
+        let p = l2.join(name);
+        fs::write(&p, name).unwrap();
+        std::os::unix::fs::chown(&p, Some(id), Some(id + 1)).unwrap();
+    }
+    fs::create_dir_all(l1.join("d/e")).unwrap();
+    std::os::unix::fs::chown(l1.join("d"), Some(5), Some(6)).unwrap();
+    fs::set_permissions(l1.join("d"), fs::Permissions::from_mode(0o777)).unwrap();
+    (l1, l2)
+}
+
+/// Mounts the same layers with `opts` under unionfs and fuse-overlayfs,
+/// makes the same changes through both (a chown, and with `create` a new
+/// file made by a mapped user), and compares what they show and what lands
+/// in their upper directories.
+fn same_as_fuse_overlayfs(tag: &str, opts: &str, create: bool) {
+    let s = Scratch::new(tag);
+    let (l1, l2) = owned_layers(&s);
+    let mut shown = Vec::new();
+    let mut stored = Vec::new();
+    for program in [bin(), PathBuf::from("fuse-overlayfs")] {
+        let name = if program == bin() { "u" } else { "f" };
+        let (up, work, mnt) = (
+            s.dir(&format!("{name}-up")),
+            s.dir(&format!("{name}-work")),
+            s.dir(&format!("{name}-mnt")),
+        );
+        let _guard = MountGuard(mnt.clone());
+        let all = format!(
+            "lowerdir={}:{},upperdir={},workdir={},{opts}",
+            l1.display(),
+            l2.display(),
+            up.display(),
+            work.display()
+        );
+        let mut c = Command::new(&program);
+        c.args(["-o", &all]).arg(&mnt);
+        let out = run_to_end(c);
+        assert!(out.status.success(), "{program:?}: {}", text(&out.stderr));
+        let nlink = opts.contains("static_nlink");
+        let before = owners(&mnt, nlink);
+        // Changes: chown through the mount, and a creation by a mapped user.
+        let chown = Command::new("chown")
+            .arg("100007:100008")
+            .arg(mnt.join("one"))
+            .status()
+            .unwrap();
+        let created = create
+            && common::as_user(100003, 100004, &format!("touch {}/d/new", mnt.display()))
+                .status
+                .success();
+        let after = owners(&mnt, nlink);
+        shown.push((before, after, chown.success(), created));
+        drop(_guard);
+        wait_until_unmounted(&mnt);
+        stored.push(owners(&up, false));
+    }
+    assert_eq!(
+        shown[0], shown[1],
+        "unionfs (left) and fuse-overlayfs (right) show different owners with {opts}"
+    );
+    assert_eq!(stored[0], stored[1], "different owners on disk with {opts}");
+}
+
+fn wait_until_unmounted(mnt: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_mounted(mnt) {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn id_mapping_and_squashing_match_fuse_overlayfs() {
+    // The form containers/storage passes, and the documented one.
+    same_as_fuse_overlayfs(
+        "compat-map1",
+        "uidmapping=:0:100000:65536,gidmapping=:0:100000:65536",
+        true,
+    );
+    same_as_fuse_overlayfs(
+        "compat-map2",
+        "uidmapping=0:100000:1:1:100001:9,gidmapping=0:100000:10",
+        true,
+    );
+    // (fuse-overlayfs refuses creations under squashing; unionfs checks
+    // the permissions shown, as the kernel does: not compared.)
+    same_as_fuse_overlayfs("compat-squash", "squash_to_root", false);
+    same_as_fuse_overlayfs(
+        "compat-squash-ids",
+        "squash_to_uid=5,squash_to_gid=6,static_nlink",
+        false,
+    );
+}
+
+#[test]
+fn the_mount_helper_form_works_with_mount_8() {
+    let l = Layers::new("compat-helper");
+    // mount.fuse3 runs `unionfs SOURCE MNT -o OPTS` from the standard PATH.
+    let link = PathBuf::from("/usr/local/sbin/unionfs");
+    let _installed = InstalledLink::new(&link);
+    let _guard = MountGuard(l.mnt.clone());
+    let mut c = Command::new("mount");
+    c.args(["-t", "fuse.unionfs", "-o", &l.options(), "unionfs"])
+        .arg(&l.mnt);
+    let out = run_to_end(c);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(fs::read_to_string(l.mnt.join("top")).unwrap(), "top\n");
+    let pid = daemon_of(&l.mnt).expect("daemon");
+    assert!(
+        Command::new("umount")
+            .arg(&l.mnt)
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_gone(pid);
+}
+
+/// A symlink to the binary under test at `path`, removed on drop (only if
+/// this test made it).
+struct InstalledLink(Option<PathBuf>);
+
+impl InstalledLink {
+    fn new(path: &Path) -> InstalledLink {
+        if fs::symlink_metadata(path).is_ok() {
+            assert_eq!(
+                fs::read_link(path).ok(),
+                Some(bin()),
+                "{} exists already",
+                path.display()
+            );
+            return InstalledLink(None);
+        }
+        std::os::unix::fs::symlink(bin(), path).unwrap();
+        InstalledLink(Some(path.to_path_buf()))
+    }
+}
+
+impl Drop for InstalledLink {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+// ---- podman and buildah ----
+
+/// A busybox rootfs tarball.
+fn busybox_tarball(s: &Scratch) -> PathBuf {
+    let root = s.dir("rootfs");
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "root"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh", "cat", "echo", "grep", "ls", "rm", "id", "touch", "test", "mkdir", "stat",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    fs::write(root.join("etc/motd"), "welcome\n").unwrap();
+    let tar = s.path.join("rootfs.tar");
+    // Old times: podman's diff takes a same-size file with the same mtime
+    // second (tar keeps no nanoseconds) as unchanged.
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .args(["--mtime=2020-01-01", "-cf"])
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    tar
+}
+
+/// podman/buildah configured to use `program` as the mount program, with
+/// storage of its own under `dir`.
+struct Engine {
+    dir: PathBuf,
+    args_log: PathBuf,
+}
+
+impl Engine {
+    fn new(dir: &Path) -> Engine {
+        fs::create_dir_all(dir).unwrap();
+        // A wrapper logs what podman passes, then runs unionfs.
+        let wrapper = dir.join("mount-program");
+        let args_log = dir.join("mount-program.log");
+        fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\necho \"$@\" >> {}\nexec {} \"$@\"\n",
+                args_log.display(),
+                bin().display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(
+            dir.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"overlay\"\nrunroot = \"{d}/run\"\ngraphroot = \"{d}/graph\"\n\
+                 [storage.options.overlay]\nmount_program = \"{w}\"\nmountopt = \"nodev\"\n",
+                d = dir.display(),
+                w = wrapper.display()
+            ),
+        )
+        .unwrap();
+        fs::write(
+            dir.join("containers.conf"),
+            "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n\
+             netns = \"none\"\n[engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\n",
+        )
+        .unwrap();
+        Engine {
+            dir: dir.to_path_buf(),
+            args_log,
+        }
+    }
+
+    fn cmd(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(program);
+        c.args(args)
+            .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"));
+        c
+    }
+
+    /// Runs podman or buildah; returns stdout, failing on an error.
+    fn ok(&self, program: &str, args: &[&str]) -> String {
+        let out = run_to_end(self.cmd(program, args));
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}\n{}",
+            text(&out.stderr),
+            text(&out.stdout)
+        );
+        text(&out.stdout)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Whatever a failed test left mounted under the storage.
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let under = self.dir.to_string_lossy().into_owned();
+        let mut mounts: Vec<&str> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&under))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            umount_lazy(Path::new(m));
+        }
+    }
+}
+
+#[test]
+fn podman_and_buildah_run_containers_on_unionfs() {
+    let s = Scratch::new("compat-podman");
+    let tar = busybox_tarball(&s);
+    let e = Engine::new(&s.path.join("engine"));
+    let tar = tar.to_str().unwrap();
+    e.ok("podman", &["import", "-q", tar, "localhost/bb"]);
+
+    // The root filesystem of a container is a unionfs mount.
+    let out = e.ok(
+        "podman",
+        &[
+            "run",
+            "--rm",
+            "localhost/bb",
+            "sh",
+            "-c",
+            "echo ok > /f && cat /f && grep ' / ' /proc/mounts",
+        ],
+    );
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("ok"));
+    assert!(
+        lines.next().unwrap().starts_with("unionfs / fuse.unionfs "),
+        "{out}"
+    );
+    let log = fs::read_to_string(&e.args_log).unwrap();
+    assert!(
+        log.contains("lowerdir=") && log.contains(",volatile"),
+        "{log}"
+    );
+
+    // Changes, committed into a second layer.
+    e.ok(
+        "podman",
+        &[
+            "run",
+            "--name",
+            "c1",
+            "localhost/bb",
+            "sh",
+            "-c",
+            "echo changed > /etc/motd; rm /bin/ls; mkdir /newdir; echo x > /newdir/f",
+        ],
+    );
+    let diff = e.ok("podman", &["diff", "c1"]);
+    for line in ["C /etc/motd", "D /bin/ls", "A /newdir", "A /newdir/f"] {
+        assert!(
+            diff.lines().any(|l| l == line),
+            "podman diff lacks {line}: {diff}"
+        );
+    }
+    e.ok("podman", &["commit", "-q", "c1", "localhost/bb2"]);
+    e.ok("podman", &["rm", "c1"]);
+    let layers = e.ok(
+        "podman",
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{len .RootFS.Layers}}",
+            "localhost/bb2",
+        ],
+    );
+    assert_eq!(layers.trim(), "2");
+    let out = e.ok(
+        "podman",
+        &[
+            "run",
+            "--rm",
+            "localhost/bb2",
+            "sh",
+            "-c",
+            "cat /etc/motd /newdir/f; test -e /bin/ls || echo ls-deleted; cat /etc/passwd",
+        ],
+    );
+    assert_eq!(
+        out,
+        "changed\nx\nls-deleted\nroot:x:0:0:root:/root:/bin/sh\n"
+    );
+
+    // buildah: from, run, commit.
+    let c = e.ok("buildah", &["from", "localhost/bb2"]);
+    let c = c.trim();
+    let out = e.ok(
+        "buildah",
+        &[
+            "run",
+            c,
+            "sh",
+            "-c",
+            "echo built > /built; rm /etc/motd; grep ' / ' /proc/mounts",
+        ],
+    );
+    assert!(out.starts_with("unionfs / fuse.unionfs "), "{out}");
+    e.ok("buildah", &["commit", "-q", c, "localhost/built"]);
+    e.ok("buildah", &["rm", c]);
+    let out = e.ok(
+        "podman",
+        &[
+            "run",
+            "--rm",
+            "localhost/built",
+            "sh",
+            "-c",
+            "cat /built /newdir/f; test -e /etc/motd || echo motd-deleted",
+        ],
+    );
+    assert_eq!(out, "built\nx\nmotd-deleted\n");
+    e.ok("podman", &["rmi", "-a", "-f"]);
+}
+
+#[test]
+fn rootless_podman_with_keep_id_mapping() {
+    // Short paths: rootless podman 4.3 loses track of a container whose
+    // runtime directory path is long (with fuse-overlayfs as well).
+    let dir = tempfile::Builder::new()
+        .prefix("pm")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let s = Scratch { path: dir.keep() };
+    fs::set_permissions(&s.path, fs::Permissions::from_mode(0o755)).unwrap();
+    let tar = busybox_tarball(&s);
+    let home = s.dir("h");
+    let e = Engine::new(&s.path.join("e"));
+    let tests_uid: u32 = text(
+        &Command::new("id")
+            .args(["-u", "tests"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    for p in [&home, &e.dir] {
+        Command::new("chown")
+            .args(["-R", "tests"])
+            .arg(p)
+            .status()
+            .unwrap();
+    }
+    // Rootless podman keeps its storage under $HOME; the mount program is
+    // taken from the storage.conf given. (No --rm: rootless podman 4.3 then
+    // never returns here, with fuse-overlayfs as well: its cleanup process
+    // does not find the container again.)
+    let script = format!(
+        "set -e; export HOME={home} XDG_RUNTIME_DIR={home}/r CONTAINERS_STORAGE_CONF={conf}/storage.conf CONTAINERS_CONF={conf}/containers.conf; \
+         mkdir -p $XDG_RUNTIME_DIR; \
+         trap 'kill $(cat $XDG_RUNTIME_DIR/libpod/tmp/pause.pid 2>/dev/null) 2>/dev/null || true' EXIT; \
+         podman import -q {tar} localhost/bb >/dev/null; \
+         podman run --name p localhost/bb sh -c 'id -u; echo ok > /f; cat /f; grep \" / \" /proc/mounts'; \
+         podman rm p >/dev/null; \
+         podman run --name k --userns=keep-id localhost/bb sh -c 'id -u; stat -c %u /etc/passwd; touch /tmp/k; stat -c %u /tmp/k'; \
+         podman rm k >/dev/null",
+        home = home.display(),
+        conf = e.dir.display(),
+        tar = tar.display(),
+    );
+    let node = s.path.join("fuse");
+    let outer = format!(
+        "mknod -m 666 {node} c 10 229 && mount --bind {node} /dev/fuse && \
+         exec setpriv --reuid=tests --regid=tests --clear-groups sh -c '{script}'",
+        node = node.display(),
+        script = script.replace('\'', "'\\''"),
+    );
+    let mut c = Command::new("unshare");
+    // A clean environment and a directory the user may enter, as a login
+    // session has.
+    c.args(["-m", "sh", "-c", &outer])
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .current_dir(&s.path);
+    // Nothing of the test harness's descriptors: podman's helpers would
+    // keep them open.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        c.pre_exec(|| {
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            Ok(())
+        });
+    }
+    let out = run_to_end(c);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        text(&out.stdout)
+    );
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[..2], ["0", "ok"], "{stdout}");
+    assert!(lines[2].starts_with("unionfs / fuse.unionfs "), "{stdout}");
+    // keep-id: the user is itself inside; the image's root files stay root's.
+    assert_eq!(
+        lines[3..],
+        [
+            tests_uid.to_string().as_str(),
+            "0",
+            tests_uid.to_string().as_str()
+        ],
+        "{stdout}"
+    );
+    let log = fs::read_to_string(&e.args_log).unwrap();
+    assert!(
+        log.contains("uidmapping="),
+        "podman passed no mapping: {log}"
+    );
+}
