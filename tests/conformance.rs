@@ -111,7 +111,7 @@ fn fsx_on_a_file_from_a_lower_layer() {
     let ops: u64 = std::env::var("UNIONFS_FSX_OPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(100_000);
     let out = Command::new("fsx")
         .args(["-N", &ops.to_string(), "-S", "7", "-P"])
         .arg(&art)

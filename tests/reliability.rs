@@ -138,10 +138,11 @@ fn descriptors_and_memory_stay_flat_under_load() {
     };
     round(2000); // warm up: caches, thread buffers, allocator arenas
     let (fds_before, rss_before) = (fd_count(pid), rss_kib(pid));
-    round(20000);
+    // Six operations a round: a million in all.
+    round(170_000);
     let (fds_after, rss_after) = (fd_count(pid), rss_kib(pid));
     eprintln!(
-        "daemon fds {fds_before} -> {fds_after}, RSS {rss_before} KiB -> {rss_after} KiB over 120k operations"
+        "daemon fds {fds_before} -> {fds_after}, RSS {rss_before} KiB -> {rss_after} KiB over 1.02M operations"
     );
     assert!(
         fds_after <= fds_before + 4,
@@ -151,4 +152,71 @@ fn descriptors_and_memory_stay_flat_under_load() {
         rss_after <= rss_before + 4096,
         "memory grew: {rss_before} KiB -> {rss_after} KiB"
     );
+}
+
+#[test]
+fn directories_swapped_for_symlinks_during_operations_never_lead_outside() {
+    let f = Fixture::new("swaprace");
+    let canary = f.scratch.dir("canary");
+    fs::write(canary.join("leaf"), "canary\n").unwrap();
+    fs::create_dir(canary.join("sub")).unwrap();
+    let before = snapshot(&canary, View::Upper);
+    // Through the mount: copy-ups, creations, reads and listings under
+    // dir/sub (from a lower) and work/ (in the upper).
+    fs::create_dir(f.p("work")).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let (mnt, stop) = (f.mnt.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = fs::write(mnt.join("dir/sub/leaf"), format!("{i}"));
+                let _ = fs::write(mnt.join(format!("dir/sub/new{}", i % 7)), "n");
+                let _ = fs::write(mnt.join(format!("work/f{}", i % 7)), "w");
+                let _ = fs::read_to_string(mnt.join("dir/sub/leaf"));
+                let _ = fs::read_dir(mnt.join("dir/sub")).map(|d| d.count());
+                let _ = fs::remove_file(mnt.join(format!("work/f{}", (i + 3) % 7)));
+                set_xattr_ignoring(&mnt.join("dir/sub/leaf"), "user.x");
+                i += 1;
+            }
+            i
+        })
+    };
+    // Meanwhile someone with access to the layers swaps the directories for
+    // symlinks to the canary, and back, as fast as they can.
+    let lower_dir = f.lowers[1].join("dir/sub");
+    let upper_dir = f.up("work");
+    let mut swaps = 0;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < end {
+        for d in [&lower_dir, &upper_dir] {
+            let aside = d.with_extension("aside");
+            if fs::rename(d, &aside).is_ok() {
+                std::os::unix::fs::symlink(&canary, d).unwrap();
+                std::thread::yield_now();
+                fs::remove_file(d).unwrap();
+                fs::rename(&aside, d).unwrap();
+                swaps += 1;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ops = worker.join().unwrap();
+    let after = snapshot(&canary, View::Upper);
+    assert!(
+        diff("before", &before, "after", &after).is_empty(),
+        "the daemon reached outside its layers"
+    );
+    let pid = f.mount.as_ref().unwrap().pid().unwrap();
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the daemon died"
+    );
+    eprintln!("{swaps} directory swaps during {ops} operation rounds: nothing outside touched");
+}
+
+fn set_xattr_ignoring(p: &Path, name: &str) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), b"1".as_ptr().cast(), 1, 0) };
 }
