@@ -483,3 +483,79 @@ fn running_out_of_descriptors_gives_errors_not_a_crash() {
     drop(_u);
     let _ = child.wait();
 }
+
+#[test]
+fn an_upper_out_of_inodes_refuses_changes_and_keeps_the_view() {
+    let s = Scratch::new("noinodes");
+    let l = s.dir("l");
+    for name in ["a", "b", "c"] {
+        write(&l.join(format!("dir/{name}")), name);
+    }
+    // A tmpfs upper with room for very few inodes.
+    let upfs = s.dir("upfs");
+    assert!(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m,nr_inodes=16", "tmpfs"])
+            .arg(&upfs)
+            .status()
+            .unwrap()
+            .success()
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            umount_lazy(&self.0);
+        }
+    }
+    let _tmpfs = Unmount(upfs.clone());
+    let (upper, work, mnt) = (upfs.join("upper"), upfs.join("work"), s.dir("mnt"));
+    fs::create_dir(&upper).unwrap();
+    fs::create_dir(&work).unwrap();
+    let wd = format!("workdir={}", work.display());
+    let m = Mount::unionfs(std::slice::from_ref(&l), &upper, &mnt, &[&wd]);
+    let mut made = 0;
+    let full = loop {
+        match fs::write(mnt.join(format!("fill{made}")), "x") {
+            Ok(()) => made += 1,
+            Err(e) => break e,
+        }
+        assert!(made < 100, "the inode limit was not reached");
+    };
+    assert_eq!(full.raw_os_error(), Some(libc::ENOSPC));
+    let before = snapshot(&mnt, View::Merged);
+    let enospc = |r: std::io::Result<()>, what: &str| {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ENOSPC), "{what}");
+    };
+    // Each needs a new inode in the upper: refused, and nothing changes.
+    enospc(
+        fs::remove_file(mnt.join("dir/a")),
+        "unlink needing a whiteout",
+    );
+    enospc(fs::create_dir(mnt.join("newdir")), "mkdir");
+    enospc(
+        std::os::unix::fs::symlink("x", mnt.join("newlink")),
+        "symlink",
+    );
+    enospc(
+        fs::rename(mnt.join("dir/b"), mnt.join("dir/b2")),
+        "rename of a lower file",
+    );
+    enospc(fs::write(mnt.join("dir/c"), "changed"), "copy-up");
+    let after = snapshot(&mnt, View::Merged);
+    let d = diff("before", &before, "after", &after);
+    assert!(d.is_empty(), "a refused change left traces:\n{d}");
+    assert_eq!(fs::read_dir(work.join("work")).unwrap().count(), 0);
+    // Space freed: all of it works.
+    for i in 0..made {
+        fs::remove_file(mnt.join(format!("fill{i}"))).unwrap();
+    }
+    fs::remove_file(mnt.join("dir/a")).unwrap();
+    fs::rename(mnt.join("dir/b"), mnt.join("dir/b2")).unwrap();
+    fs::write(mnt.join("dir/c"), "changed").unwrap();
+    assert_eq!(fs::read_to_string(mnt.join("dir/c")).unwrap(), "changed");
+    assert!(!mnt.join("dir/a").exists() && mnt.join("dir/b2").exists());
+    drop(m);
+    eprintln!(
+        "inode-full upper: 5 kinds of change refused with ENOSPC, view unchanged, then all worked"
+    );
+}
