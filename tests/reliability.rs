@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
@@ -162,12 +162,34 @@ fn directories_swapped_for_symlinks_during_operations_never_lead_outside() {
     fs::create_dir(canary.join("sub")).unwrap();
     let before = snapshot(&canary, View::Upper);
     // Through the mount: copy-ups, creations, reads and listings under
-    // dir/sub (from a lower) and work/ (in the upper).
+    // dir/sub (from a lower) and work/ (in the upper), by an ordinary user
+    // (a process that follows a symlink shown in the union reaches its
+    // target with its own rights, as on any filesystem: the canary, root's,
+    // is out of its reach, so only the daemon could change it).
+    for p in [f.lowers[1].join("dir"), f.lowers[1].join("dir/sub")] {
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    fs::set_permissions(
+        f.lowers[1].join("dir/sub/leaf"),
+        fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
     fs::create_dir(f.p("work")).unwrap();
+    fs::set_permissions(f.p("work"), fs::Permissions::from_mode(0o777)).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let worker = {
         let (mnt, stop) = (f.mnt.clone(), stop.clone());
         std::thread::spawn(move || {
+            // This thread alone (raw system calls: glibc would change every
+            // thread) becomes nobody.
+            unsafe {
+                assert_eq!(
+                    libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()),
+                    0
+                );
+                assert_eq!(libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534), 0);
+            }
             let mut i = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let _ = fs::write(mnt.join("dir/sub/leaf"), format!("{i}"));
@@ -203,10 +225,8 @@ fn directories_swapped_for_symlinks_during_operations_never_lead_outside() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let ops = worker.join().unwrap();
     let after = snapshot(&canary, View::Upper);
-    assert!(
-        diff("before", &before, "after", &after).is_empty(),
-        "the daemon reached outside its layers"
-    );
+    let d = diff("before", &before, "after", &after);
+    assert!(d.is_empty(), "the daemon reached outside its layers:\n{d}");
     let pid = f.mount.as_ref().unwrap().pid().unwrap();
     assert!(
         Path::new(&format!("/proc/{pid}")).exists(),
