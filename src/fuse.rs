@@ -219,7 +219,11 @@ impl Filesystem for UnionFs {
         let wanted = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO;
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            // Privileges are dropped here on write, truncate and chown; the
+            // kernel then remembers which inodes have none (SB_NOSEC) instead
+            // of asking for security.capability before every write.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         // ACLs checked and cached by the kernel: one getxattr per inode,
         // not one per `ls -l` of it.
         let acl = if self.shown.acl && self.shown.xattrs {
@@ -250,7 +254,7 @@ impl Filesystem for UnionFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -266,6 +270,16 @@ impl Filesystem for UnionFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        // With FUSE_HANDLE_KILLPRIV_V2 the kernel asks the filesystem to drop
+        // set-user-id after a write (a setattr with nothing else in it) or a
+        // truncate by a caller without CAP_FSETID; fuser does not pass the
+        // kill flag on, so it is inferred (root has CAP_FSETID).
+        let nothing = mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none();
         let ch = AttrChange {
             mode,
             uid: uid.map(|u| self.shown.ids.uids.disk(u)),
@@ -274,6 +288,7 @@ impl Filesystem for UnionFs {
             atime: set_time(atime),
             mtime: set_time(mtime),
             fh: fh.map(|f| f.0),
+            drop_privileges: req.uid() != 0 && (nothing || size.is_some()),
         };
         match self.core.setattr(ino.0, ch) {
             Ok(st) => reply.attr(&self.shown.ttl, &self.attr(&st)),
@@ -409,15 +424,24 @@ impl Filesystem for UnionFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            let drop = AttrChange {
+                drop_privileges: true,
+                ..AttrChange::default()
+            };
+            if let Err(e) = self.core.setattr(ino.0, drop) {
+                return reply.error(errno(e));
+            }
+        }
         match self.core.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),

@@ -22,6 +22,31 @@ pub struct AttrChange {
     pub mtime: Option<SetTime>,
     /// An open file of the caller's (ftruncate).
     pub fh: Option<u64>,
+    /// Drop set-user-id, and set-group-id where group-executable, as a
+    /// write or truncate by a caller without CAP_FSETID does (the kernel
+    /// leaves this to the filesystem: FUSE_HANDLE_KILLPRIV_V2).
+    pub drop_privileges: bool,
+}
+
+impl AttrChange {
+    fn changes_attributes(&self) -> bool {
+        self.mode.is_some()
+            || self.uid.is_some()
+            || self.gid.is_some()
+            || self.size.is_some()
+            || self.atime.is_some()
+            || self.mtime.is_some()
+    }
+}
+
+/// `mode` without the privilege bits a write drops, or None if it has none.
+fn without_privileges(mode: u32) -> Option<u32> {
+    let mut m = mode & 0o7777;
+    m &= !libc::S_ISUID;
+    if m & libc::S_IXGRP != 0 {
+        m &= !libc::S_ISGID;
+    }
+    (m != mode & 0o7777).then_some(m)
 }
 
 /// What statfs reports.
@@ -50,9 +75,23 @@ impl Union {
 
     pub fn setattr(&self, id: u64, ch: AttrChange) -> Result<Stat> {
         let node = self.node(id)?;
+        let current = node.stat()?;
+        let dropped = ch
+            .drop_privileges
+            .then(|| without_privileges(current.st_mode))
+            .flatten()
+            .filter(|_| node.kind == libc::S_IFREG && ch.mode.is_none());
+        if !ch.changes_attributes() && dropped.is_none() {
+            // Nothing to do (a privilege drop on a file without privileges):
+            // no copy-up.
+            return Ok(current);
+        }
         let upper = self.ensure_upper(&node)?;
         if let Some(size) = ch.size {
             self.truncate(&node, ch.fh, size)?;
+        }
+        if let Some(mode) = dropped {
+            upper.chmod(mode)?;
         }
         if ch.uid.is_some() || ch.gid.is_some() {
             upper.chown(ch.uid, ch.gid)?;

@@ -825,3 +825,81 @@ fn a_full_upper_gives_enospc_and_loses_nothing() {
     assert_eq!(read(&mnt.join("small")), "changed");
     drop(m);
 }
+
+/// Privilege bits after writes and truncates by root and by an ordinary
+/// user, on kernel overlayfs and on unionfs: the same modes.
+#[test]
+fn privileges_are_dropped_as_with_the_kernel() {
+    let s = Scratch::new("privdrop");
+    let lower = s.dir("lower");
+    write(&lower.join("shared/lowerfile"), "from the lower\n");
+    fs::set_permissions(lower.join("shared"), fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::chown(lower.join("shared/lowerfile"), Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(
+        lower.join("shared/lowerfile"),
+        fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    let mut modes = Vec::new();
+    for kernel in [true, false] {
+        let tag = if kernel { "k" } else { "u" };
+        let (upper, mnt) = (s.dir(&format!("{tag}-upper")), s.dir(&format!("{tag}-mnt")));
+        let m = if kernel {
+            Mount::kernel(std::slice::from_ref(&lower), &upper, &s.dir("k-work"), &mnt)
+        } else {
+            Mount::unionfs(std::slice::from_ref(&lower), &upper, &mnt, &[])
+        };
+        let d = mnt.join("shared");
+        // Root's part: files owned by the user, written by root first (so
+        // the kernel may have cached "no privileges" before the chmod).
+        let root_script = format!(
+            "cd {d} && for f in a b c d e; do echo x > $f; chown 65534:65534 $f; done; \
+             chmod 6775 a; chmod 2745 b; chmod 4755 c d e; \
+             echo root >> a; truncate -s 1 d",
+            d = d.display()
+        );
+        assert!(
+            std::process::Command::new("sh")
+                .args(["-c", &root_script])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let user_script = format!(
+            "cd {d} && echo user >> a && echo user >> b && truncate -s 0 c && : > e && echo user >> lowerfile",
+            d = d.display()
+        );
+        let out = as_user(65534, 65534, &user_script);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: Vec<(String, u32)> = ["a", "b", "c", "d", "e", "lowerfile"]
+            .iter()
+            .map(|n| {
+                (
+                    n.to_string(),
+                    fs::metadata(d.join(n)).unwrap().mode() & 0o7777,
+                )
+            })
+            .collect();
+        modes.push(got);
+        drop(m);
+    }
+    assert_eq!(modes[0], modes[1], "kernel (left) and unionfs (right)");
+    // And what the kernel does, spelled out.
+    let by_name: std::collections::HashMap<_, _> = modes[1].iter().cloned().collect();
+    assert_eq!(
+        by_name["a"], 0o775,
+        "user write drops setuid and setgid (g+x)"
+    );
+    assert_eq!(by_name["b"], 0o2745, "setgid without g+x stays");
+    assert_eq!(by_name["c"], 0o755, "user truncate drops setuid");
+    assert_eq!(by_name["d"], 0o4755, "root truncate keeps it");
+    assert_eq!(by_name["e"], 0o755, "user O_TRUNC drops it");
+    assert_eq!(
+        by_name["lowerfile"], 0o755,
+        "user write to a lower file drops it"
+    );
+}
