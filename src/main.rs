@@ -45,44 +45,7 @@ enum Command {
     #[command(
         after_help = "Exit status: CMD's own (128+N if it dies of signal N); 125 when the launcher fails or is given bad values; 126 when CMD cannot be executed; 127 when it is not found in the container."
     )]
-    Run {
-        /// Read-only layers, top-most first, separated by ':'.
-        #[arg(long = "lower", value_name = "L1[:L2...]")]
-        lowers: String,
-        /// Keep the container's changes in this directory (default: a temporary one, removed at exit).
-        #[arg(long, value_name = "DIR")]
-        upper: Option<PathBuf>,
-        /// The container's hostname.
-        #[arg(long, value_name = "NAME")]
-        hostname: Option<String>,
-        /// Set a variable in the command's environment (repeatable).
-        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
-        env: Vec<String>,
-        /// The command's working directory in the container.
-        #[arg(long, value_name = "DIR")]
-        cwd: Option<String>,
-        /// Bind a host path into the container (repeatable).
-        #[arg(long = "bind", value_name = "SRC:DST[:ro]")]
-        binds: Vec<String>,
-        /// The container's network: the host's, or its own with loopback only.
-        #[arg(long, value_enum, default_value = "host")]
-        net: run::Net,
-        /// Run CMD as this user (and group), by number or by name in the container.
-        #[arg(long, value_name = "UID[:GID]")]
-        user: Option<String>,
-        /// Run CMD under a minimal init (PID 1 reaps orphans and passes signals on).
-        #[arg(long)]
-        init: bool,
-        /// Seconds a container may take to stop after SIGTERM before it is killed.
-        #[arg(long, value_name = "SECS", default_value_t = 10)]
-        stop_timeout: u64,
-        /// Mount options for the union, as for `unionfs mount -o`.
-        #[arg(short = 'o', value_name = "OPTS")]
-        options: Vec<String>,
-        /// The command and its arguments.
-        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
-        command: Vec<std::ffi::OsString>,
-    },
+    Run(run::RunRequest),
     /// Show what a union does, in a temporary directory: needs nothing from you.
     Demo,
 }
@@ -117,7 +80,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     // A launcher speaks only of problems; a mount reports what it does.
-    init_logging(if matches!(cli.command, Command::Run { .. }) {
+    init_logging(if matches!(cli.command, Command::Run(_)) {
         "unionfs=warn"
     } else {
         "unionfs=info"
@@ -151,42 +114,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run {
-            lowers,
-            upper,
-            hostname,
-            env,
-            cwd,
-            binds,
-            net,
-            user,
-            init,
-            stop_timeout,
-            options,
-            command,
-        } => {
-            let req = run::RunRequest {
-                lowers,
-                upper,
-                hostname,
-                env,
-                cwd,
-                binds,
-                net,
-                user,
-                init,
-                stop_timeout,
-                mount_options: options,
-                command,
-            };
-            match run::run(req) {
-                Ok(code) => ExitCode::from(code),
-                Err(f) => {
-                    eprintln!("unionfs run: {}", f.message);
-                    ExitCode::from(f.code)
-                }
+        Command::Run(req) => match run::run(req) {
+            Ok(code) => ExitCode::from(code),
+            Err(f) => {
+                eprintln!("unionfs run: {}", f.message);
+                ExitCode::from(f.code)
             }
-        }
+        },
         Command::Demo => match demo::run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(msg) => {

@@ -492,25 +492,8 @@ fn an_upper_out_of_inodes_refuses_changes_and_keeps_the_view() {
         write(&l.join(format!("dir/{name}")), name);
     }
     // A tmpfs upper with room for very few inodes.
-    let upfs = s.dir("upfs");
-    assert!(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8m,nr_inodes=16", "tmpfs"])
-            .arg(&upfs)
-            .status()
-            .unwrap()
-            .success()
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            umount_lazy(&self.0);
-        }
-    }
-    let _tmpfs = Unmount(upfs.clone());
-    let (upper, work, mnt) = (upfs.join("upper"), upfs.join("work"), s.dir("mnt"));
-    fs::create_dir(&upper).unwrap();
-    fs::create_dir(&work).unwrap();
+    let upfs = Tmpfs::mount(s.dir("upfs"), "size=8m,nr_inodes=16");
+    let (upper, work, mnt) = (upfs.upper(), upfs.work(), s.dir("mnt"));
     let wd = format!("workdir={}", work.display());
     let m = Mount::unionfs(std::slice::from_ref(&l), &upper, &mnt, &[&wd]);
     let mut made = 0;

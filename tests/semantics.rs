@@ -776,23 +776,8 @@ fn a_full_upper_gives_enospc_and_loses_nothing() {
     fs::write(l.join("big"), &big).unwrap();
     fs::write(l.join("small"), "small").unwrap();
     // A 4 MiB upper filesystem holding the upper and the work directory.
-    let upfs = s.dir("upfs");
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&upfs)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            umount_lazy(&self.0);
-        }
-    }
-    let _tmpfs = Unmount(upfs.clone());
-    let (upper, work, mnt) = (upfs.join("upper"), upfs.join("work"), s.dir("mnt"));
-    fs::create_dir(&upper).unwrap();
-    fs::create_dir(&work).unwrap();
+    let upfs = Tmpfs::mount(s.dir("upfs"), "size=4m");
+    let (upper, work, mnt) = (upfs.upper(), upfs.work(), s.dir("mnt"));
     let wd = format!("workdir={}", work.display());
     let m = Mount::unionfs(std::slice::from_ref(&l), &upper, &mnt, &[&wd]);
     fs::write(mnt.join("kept"), "already in the upper").unwrap();

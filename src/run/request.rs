@@ -19,19 +19,43 @@ pub enum Net {
 }
 
 /// The command line of `unionfs run`, unchecked.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct RunRequest {
+    /// Read-only layers, top-most first, separated by ':'.
+    #[arg(long = "lower", value_name = "L1[:L2...]")]
     pub lowers: String,
+    /// Keep the container's changes in this directory (default: a temporary one, removed at exit).
+    #[arg(long, value_name = "DIR")]
     pub upper: Option<PathBuf>,
+    /// The container's hostname.
+    #[arg(long, value_name = "NAME")]
     pub hostname: Option<String>,
+    /// Set a variable in the command's environment (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,
+    /// The command's working directory in the container.
+    #[arg(long, value_name = "DIR")]
     pub cwd: Option<String>,
+    /// Bind a host path into the container (repeatable).
+    #[arg(long = "bind", value_name = "SRC:DST[:ro]")]
     pub binds: Vec<String>,
+    /// The container's network: the host's, or its own with loopback only.
+    #[arg(long, value_enum, default_value = "host")]
     pub net: Net,
+    /// Run CMD as this user (and group), by number or by name in the container.
+    #[arg(long, value_name = "UID[:GID]")]
     pub user: Option<String>,
+    /// Run CMD under a minimal init (PID 1 reaps orphans and passes signals on).
+    #[arg(long)]
     pub init: bool,
+    /// Seconds a container may take to stop after SIGTERM before it is killed.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub stop_timeout: u64,
+    /// Mount options for the union, as for `unionfs mount -o`.
+    #[arg(short = 'o', value_name = "OPTS")]
     pub mount_options: Vec<String>,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<OsString>,
 }
 

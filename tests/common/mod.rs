@@ -62,6 +62,41 @@ fn mount_source_type(mnt: &Path) -> Option<String> {
         })
 }
 
+/// A tmpfs of its own at `path` (unmounted on drop), for an upper
+/// directory that runs out of room: `upper` and `work` made on it.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: PathBuf, options: &str) -> Tmpfs {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount tmpfs -o {options}");
+        for d in ["upper", "work"] {
+            fs::create_dir(path.join(d)).unwrap();
+        }
+        Tmpfs { path }
+    }
+
+    pub fn upper(&self) -> PathBuf {
+        self.path.join("upper")
+    }
+
+    pub fn work(&self) -> PathBuf {
+        self.path.join("work")
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        umount_lazy(&self.path);
+    }
+}
+
 pub fn umount_lazy(mnt: &Path) {
     let c = CString::new(mnt.as_os_str().as_bytes()).unwrap();
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
