@@ -311,10 +311,28 @@ fn a_killed_launcher_takes_its_container_along() {
     wait_until("the container to die", || {
         processes_with("sleep 4104").is_empty()
     });
-    // The mount lived in the launcher's own namespace: gone with it. (The
-    // scratch directory cannot be removed by a killed process.)
+    // The mount lived in the launcher's own namespace: gone with it. The
+    // scratch directory a killed process cannot remove is left...
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!info.contains(w.tmp.to_string_lossy().as_ref()));
+    assert_eq!(fs::read_dir(&w.tmp).unwrap().count(), 1);
+    // ... and the next run removes it (not the one of a live launcher).
+    let live = w
+        .cmd(&["--stop-timeout", "1", "--", "sleep", "4105"])
+        .spawn()
+        .unwrap();
+    wait_until("the other container", || {
+        !processes_with("sleep 4105").is_empty()
+    });
+    ok(&w.run(&["--", "true"]));
+    assert_eq!(
+        fs::read_dir(&w.tmp).unwrap().count(),
+        1,
+        "the live launcher's directory stays"
+    );
+    unsafe { libc::kill(live.id() as i32, libc::SIGTERM) };
+    finish(live);
+    w.assert_clean();
 }
 
 #[test]

@@ -68,6 +68,7 @@ pub fn run(req: RunRequest) -> Result<u8, Failure> {
         idmap::enter_user_namespace()?;
     }
     enter_private_mount_namespace()?;
+    scratch.remove_stale_siblings();
     let plan = options::plan(&MountRequest {
         lowers: spec.lowers.clone(),
         upper: spec.upper.clone().unwrap_or_else(|| scratch.path("upper")),
@@ -136,6 +137,11 @@ struct Scratch {
     dir: PathBuf,
 }
 
+/// Names the launcher's process in its scratch directory, so that a later
+/// run can tell a directory left by a killed launcher from a live one.
+const OWNER_FILE: &str = "launcher.pid";
+const SCRATCH_PREFIX: &str = "unionfs-run.";
+
 impl Scratch {
     fn create(throwaway_upper: bool) -> Result<Scratch, Failure> {
         let base = std::env::var_os("TMPDIR")
@@ -144,6 +150,9 @@ impl Scratch {
             .unwrap_or_else(|| PathBuf::from("/var/tmp"));
         let dir = make_temp_dir(&base)?;
         let scratch = Scratch { dir };
+        std::fs::write(scratch.path(OWNER_FILE), std::process::id().to_string()).map_err(|e| {
+            Failure::launcher(format!("cannot write in {}: {e}", scratch.dir.display()))
+        })?;
         let mut subdirs = vec!["root"];
         if throwaway_upper {
             subdirs.extend(["upper", "work"]);
@@ -162,6 +171,43 @@ impl Scratch {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+
+    /// Removes what launchers killed before they could clean up left beside
+    /// this one: scratch directories of ours whose launcher is gone. (Their
+    /// mounts died with the launchers' namespaces.)
+    fn remove_stale_siblings(&self) {
+        let Some(base) = self.dir.parent() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(base) else {
+            return;
+        };
+        let me = unsafe { libc::geteuid() };
+        for e in entries.flatten() {
+            let path = e.path();
+            let ours = e.file_name().to_string_lossy().starts_with(SCRATCH_PREFIX)
+                && path != self.dir
+                && std::fs::symlink_metadata(&path)
+                    .is_ok_and(|m| m.is_dir() && std::os::unix::fs::MetadataExt::uid(&m) == me);
+            if ours && launcher_gone(&path) {
+                debug!(dir = %path.display(), "removing what a killed launcher left");
+                drop(Scratch { dir: path });
+            }
+        }
+    }
+}
+
+/// True when the directory names a launcher process that no longer exists.
+fn launcher_gone(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join(OWNER_FILE)) else {
+        return false;
+    };
+    let Ok(pid) = text.trim().parse::<libc::pid_t>() else {
+        return false;
+    };
+    pid > 0
+        && unsafe { libc::kill(pid, 0) } != 0
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
 impl Drop for Scratch {
@@ -181,7 +227,10 @@ impl Drop for Scratch {
 }
 
 fn make_temp_dir(base: &Path) -> Result<PathBuf, Failure> {
-    let mut template: Vec<u8> = base.join("unionfs-run.XXXXXX").into_os_string().into_vec();
+    let mut template: Vec<u8> = base
+        .join(format!("{SCRATCH_PREFIX}XXXXXX"))
+        .into_os_string()
+        .into_vec();
     template.push(0);
     let p = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
     if p.is_null() {
