@@ -319,7 +319,12 @@ pub fn mount(plan: &MountPlan, foreground: bool) -> Result<(), String> {
         -1 => Err(format!("cannot fork: {}", std::io::Error::last_os_error())),
         0 => {
             drop(report_rx);
-            unsafe { libc::setsid() };
+            // A session of its own, and no hold on the caller's working
+            // directory (the plan's paths are absolute).
+            unsafe {
+                libc::setsid();
+                libc::chdir(c"/".as_ptr());
+            }
             let tx = report_tx.as_raw_fd();
             let result = mount::serve(plan, move || {
                 // Mounted: tell the caller, and let go of its stdio (a caller

@@ -169,6 +169,11 @@ fn mounts_in_the_background_and_stops_with_fusermount() {
     fs::write(l.mnt.join("new"), "new\n").unwrap();
     assert_eq!(fs::read_to_string(l.up.join("new")).unwrap(), "new\n");
     let pid = daemon_of(&l.mnt).expect("a daemon serves the mount");
+    // The daemon keeps no hold on its caller's working directory.
+    assert_eq!(
+        fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        Path::new("/")
+    );
     let st = Command::new("fusermount3")
         .arg("-u")
         .arg(&l.mnt)
