@@ -75,16 +75,17 @@ impl Union {
 
     pub fn setattr(&self, id: u64, ch: AttrChange) -> Result<Stat> {
         let node = self.node(id)?;
-        let current = node.stat()?;
-        let dropped = ch
-            .drop_privileges
-            .then(|| without_privileges(current.st_mode))
-            .flatten()
-            .filter(|_| node.kind == libc::S_IFREG && ch.mode.is_none());
+        // The current mode is read only for a privilege drop: an ordinary
+        // setattr costs no extra stat.
+        let dropped = if ch.drop_privileges && node.kind == libc::S_IFREG && ch.mode.is_none() {
+            without_privileges(node.stat()?.st_mode)
+        } else {
+            None
+        };
         if !ch.changes_attributes() && dropped.is_none() {
             // Nothing to do (a privilege drop on a file without privileges):
             // no copy-up.
-            return Ok(current);
+            return node.stat();
         }
         let upper = self.ensure_upper(&node)?;
         if let Some(size) = ch.size {

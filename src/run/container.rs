@@ -256,8 +256,7 @@ fn mount_dev(root: BorrowedFd<'_>) -> Result<(), Failure> {
         let tty = PathBuf::from(OsStr::from_bytes(tty.to_bytes()));
         bind_device(root, "/dev/console", &tty)?;
     }
-    let pts = mount_devpts(root)?;
-    drop(pts);
+    mount_devpts(root)?;
     let links = [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -288,7 +287,7 @@ fn bind_device(root: BorrowedFd<'_>, at: &str, host: &Path) -> Result<(), Failur
 
 /// A devpts instance of the container's own. The tty group is given only
 /// where gid 5 exists (not under a single-id user namespace mapping).
-fn mount_devpts(root: BorrowedFd<'_>) -> Result<OwnedFd, Failure> {
+fn mount_devpts(root: BorrowedFd<'_>) -> Result<(), Failure> {
     let flags = libc::MS_NOSUID | libc::MS_NOEXEC;
     mount_fs(
         root,
@@ -306,6 +305,7 @@ fn mount_devpts(root: BorrowedFd<'_>) -> Result<OwnedFd, Failure> {
             c"newinstance,ptmxmode=0666,mode=0620",
         )
     })
+    .map(drop)
 }
 
 /// A fresh sysfs needs a network namespace of the container's own;
