@@ -214,6 +214,20 @@ fn reply_xattr(reply: ReplyXattr, r: Result<Vec<u8>>, size: u32) {
     }
 }
 
+/// A `security.selinux` request reaches a FUSE daemon only when no security
+/// module answers it from memory (with SELinux on, the kernel labels the
+/// mount itself). Answering "no label" with EOPNOTSUPP instead of ENODATA
+/// lets tools that look for labels (`ls -l` asks for every file) remember
+/// that this file system has none and stop asking: one round trip per `ls`
+/// instead of one per file. Labels that exist are still returned, listed,
+/// set and copied up.
+fn unlabelled_as_unsupported(name: &OsStr, r: Result<Vec<u8>>) -> Result<Vec<u8>> {
+    match r {
+        Err(Errno::ENODATA) if name.as_bytes() == b"security.selinux" => Err(Errno::ENOTSUP),
+        r => r,
+    }
+}
+
 impl Filesystem for UnionFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let wanted = InitFlags::FUSE_PARALLEL_DIROPS
@@ -588,7 +602,8 @@ impl Filesystem for UnionFs {
         if !self.shown.xattrs {
             return reply.error(FErrno::from_i32(libc::ENOTSUP));
         }
-        reply_xattr(reply, self.core.getxattr(ino.0, name), size);
+        let r = self.core.getxattr(ino.0, name);
+        reply_xattr(reply, unlabelled_as_unsupported(name, r), size);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {

@@ -488,6 +488,91 @@ fn xattrs_pass_through_and_private_names_are_hidden() {
     assert_eq!(lgetxattr(&f.p("top-only"), "user.a"), None);
 }
 
+/// Outcome of getxattr(2) on a path: the value, or the errno.
+fn raw_getxattr(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let c = cpath(p);
+    let n = CString::new(name).unwrap();
+    let mut v = vec![0u8; 256];
+    let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+    }
+    v.truncate(r as usize);
+    Ok(v)
+}
+
+#[test]
+fn absent_selinux_labels_read_as_unsupported_and_present_ones_pass() {
+    if Path::new("/sys/fs/selinux/enforce").exists() {
+        eprintln!("SELinux is active: the kernel labels the mount itself");
+        return;
+    }
+    let scratch = Scratch::new("label");
+    let lowers = standard_lowers(&scratch);
+    let label = b"system_u:object_r:etc_t:s0\0";
+    set_xattr(&lowers[0].join("top-only"), "security.selinux", label);
+    let f = Fixture::over(scratch, lowers);
+
+    // No label: "not supported", so `ls -l` stops asking after one file.
+    for unlabelled in ["bottom-only", "dir", ""] {
+        assert_eq!(
+            raw_getxattr(&f.p(unlabelled), "security.selinux"),
+            Err(libc::EOPNOTSUPP),
+            "{unlabelled:?}"
+        );
+    }
+    // Other names keep their usual answer.
+    assert_eq!(
+        raw_getxattr(&f.p("bottom-only"), "security.other"),
+        Err(libc::ENODATA)
+    );
+    assert_eq!(
+        raw_getxattr(&f.p("bottom-only"), "user.none"),
+        Err(libc::ENODATA)
+    );
+    // A label that exists is read and listed ...
+    assert_eq!(
+        raw_getxattr(&f.p("top-only"), "security.selinux").as_deref(),
+        Ok(&label[..])
+    );
+    assert!(
+        lxattrs(&f.p("top-only"))
+            .iter()
+            .any(|(n, _)| n == "security.selinux")
+    );
+    // ... kept by copy-up, and one can be set.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(f.p("top-only"))
+        .unwrap()
+        .write_all(b"more\n")
+        .unwrap();
+    assert_eq!(
+        lgetxattr(&f.up("top-only"), "security.selinux").as_deref(),
+        Some(&label[..])
+    );
+    set_xattr(
+        &f.p("bottom-only"),
+        "security.selinux",
+        b"user_u:object_r:tmp_t:s0\0",
+    );
+    assert_eq!(
+        raw_getxattr(&f.p("bottom-only"), "security.selinux").as_deref(),
+        Ok(&b"user_u:object_r:tmp_t:s0\0"[..])
+    );
+    let ls = std::process::Command::new("ls")
+        .arg("-la")
+        .arg(&f.mnt)
+        .output()
+        .unwrap();
+    assert!(
+        ls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("bottom-only"));
+}
+
 #[test]
 fn statfs_names_and_long_names() {
     let f = Fixture::new("statfs");
