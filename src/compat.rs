@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::ids::{IdMap, IdMapping};
 use crate::mount;
 use crate::options::{Access, Layers, MountFlags, MountPlan, Presentation, check_layers};
-use crate::passthrough::PassthroughMode;
+use crate::passthrough::{FileIo, on_off};
 
 /// The subcommands of the native command line.
 const SUBCOMMANDS: [&str; 4] = ["mount", "run", "demo", "help"];
@@ -59,8 +59,9 @@ pub const USAGE: &str = "usage: unionfs [-f] [-d] [-o OPTIONS]... [SOURCE] MOUNT
   -o OPTIONS  comma separated: lowerdir=L1[:L2...], upperdir=DIR, workdir=DIR,
               volatile, fsync=0, uidmapping=C:H:N[:...], gidmapping=C:H:N[:...],
               squash_to_root, squash_to_uid=N, squash_to_gid=N, static_nlink,
-              noacl, noxattrs=1, timeout=SECS, passthrough=on|off|auto, ro, rw,
-              nosuid, nodev, noexec, noatime, allow_other, allow_root";
+              noacl, noxattrs=1, timeout=SECS, passthrough=on|off|auto,
+              writeback=on|off, ro, rw, nosuid, nodev, noexec, noatime,
+              allow_other, allow_root";
 
 /// Parses the arguments after the program name.
 pub fn parse_args(args: &[OsString]) -> Result<Invocation, String> {
@@ -145,7 +146,7 @@ pub struct CompatOptions {
     pub upperdir: Option<PathBuf>,
     pub workdir: Option<PathBuf>,
     pub volatile: bool,
-    pub passthrough: PassthroughMode,
+    pub file_io: FileIo,
     pub presentation: Presentation,
     pub flags: MountFlags,
     squash_to_root: bool,
@@ -183,7 +184,6 @@ fn accepted_without_effect(key: &str, value: Option<&str>) -> bool {
             None,
         ) | (
             "threaded"
-                | "writeback"
                 | "context"
                 | "fscontext"
                 | "defcontext"
@@ -239,7 +239,8 @@ impl CompatOptions {
             ("noxattrs", None) => self.presentation.xattrs = false,
             ("noxattrs", Some(v)) => self.presentation.xattrs = number(key, v)? == 0,
             ("timeout", Some(v)) => self.presentation.ttl = timeout(v)?,
-            ("passthrough", Some(v)) => self.passthrough = v.parse()?,
+            ("passthrough", Some(v)) => self.file_io.passthrough = v.parse()?,
+            ("writeback", Some(v)) => self.file_io.writeback = on_off(key, v)?,
             ("redirect_dir", Some("off" | "nofollow")) => {}
             ("redirect_dir", Some(v)) => {
                 return Err(format!(
@@ -294,7 +295,7 @@ pub fn plan(o: CompatOptions, mountpoint: Option<&Path>) -> Result<MountPlan, St
         upper,
         mountpoint,
         volatile: o.volatile,
-        passthrough: o.passthrough,
+        file_io: o.file_io,
         presentation: o.presentation,
         mount_flags: flags,
     })

@@ -20,7 +20,7 @@ use tracing::debug;
 use crate::inode::AttrChange;
 use crate::options::Presentation;
 use crate::passthrough::{
-    CreateReply, IoModes, PassthroughMode, can_register_backing_files, log_mode,
+    CreateReply, FileIo, IoModes, PassthroughMode, can_register_backing_files, log_mode,
 };
 use crate::superblock::{Caller, Union};
 use crate::sys::{Errno, Result, SetTime, Stat};
@@ -30,7 +30,9 @@ const MAX_WRITE: u32 = 1 << 20;
 /// The union as fuser sees it.
 pub struct UnionFs {
     core: Arc<Union>,
-    passthrough: PassthroughMode,
+    file_io: FileIo,
+    /// The kernel's writeback cache is on (only ever without passthrough).
+    writeback: bool,
     io: IoModes,
     /// Owners, link counts, xattrs and ACLs as shown, and how long the
     /// kernel may trust what it was told (every change to the union passes
@@ -39,10 +41,11 @@ pub struct UnionFs {
 }
 
 impl UnionFs {
-    pub fn new(core: Arc<Union>, passthrough: PassthroughMode, shown: Presentation) -> UnionFs {
+    pub fn new(core: Arc<Union>, file_io: FileIo, shown: Presentation) -> UnionFs {
         UnionFs {
             core,
-            passthrough,
+            file_io,
+            writeback: false,
             io: IoModes::default(),
             shown,
         }
@@ -90,7 +93,8 @@ impl UnionFs {
 
     /// Turns passthrough on when asked for and possible.
     fn negotiate_passthrough(&mut self, config: &mut KernelConfig) -> std::io::Result<()> {
-        let why_not = if self.passthrough == PassthroughMode::Off {
+        let asked = self.file_io.passthrough;
+        let why_not = if asked == PassthroughMode::Off {
             Some("-o passthrough=off")
         } else if !config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH) {
             Some("the kernel does not offer it")
@@ -100,19 +104,43 @@ impl UnionFs {
             None
         };
         if let Some(why) = why_not {
-            if self.passthrough == PassthroughMode::On {
+            if asked == PassthroughMode::On {
                 return Err(std::io::Error::other(format!(
                     "passthrough=on but unavailable: {why}"
                 )));
             }
-            log_mode(false, why);
+            // The two exclude each other: the writeback cache only without
+            // passthrough.
+            self.writeback = self.file_io.writeback
+                && config
+                    .capabilities()
+                    .contains(InitFlags::FUSE_WRITEBACK_CACHE)
+                && config
+                    .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                    .is_ok();
+            log_mode(false, why, self.writeback);
             return Ok(());
         }
         let _ = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH);
         let _ = config.set_max_stack_depth(1);
         self.io.enable();
-        log_mode(true, "");
+        log_mode(true, "", false);
         Ok(())
+    }
+
+    /// Flags for opening the real file. With the writeback cache the kernel
+    /// reads pages of files open for writing only (to fill a partly written
+    /// page), and it places appends itself.
+    fn real_open_flags(&self, flags: i32) -> i32 {
+        if !self.writeback {
+            return flags;
+        }
+        let flags = flags & !libc::O_APPEND;
+        if flags & libc::O_ACCMODE == libc::O_WRONLY {
+            (flags & !libc::O_ACCMODE) | libc::O_RDWR
+        } else {
+            flags
+        }
     }
 }
 
@@ -410,7 +438,14 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.open(ino.0, flags.0) {
+        let wanted = self.real_open_flags(flags.0);
+        // A file its owner may write but not read (the daemon runs as that
+        // owner when rootless): opened as asked.
+        let opened = match self.core.open(ino.0, wanted) {
+            Err(Errno::EACCES) if wanted != flags.0 => self.core.open(ino.0, flags.0),
+            r => r,
+        };
+        match opened {
             Ok(o) => self
                 .io
                 .reply_open(ino.0, o.fh, o.fd.as_fd(), o.on_upper, reply),
@@ -470,7 +505,10 @@ impl Filesystem for UnionFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Only the writeback cache sends flushes (the other opens say
+        // NOFLUSH); the kernel has written the data back before asking, and
+        // locks are the kernel's: ENOSYS tells it not to ask again.
+        reply.error(FErrno::from_i32(libc::ENOSYS));
     }
 
     fn release(
@@ -643,13 +681,16 @@ impl Filesystem for UnionFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
-            .core
-            .create(parent.0, name, mode, flags, self.caller(req, umask))
-        {
+        match self.core.create(
+            parent.0,
+            name,
+            mode,
+            self.real_open_flags(flags),
+            self.caller(req, umask),
+        ) {
             Ok((node, st, fd)) => {
                 let ino = node.id;
-                let o = self.core.created(node, fd, flags);
+                let o = self.core.created(node, fd, self.real_open_flags(flags));
                 let reply = CreateReply {
                     reply,
                     ttl: self.shown.ttl,

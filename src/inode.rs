@@ -37,6 +37,14 @@ impl AttrChange {
             || self.atime.is_some()
             || self.mtime.is_some()
     }
+
+    fn only_times(&self) -> bool {
+        self.mode.is_none()
+            && self.uid.is_none()
+            && self.gid.is_none()
+            && self.size.is_none()
+            && (self.atime.is_some() || self.mtime.is_some())
+    }
 }
 
 /// `mode` without the privilege bits a write drops, or None if it has none.
@@ -85,6 +93,11 @@ impl Union {
         if !ch.changes_attributes() && dropped.is_none() {
             // Nothing to do (a privilege drop on a file without privileges):
             // no copy-up.
+            return node.stat();
+        }
+        if ch.only_times() && node.is_unlinked_lower() {
+            // The writeback cache stamps the times of every file it saw
+            // unlinked; a lower file without a name has nowhere to be copied.
             return node.stat();
         }
         let upper = self.ensure_upper(&node)?;

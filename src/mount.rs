@@ -213,7 +213,7 @@ fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
         .clamp(2, 8)
         * 2;
     let session = Session::new(
-        UnionFs::new(union.clone(), plan.passthrough, plan.presentation.clone()),
+        UnionFs::new(union.clone(), plan.file_io, plan.presentation.clone()),
         &plan.mountpoint,
         &session_config(plan, threads),
     )

@@ -264,6 +264,12 @@ impl Node {
         Ok(())
     }
 
+    /// A lower-only object whose name was removed.
+    pub fn is_unlinked_lower(&self) -> bool {
+        let st = self.state.read();
+        st.unlinked && st.upper.is_none()
+    }
+
     pub fn mark_unlinked(&self) {
         self.state.write().unlinked = true;
     }

@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::ids::IdMapping;
-use crate::passthrough::PassthroughMode;
+use crate::passthrough::{FileIo, on_off};
 
 /// What the user asked for.
 #[derive(Clone, Debug, Default)]
@@ -39,7 +39,7 @@ pub struct MountPlan {
     pub upper: Option<UpperPlan>,
     pub mountpoint: PathBuf,
     pub volatile: bool,
-    pub passthrough: PassthroughMode,
+    pub file_io: FileIo,
     pub presentation: Presentation,
     pub mount_flags: MountFlags,
 }
@@ -123,7 +123,7 @@ pub fn split_lowers(s: &str) -> Result<Vec<PathBuf>, String> {
 struct Options {
     workdir: Option<PathBuf>,
     volatile: bool,
-    passthrough: PassthroughMode,
+    file_io: FileIo,
 }
 
 fn parse_options(list: &[String]) -> Result<Options, String> {
@@ -135,7 +135,8 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
     {
         match opt.split_once('=') {
             Some(("workdir", dir)) if !dir.is_empty() => o.workdir = Some(PathBuf::from(dir)),
-            Some(("passthrough", mode)) => o.passthrough = mode.parse()?,
+            Some(("passthrough", mode)) => o.file_io.passthrough = mode.parse()?,
+            Some(("writeback", v)) => o.file_io.writeback = on_off("writeback", v)?,
             None if opt == "volatile" => o.volatile = true,
             _ => return Err(format!("unknown mount option '{opt}'")),
         }
@@ -237,7 +238,7 @@ pub fn plan(req: &MountRequest) -> Result<MountPlan, String> {
         upper,
         mountpoint,
         volatile: opts.volatile,
-        passthrough: opts.passthrough,
+        file_io: opts.file_io,
         presentation: Presentation::default(),
         mount_flags: MountFlags::default(),
     })
@@ -332,6 +333,7 @@ fn plan_workdir(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::passthrough::PassthroughMode;
 
     #[test]
     fn splits_with_escapes() {
@@ -363,12 +365,10 @@ mod tests {
                 .contains("bogus")
         );
         assert!(parse_options(&["workdir=".into()]).is_err());
-        assert_eq!(
-            parse_options(&["passthrough=off".into()])
-                .unwrap()
-                .passthrough,
-            PassthroughMode::Off
-        );
+        let o = parse_options(&["passthrough=off,writeback=off".into()]).unwrap();
+        assert_eq!(o.file_io.passthrough, PassthroughMode::Off);
+        assert!(!o.file_io.writeback);
         assert!(parse_options(&["passthrough=maybe".into()]).is_err());
+        assert!(parse_options(&["writeback=maybe".into()]).is_err());
     }
 }

@@ -42,6 +42,37 @@ impl std::str::FromStr for PassthroughMode {
     }
 }
 
+/// How file data travels between the kernel and the layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileIo {
+    /// `-o passthrough=`.
+    pub passthrough: PassthroughMode,
+    /// `-o writeback=`: when passthrough is not in use, the kernel keeps
+    /// written data in its page cache and sends it in large writes later
+    /// (at the latest on close and fsync).
+    pub writeback: bool,
+}
+
+impl Default for FileIo {
+    fn default() -> FileIo {
+        FileIo {
+            passthrough: PassthroughMode::Auto,
+            // Off unless asked: with it a write that does not fit fails only
+            // at fsync or close, and every unlink costs a time update.
+            writeback: false,
+        }
+    }
+}
+
+/// Parses `on`/`off` (and fuse-overlayfs's `1`/`0`).
+pub fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "1" => Ok(true),
+        "off" | "0" => Ok(false),
+        _ => Err(format!("{key}={v}: expected on or off")),
+    }
+}
+
 /// The I/O mode of one inode's live opens.
 enum Mode {
     Cached(usize),
@@ -203,10 +234,14 @@ pub fn can_register_backing_files() -> bool {
 }
 
 /// Logs the I/O mode a mount runs in.
-pub fn log_mode(on: bool, why: &str) {
+pub fn log_mode(on: bool, why: &str, writeback: bool) {
     if on {
         info!("passthrough on: file reads and writes go straight to the layers");
+    } else if writeback {
+        info!(
+            "passthrough off ({why}): file I/O is served by the daemon, with the writeback cache"
+        );
     } else {
-        info!("passthrough off ({why}): file I/O is served by the daemon");
+        info!("passthrough off ({why}): file I/O is served by the daemon, written through");
     }
 }

@@ -28,6 +28,7 @@ impl Errno {
     pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
     pub const ENOTSUP: Errno = Errno(libc::EOPNOTSUPP);
     pub const EROFS: Errno = Errno(libc::EROFS);
+    pub const EACCES: Errno = Errno(libc::EACCES);
 
     /// The calling thread's `errno`.
     pub fn last() -> Errno {

@@ -130,6 +130,10 @@ fn bad_input_is_refused_cleanly() {
         (vec!["-o", "workdir=", l, u, m], "unknown mount option"),
         (vec!["-o", "bogus", l, u, m], "unknown mount option 'bogus'"),
         (vec!["-o", "workdir=/x,frobnicate=1", l, u, m], "frobnicate"),
+        (
+            vec!["-o", "writeback=maybe", l, u, m],
+            "writeback=maybe: expected on or off",
+        ),
         (vec![l, &root_upper, m], "root of its filesystem"),
     ];
     let before_up = tree(&up);

@@ -896,6 +896,46 @@ fn a_full_upper_gives_enospc_and_loses_nothing() {
     drop(m);
 }
 
+/// With `writeback=on` a write that does not fit is kept by the kernel and
+/// fails when written back: fsync reports ENOSPC rather than losing it
+/// silently. Unlinking lower files there leaves whiteouts and copies nothing.
+#[test]
+fn writeback_reports_a_full_upper_at_fsync_and_unlinks_copy_nothing() {
+    let s = Scratch::new("wbfull");
+    let l = s.dir("l");
+    for i in 0..50 {
+        fs::write(l.join(format!("f{i}")), vec![7u8; 100_000]).unwrap();
+    }
+    let upfs = Tmpfs::mount(s.dir("upfs"), "size=4m");
+    let (upper, work, mnt) = (upfs.upper(), upfs.work(), s.dir("mnt"));
+    let wd = format!("workdir={}", work.display());
+    let m = Mount::unionfs(
+        std::slice::from_ref(&l),
+        &upper,
+        &mnt,
+        &[&wd, "passthrough=off,writeback=on"],
+    );
+    // 50 lower files of 100 kB (more than the upper holds): all removed.
+    for i in 0..50 {
+        fs::remove_file(mnt.join(format!("f{i}"))).unwrap();
+    }
+    assert!(fs::read_dir(&mnt).unwrap().next().is_none());
+    for i in 0..50 {
+        let meta = fs::symlink_metadata(upper.join(format!("f{i}"))).unwrap();
+        assert!(
+            meta.file_type().is_char_device() && meta.rdev() == 0,
+            "f{i}"
+        );
+    }
+    assert!(fs::read_dir(work.join("work")).unwrap().next().is_none());
+    // 5 MiB into a 4 MiB upper: the writes are taken, fsync fails.
+    let mut f = File::create(mnt.join("huge")).unwrap();
+    let _ = f.write_all(&vec![1u8; 5 << 20]);
+    assert_eq!(errno_of(f.sync_all()), libc::ENOSPC);
+    drop(f);
+    drop(m);
+}
+
 /// Privilege bits after writes and truncates by root and by an ordinary
 /// user, on kernel overlayfs and on unionfs: the same modes.
 #[test]
@@ -972,4 +1012,115 @@ fn privileges_are_dropped_as_with_the_kernel() {
         by_name["lowerfile"], 0o755,
         "user write to a lower file drops it"
     );
+}
+
+/// What one round of writes leaves: each file's size, a digest of its bytes
+/// (for short messages) and its start, and the mtime of the one whose times
+/// were set.
+type WriteOutcome = (Vec<(String, u64, u64, String)>, i64);
+
+fn outcome_of(dir: &Path, names: &[&str], timed: &str) -> WriteOutcome {
+    let files = names
+        .iter()
+        .map(|n| {
+            let bytes = fs::read(dir.join(n)).unwrap();
+            let digest = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            let start = String::from_utf8_lossy(&bytes[..bytes.len().min(8)]).into_owned();
+            (n.to_string(), bytes.len() as u64, digest, start)
+        })
+        .collect();
+    (files, fs::metadata(dir.join(timed)).unwrap().mtime())
+}
+
+/// Partial-page writes on a write-only descriptor, appends from two
+/// descriptors (synced in between), growth past the end, and explicit times
+/// set before close:
+/// the cases where the kernel's writeback cache (without passthrough) needs
+/// the daemon's help. Compared with kernel overlayfs, through the mount and
+/// on disk after unmounting, for the writeback cache, write-through and the
+/// default mode.
+#[test]
+fn writeback_cache_gives_the_kernels_results() {
+    let s = Scratch::new("writeback");
+    let lower = s.dir("lower");
+    let pattern: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(lower.join("data"), &pattern).unwrap();
+    fs::write(lower.join("timed"), b"lower").unwrap();
+    let names = ["data", "appended", "timed"];
+    let variants: [(&str, Option<&[&str]>, &str); 4] = [
+        ("kernel", None, ""),
+        (
+            "writeback",
+            Some(&["passthrough=off,writeback=on"]),
+            "with the writeback cache",
+        ),
+        ("through", Some(&["passthrough=off"]), "written through"),
+        ("default", Some(&[]), ""),
+    ];
+    let mut seen = Vec::new();
+    for (tag, opts, logged) in variants {
+        let (upper, mnt) = (s.dir(&format!("{tag}-upper")), s.dir(&format!("{tag}-mnt")));
+        let m = match opts {
+            None => Mount::kernel(std::slice::from_ref(&lower), &upper, &s.dir("k-work"), &mnt),
+            Some(opts) => Mount::unionfs(std::slice::from_ref(&lower), &upper, &mnt, opts),
+        };
+        let log = m.log_text();
+        assert!(log.contains(logged), "{tag}: {log}");
+        // Write-only, not page aligned, inside and past the end.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(mnt.join("data"))
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"XYZ", 4097).unwrap();
+        f.write_all_at(b"tail!", 9998).unwrap();
+        assert_eq!(
+            f.metadata().unwrap().len(),
+            10_003,
+            "{tag}: size before close"
+        );
+        drop(f);
+        // Two appenders take turns.
+        let open_append = || {
+            OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(mnt.join("appended"))
+                .unwrap()
+        };
+        let (a, b) = (open_append(), open_append());
+        for (mut f, text) in [(&a, "a"), (&b, "bb"), (&a, "ccc")] {
+            f.write_all(text.as_bytes()).unwrap();
+            // Written back now: the next write-back covers the same page.
+            f.sync_all().unwrap();
+        }
+        drop((a, b));
+        // Data written, then times set, then closed: the times stay.
+        let t = OpenOptions::new()
+            .write(true)
+            .open(mnt.join("timed"))
+            .unwrap();
+        (&t).write_all(b"written").unwrap();
+        let when = libc::timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 0,
+        };
+        assert_eq!(
+            unsafe { libc::futimens(t.as_raw_fd(), [when, when].as_ptr()) },
+            0
+        );
+        drop(t);
+        let through_mount = outcome_of(&mnt, &names, "timed");
+        drop(m);
+        seen.push((tag, through_mount, outcome_of(&upper, &names, "timed")));
+    }
+    let kernel = &seen[0];
+    assert_eq!(kernel.2.0[1].3, "abbccc");
+    assert_eq!(kernel.2.1, 1_000_000_000);
+    for ours in &seen[1..] {
+        assert_eq!(kernel.1, ours.1, "{}: through the mount", ours.0);
+        assert_eq!(kernel.2, ours.2, "{}: in the upper directory", ours.0);
+    }
 }
