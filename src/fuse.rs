@@ -681,16 +681,14 @@ impl Filesystem for UnionFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.core.create(
-            parent.0,
-            name,
-            mode,
-            self.real_open_flags(flags),
-            self.caller(req, umask),
-        ) {
+        let flags = self.real_open_flags(flags);
+        match self
+            .core
+            .create(parent.0, name, mode, flags, self.caller(req, umask))
+        {
             Ok((node, st, fd)) => {
                 let ino = node.id;
-                let o = self.core.created(node, fd, self.real_open_flags(flags));
+                let o = self.core.created(node, fd, flags);
                 let reply = CreateReply {
                     reply,
                     ttl: self.shown.ttl,
