@@ -2,6 +2,7 @@
 //! It converts types and replies; all decisions live in the core modules, which
 //! know nothing of fuser.
 
+use std::borrow::Cow;
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
@@ -17,6 +18,7 @@ use fuser::{
 };
 use tracing::debug;
 
+use crate::ids::is_posix_acl;
 use crate::inode::AttrChange;
 use crate::options::Presentation;
 use crate::passthrough::{
@@ -633,14 +635,22 @@ impl Filesystem for UnionFs {
         if !self.shown.xattrs {
             return reply.error(FErrno::from_i32(libc::ENOTSUP));
         }
-        reply_empty(reply, self.core.setxattr(ino.0, name, value, flags));
+        let value = if is_posix_acl(name.as_bytes()) {
+            Cow::Owned(self.shown.ids.acl_disk(value))
+        } else {
+            Cow::Borrowed(value)
+        };
+        reply_empty(reply, self.core.setxattr(ino.0, name, &value, flags));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         if !self.shown.xattrs {
             return reply.error(FErrno::from_i32(libc::ENOTSUP));
         }
-        let r = self.core.getxattr(ino.0, name);
+        let mut r = self.core.getxattr(ino.0, name);
+        if is_posix_acl(name.as_bytes()) {
+            r = r.map(|acl| self.shown.ids.acl_shown(&acl));
+        }
         reply_xattr(reply, unlabelled_as_unsupported(name, r), size);
     }
 

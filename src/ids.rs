@@ -2,7 +2,8 @@
 //! fuse-overlayfs `uidmapping=`/`gidmapping=` options (a file owned by
 //! CONTAINER id on disk is shown as owned by HOST id; creations and chown
 //! go the other way), and `squash_to_root`/`squash_to_uid`/`squash_to_gid`
-//! (every object shown as owned by one id). Without options, ids pass
+//! (every object shown as owned by one id), applied to owners and to the
+//! named user and group entries of POSIX ACLs. Without options, ids pass
 //! through unchanged.
 
 /// One `CONTAINER:HOST:LEN` range.
@@ -68,9 +69,15 @@ impl IdMap {
 
     /// The id shown for an id stored on disk.
     pub fn shown(&self, disk: u32) -> u32 {
-        if let Some(id) = self.squash {
-            return id;
+        match self.squash {
+            Some(id) => id,
+            None => self.ranged(disk),
         }
+    }
+
+    /// The id shown for an id on disk by the ranges alone (squashing is
+    /// about owners, not about the users an ACL names).
+    fn ranged(&self, disk: u32) -> u32 {
         if self.ranges.is_empty() {
             return disk;
         }
@@ -99,6 +106,46 @@ pub struct IdMapping {
     pub gids: IdMap,
 }
 
+/// Names of the extended attributes that hold POSIX ACLs.
+pub fn is_posix_acl(name: &[u8]) -> bool {
+    name == b"system.posix_acl_access" || name == b"system.posix_acl_default"
+}
+
+/// Tags of the ACL entries that name a user or a group (`ACL_USER`,
+/// `ACL_GROUP` in the xattr format: a 4-byte version, then 8-byte entries of
+/// tag u16, permissions u16, id u32, little-endian).
+const ACL_USER: u16 = 0x02;
+const ACL_GROUP: u16 = 0x08;
+
+impl IdMapping {
+    /// An ACL as stored on disk, with the ids it names as shown.
+    pub fn acl_shown(&self, acl: &[u8]) -> Vec<u8> {
+        self.map_acl(acl, |map, id| map.ranged(id))
+    }
+
+    /// An ACL given through the mount, with the ids it names as stored.
+    pub fn acl_disk(&self, acl: &[u8]) -> Vec<u8> {
+        self.map_acl(acl, IdMap::disk)
+    }
+
+    fn map_acl(&self, acl: &[u8], map_id: impl Fn(&IdMap, u32) -> u32) -> Vec<u8> {
+        let mut out = acl.to_vec();
+        if acl.len() < 4 || !(acl.len() - 4).is_multiple_of(8) {
+            return out; // not an ACL: the filesystem below will say so
+        }
+        for entry in out[4..].chunks_exact_mut(8) {
+            let map = match u16::from_le_bytes([entry[0], entry[1]]) {
+                ACL_USER => &self.uids,
+                ACL_GROUP => &self.gids,
+                _ => continue,
+            };
+            let id = u32::from_le_bytes([entry[4], entry[5], entry[6], entry[7]]);
+            entry[4..8].copy_from_slice(&map_id(map, id).to_le_bytes());
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +163,51 @@ mod tests {
         assert_eq!(m.disk(1000), 0);
         assert_eq!(m.disk(110005), 6);
         assert_eq!(m.disk(5), OVERFLOW_ID);
+    }
+
+    #[test]
+    fn acl_entries_naming_users_and_groups_are_mapped() {
+        let ids = IdMapping {
+            uids: IdMap {
+                ranges: IdMap::parse_ranges("0:100000:65536").unwrap(),
+                squash: Some(0),
+            },
+            gids: IdMap {
+                ranges: IdMap::parse_ranges("0:200000:65536").unwrap(),
+                squash: None,
+            },
+        };
+        let entry = |tag: u16, id: u32| {
+            let mut e = tag.to_le_bytes().to_vec();
+            e.extend_from_slice(&4u16.to_le_bytes());
+            e.extend_from_slice(&id.to_le_bytes());
+            e
+        };
+        let acl = |entries: &[(u16, u32)]| {
+            let mut v = 2u32.to_le_bytes().to_vec();
+            for (tag, id) in entries {
+                v.extend(entry(*tag, *id));
+            }
+            v
+        };
+        let on_disk = acl(&[
+            (1, u32::MAX),
+            (2, 5),
+            (4, u32::MAX),
+            (8, 6),
+            (0x10, u32::MAX),
+        ]);
+        let shown = acl(&[
+            (1, u32::MAX),
+            (2, 100005),
+            (4, u32::MAX),
+            (8, 200006),
+            (0x10, u32::MAX),
+        ]);
+        assert_eq!(ids.acl_shown(&on_disk), shown);
+        assert_eq!(ids.acl_disk(&shown), on_disk);
+        assert_eq!(ids.acl_disk(&acl(&[(2, 7)])), acl(&[(2, OVERFLOW_ID)]));
+        assert_eq!(ids.acl_shown(b"bad"), b"bad");
     }
 
     #[test]

@@ -526,6 +526,91 @@ fn id_mapping_and_squashing_match_fuse_overlayfs() {
     );
 }
 
+/// A POSIX ACL in the xattr format from (tag, permissions, id) entries.
+fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+/// The (tag, id) of the entries of an ACL that name a user or a group.
+fn acl_names(acl: &[u8]) -> Vec<(u16, u32)> {
+    acl[4..]
+        .chunks_exact(8)
+        .map(|e| {
+            (
+                u16::from_le_bytes([e[0], e[1]]),
+                u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+            )
+        })
+        .filter(|(tag, _)| *tag == 2 || *tag == 8)
+        .collect()
+}
+
+const ACCESS_ACL: &str = "system.posix_acl_access";
+
+/// An ACL granting read to user `user` and group `group`, and nothing to
+/// anyone else but the owner.
+fn acl_reading_for(user: u32, group: u32) -> Vec<u8> {
+    let none = u32::MAX;
+    acl(&[
+        (1, 6, none),
+        (2, 4, user),
+        (4, 0, none),
+        (8, 4, group),
+        (0x10, 4, none),
+        (0x20, 0, none),
+    ])
+}
+
+/// POSIX ACLs name users and groups: under an id mapping those ids are shown
+/// and stored as owners are, and the kernel enforces the ACL as shown.
+#[test]
+fn acl_entries_are_mapped_like_owners() {
+    let s = Scratch::new("compat-acl");
+    let (lower, up, work, mnt) = (s.dir("lower"), s.dir("up"), s.dir("work"), s.dir("mnt"));
+    let file = lower.join("secret");
+    fs::write(&file, "for user 5\n").unwrap();
+    common::set_xattr(&file, ACCESS_ACL, &acl_reading_for(5, 6));
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},uidmapping=0:100000:65536,gidmapping=0:100000:65536",
+        lower.display(),
+        up.display(),
+        work.display()
+    );
+    let _guard = MountGuard(mnt.clone());
+    let mut c = Command::new(bin());
+    c.args(["-o", &opts]).arg(&mnt);
+    let out = run_to_end(c);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = mnt.join("secret");
+    let get = |p: &Path| acl_names(&common::lgetxattr(p, ACCESS_ACL).expect("an ACL"));
+    assert_eq!(get(&shown), vec![(2, 100005), (8, 100006)]);
+    let cat = format!("cat {}", shown.display());
+    assert!(
+        common::as_user(100005, 100099, &cat).status.success(),
+        "named user"
+    );
+    assert!(
+        common::as_user(100098, 100006, &cat).status.success(),
+        "named group"
+    );
+    assert!(
+        !common::as_user(100005 + 1, 100099, &cat).status.success(),
+        "anyone else"
+    );
+    // Set through the mount: stored with the ids on disk, and enforced.
+    common::set_xattr(&shown, ACCESS_ACL, &acl_reading_for(100007, 100008));
+    assert_eq!(get(&up.join("secret")), vec![(2, 7), (8, 8)]);
+    assert_eq!(get(&shown), vec![(2, 100007), (8, 100008)]);
+    assert!(common::as_user(100007, 100099, &cat).status.success());
+    assert!(!common::as_user(100005, 100099, &cat).status.success());
+}
+
 #[test]
 fn the_mount_helper_form_works_with_mount_8() {
     let l = Layers::new("compat-helper");
