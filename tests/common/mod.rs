@@ -118,7 +118,8 @@ pub struct Mount {
 }
 
 /// Extra `-o` options every unionfs mount of the tests gets, from
-/// `UNIONFS_TEST_OPTIONS` (CI runs the suite with `passthrough=off` too).
+/// `UNIONFS_TEST_OPTIONS` (CI runs the suite with `passthrough=off` and with
+/// `passthrough=off,writeback=on` too).
 fn test_options() -> Vec<String> {
     std::env::var("UNIONFS_TEST_OPTIONS")
         .map(|v| vec![v])
