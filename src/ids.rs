@@ -190,20 +190,17 @@ mod tests {
             }
             v
         };
-        let on_disk = acl(&[
-            (1, u32::MAX),
-            (2, 5),
-            (4, u32::MAX),
-            (8, 6),
-            (0x10, u32::MAX),
-        ]);
-        let shown = acl(&[
-            (1, u32::MAX),
-            (2, 100005),
-            (4, u32::MAX),
-            (8, 200006),
-            (0x10, u32::MAX),
-        ]);
+        // Owner, named user, owning group, named group, mask.
+        let naming = |user: u32, group: u32| {
+            acl(&[
+                (1, u32::MAX),
+                (2, user),
+                (4, u32::MAX),
+                (8, group),
+                (0x10, u32::MAX),
+            ])
+        };
+        let (on_disk, shown) = (naming(5, 6), naming(100005, 200006));
         assert_eq!(ids.acl_shown(&on_disk), shown);
         assert_eq!(ids.acl_disk(&shown), on_disk);
         assert_eq!(ids.acl_disk(&acl(&[(2, 7)])), acl(&[(2, OVERFLOW_ID)]));
