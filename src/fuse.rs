@@ -318,13 +318,7 @@ impl Filesystem for UnionFs {
         // set-user-id after a write (a setattr with nothing else in it) or a
         // truncate by a caller without CAP_FSETID; fuser does not pass the
         // kill flag on, so it is inferred (root has CAP_FSETID).
-        let nothing = mode.is_none()
-            && uid.is_none()
-            && gid.is_none()
-            && size.is_none()
-            && atime.is_none()
-            && mtime.is_none();
-        let ch = AttrChange {
+        let mut ch = AttrChange {
             mode,
             uid: uid.map(|u| self.shown.ids.uids.disk(u)),
             gid: gid.map(|g| self.shown.ids.gids.disk(g)),
@@ -332,8 +326,9 @@ impl Filesystem for UnionFs {
             atime: set_time(atime),
             mtime: set_time(mtime),
             fh: fh.map(|f| f.0),
-            drop_privileges: req.uid() != 0 && (nothing || size.is_some()),
+            drop_privileges: false,
         };
+        ch.drop_privileges = req.uid() != 0 && (!ch.changes_attributes() || size.is_some());
         match self.core.setattr(ino.0, ch) {
             Ok(st) => reply.attr(&self.shown.ttl, &self.attr(&st)),
             Err(e) => reply.error(errno(e)),

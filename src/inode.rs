@@ -29,7 +29,7 @@ pub struct AttrChange {
 }
 
 impl AttrChange {
-    fn changes_attributes(&self) -> bool {
+    pub fn changes_attributes(&self) -> bool {
         self.mode.is_some()
             || self.uid.is_some()
             || self.gid.is_some()
@@ -39,11 +39,12 @@ impl AttrChange {
     }
 
     fn only_times(&self) -> bool {
-        self.mode.is_none()
-            && self.uid.is_none()
-            && self.gid.is_none()
-            && self.size.is_none()
-            && (self.atime.is_some() || self.mtime.is_some())
+        let without_times = AttrChange {
+            atime: None,
+            mtime: None,
+            ..*self
+        };
+        self.changes_attributes() && !without_times.changes_attributes()
     }
 }
 
