@@ -257,16 +257,7 @@ impl Union {
             take_owner: false,
             make: &mut make,
         };
-        let (linked, stat, _) = self.create_object(
-            &parent,
-            new_name,
-            Caller {
-                uid: 0,
-                gid: 0,
-                umask: 0,
-            },
-            new,
-        )?;
+        let (linked, stat, _) = self.create_object(&parent, new_name, Caller::DAEMON, new)?;
         Ok((linked, stat))
     }
 

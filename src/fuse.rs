@@ -64,18 +64,52 @@ impl UnionFs {
         a
     }
 
-    /// Who asks, with ids as the layers store them.
-    fn caller(&self, req: &Request, umask: u32) -> Caller {
+    /// Who asks, with ids as the layers store them; `groups` is the reader
+    /// of its supplementary groups (see `groups_of`).
+    fn caller<'a>(
+        &self,
+        req: &Request,
+        umask: u32,
+        groups: &'a dyn Fn() -> Vec<u32>,
+    ) -> Caller<'a> {
         Caller {
             uid: self.shown.ids.uids.disk(req.uid()),
             gid: self.shown.ids.gids.disk(req.gid()),
             umask,
+            privileged: req.uid() == 0,
+            groups,
         }
+    }
+
+    /// The supplementary groups of the process behind `req`, as the layers
+    /// store them (FUSE sends only the caller's uid, gid and pid).
+    fn groups_of(&self, req: &Request) -> Vec<u32> {
+        supplementary_groups(req.pid())
+            .into_iter()
+            .map(|g| self.shown.ids.gids.disk(g))
+            .collect()
     }
 
     fn reply_entry(&self, reply: ReplyEntry, r: Result<Stat>) {
         match r {
-            Ok(st) => reply.entry(&self.shown.ttl, &self.attr(&st), Generation(0)),
+            Ok(st) => reply.entry_with_ttls(
+                &self.attr_ttl(st.st_ino),
+                &self.shown.ttl,
+                &self.attr(&st),
+                Generation(0),
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    /// How long the kernel may keep the attributes of node `ino`.
+    fn attr_ttl(&self, ino: u64) -> Duration {
+        self.io.attr_ttl(ino, self.shown.ttl)
+    }
+
+    fn reply_attr(&self, reply: ReplyAttr, r: Result<Stat>) {
+        match r {
+            Ok(st) => reply.attr(&self.attr_ttl(st.st_ino), &self.attr(&st)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -144,6 +178,29 @@ impl UnionFs {
             flags
         }
     }
+}
+
+/// The `Groups:` line of /proc/PID/status (empty when the process is gone
+/// or not visible from the daemon's pid namespace).
+fn supplementary_groups(pid: u32) -> Vec<u32> {
+    if pid == 0 {
+        return Vec::new();
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// True for open flags that allow writing (and so a shared writable mapping).
+fn may_write(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY
 }
 
 fn errno(e: Errno) -> FErrno {
@@ -267,7 +324,10 @@ impl Filesystem for UnionFs {
             // Privileges are dropped here on write, truncate and chown; the
             // kernel then remembers which inodes have none (SB_NOSEC) instead
             // of asking for security.capability before every write.
-            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2
+            // The caller's umask comes unapplied: the daemon applies it only
+            // where the parent has no default ACL (the ACL's mask rules).
+            | InitFlags::FUSE_DONT_MASK;
         // ACLs checked and cached by the kernel: one getxattr per inode,
         // not one per `ls -l` of it.
         let acl = if self.shown.acl && self.shown.xattrs {
@@ -290,10 +350,7 @@ impl Filesystem for UnionFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.core.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(st) => reply.attr(&self.shown.ttl, &self.attr(&st)),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.reply_attr(reply, self.core.getattr(ino.0, fh.map(|f| f.0)));
     }
 
     fn setattr(
@@ -317,7 +374,8 @@ impl Filesystem for UnionFs {
         // With FUSE_HANDLE_KILLPRIV_V2 the kernel asks the filesystem to drop
         // set-user-id after a write (a setattr with nothing else in it) or a
         // truncate by a caller without CAP_FSETID; fuser does not pass the
-        // kill flag on, so it is inferred (root has CAP_FSETID).
+        // kill flag on, so it is inferred (root has CAP_FSETID). The core
+        // applies the kernel's rules, chown's included.
         let mut ch = AttrChange {
             mode,
             uid: uid.map(|u| self.shown.ids.uids.disk(u)),
@@ -329,10 +387,11 @@ impl Filesystem for UnionFs {
             drop_privileges: false,
         };
         ch.drop_privileges = req.uid() != 0 && (!ch.changes_attributes() || size.is_some());
-        match self.core.setattr(ino.0, ch) {
-            Ok(st) => reply.attr(&self.shown.ttl, &self.attr(&st)),
-            Err(e) => reply.error(errno(e)),
-        }
+        let groups = || self.groups_of(req);
+        self.reply_attr(
+            reply,
+            self.core.setattr(ino.0, ch, self.caller(req, 0, &groups)),
+        );
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -357,7 +416,7 @@ impl Filesystem for UnionFs {
             name,
             mode,
             decode_dev(rdev),
-            self.caller(req, umask),
+            self.caller(req, umask, &|| self.groups_of(req)),
         );
         self.reply_entry(reply, r.map(|(_, st)| st));
     }
@@ -374,7 +433,12 @@ impl Filesystem for UnionFs {
         self.reply_entry(
             reply,
             self.core
-                .mkdir(parent.0, name, mode, self.caller(req, umask))
+                .mkdir(
+                    parent.0,
+                    name,
+                    mode,
+                    self.caller(req, umask, &|| self.groups_of(req)),
+                )
                 .map(|(_, st)| st),
         );
     }
@@ -395,9 +459,12 @@ impl Filesystem for UnionFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .core
-            .symlink(parent.0, link_name, target.as_os_str(), self.caller(req, 0));
+        let r = self.core.symlink(
+            parent.0,
+            link_name,
+            target.as_os_str(),
+            self.caller(req, 0, &|| self.groups_of(req)),
+        );
         self.reply_entry(reply, r.map(|(_, st)| st));
     }
 
@@ -443,9 +510,13 @@ impl Filesystem for UnionFs {
             r => r,
         };
         match opened {
-            Ok(o) => self
-                .io
-                .reply_open(ino.0, o.fh, o.fd.as_fd(), o.on_upper, reply),
+            Ok(o) => self.io.reply_open(
+                ino.0,
+                o.fh,
+                (o.fd.as_fd(), o.on_upper),
+                may_write(wanted),
+                reply,
+            ),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -469,7 +540,7 @@ impl Filesystem for UnionFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -484,7 +555,8 @@ impl Filesystem for UnionFs {
                 drop_privileges: true,
                 ..AttrChange::default()
             };
-            if let Err(e) = self.core.setattr(ino.0, drop) {
+            let groups = || self.groups_of(req);
+            if let Err(e) = self.core.setattr(ino.0, drop, self.caller(req, 0, &groups)) {
                 return reply.error(errno(e));
             }
         }
@@ -574,7 +646,7 @@ impl Filesystem for UnionFs {
                 INodeNo(st.st_ino),
                 next,
                 &e.name,
-                &self.shown.ttl,
+                &self.attr_ttl(st.st_ino),
                 &self.attr(st),
                 Generation(0),
             )
@@ -619,7 +691,7 @@ impl Filesystem for UnionFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -635,7 +707,12 @@ impl Filesystem for UnionFs {
         } else {
             Cow::Borrowed(value)
         };
-        reply_empty(reply, self.core.setxattr(ino.0, name, &value, flags));
+        let groups = || self.groups_of(req);
+        let caller = self.caller(req, 0, &groups);
+        reply_empty(
+            reply,
+            self.core.setxattr(ino.0, name, &value, flags, caller),
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -687,10 +764,13 @@ impl Filesystem for UnionFs {
         reply: ReplyCreate,
     ) {
         let flags = self.real_open_flags(flags);
-        match self
-            .core
-            .create(parent.0, name, mode, flags, self.caller(req, umask))
-        {
+        match self.core.create(
+            parent.0,
+            name,
+            mode,
+            flags,
+            self.caller(req, umask, &|| self.groups_of(req)),
+        ) {
             Ok((node, st, fd)) => {
                 let ino = node.id;
                 let o = self.core.created(node, fd, flags);
@@ -699,7 +779,8 @@ impl Filesystem for UnionFs {
                     ttl: self.shown.ttl,
                     attr: self.attr(&st),
                 };
-                self.io.reply_open(ino, o.fh, o.fd.as_fd(), true, reply);
+                self.io
+                    .reply_open(ino, o.fh, (o.fd.as_fd(), true), may_write(flags), reply);
             }
             Err(e) => reply.error(errno(e)),
         }

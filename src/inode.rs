@@ -3,13 +3,17 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::format;
 use crate::node::Node;
-use crate::superblock::Union;
+use crate::superblock::{Caller, Union};
 use crate::sys::{self, Errno, Result, SetTime, Stat};
+
+/// The xattr that holds a POSIX access ACL.
+const ACCESS_ACL: &[u8] = b"system.posix_acl_access";
 
 /// The attribute changes of one setattr.
 #[derive(Clone, Copy, Debug, Default)]
@@ -22,9 +26,9 @@ pub struct AttrChange {
     pub mtime: Option<SetTime>,
     /// An open file of the caller's (ftruncate).
     pub fh: Option<u64>,
-    /// Drop set-user-id, and set-group-id where group-executable, as a
-    /// write or truncate by a caller without CAP_FSETID does (the kernel
-    /// leaves this to the filesystem: FUSE_HANDLE_KILLPRIV_V2).
+    /// A write or truncate by a caller without CAP_FSETID: drop the
+    /// set-id bits as the kernel would (it leaves this to the filesystem:
+    /// FUSE_HANDLE_KILLPRIV_V2).
     pub drop_privileges: bool,
 }
 
@@ -46,16 +50,33 @@ impl AttrChange {
         };
         self.changes_attributes() && !without_times.changes_attributes()
     }
+
+    fn changes_owner(&self) -> bool {
+        self.uid.is_some() || self.gid.is_some()
+    }
 }
 
-/// `mode` without the privilege bits a write drops, or None if it has none.
-fn without_privileges(mode: u32) -> Option<u32> {
-    let mut m = mode & 0o7777;
-    m &= !libc::S_ISUID;
-    if m & libc::S_IXGRP != 0 {
+/// The mode a write, truncate or chown by an unprivileged `caller` leaves
+/// on the object `st`, by the kernel's rules (Linux 6.2+): set-user-id
+/// goes; set-group-id goes when the object is group-executable, or when
+/// the caller is neither in its group nor privileged. None when nothing
+/// changes.
+fn mode_without_privileges(st: &Stat, caller: &Caller<'_>) -> Option<u32> {
+    let mode = st.st_mode & 0o7777;
+    let mut m = mode & !libc::S_ISUID;
+    let group_exec = mode & libc::S_IXGRP != 0;
+    if mode & libc::S_ISGID != 0 && (group_exec || !caller.in_group_or_privileged(st.st_gid)) {
         m &= !libc::S_ISGID;
     }
-    (m != mode & 0o7777).then_some(m)
+    (m != mode).then_some(m)
+}
+
+/// The mode after an unprivileged `caller` set an access ACL on `st`: the
+/// kernel drops set-group-id when the caller is not in the object's group.
+fn mode_after_access_acl(st: &Stat, caller: &Caller<'_>) -> Option<u32> {
+    let mode = st.st_mode & 0o7777;
+    (mode & libc::S_ISGID != 0 && !caller.in_group_or_privileged(st.st_gid))
+        .then_some(mode & !libc::S_ISGID)
 }
 
 /// What statfs reports.
@@ -82,12 +103,12 @@ impl Union {
         node.stat()
     }
 
-    pub fn setattr(&self, id: u64, ch: AttrChange) -> Result<Stat> {
+    pub fn setattr(&self, id: u64, ch: AttrChange, caller: Caller<'_>) -> Result<Stat> {
         let node = self.node(id)?;
         // The current mode is read only for a privilege drop: an ordinary
         // setattr costs no extra stat.
-        let dropped = if ch.drop_privileges && node.kind == libc::S_IFREG && ch.mode.is_none() {
-            without_privileges(node.stat()?.st_mode)
+        let dropped = if self.may_drop_privileges(&node, &ch, &caller) {
+            mode_without_privileges(&node.stat()?, &caller)
         } else {
             None
         };
@@ -122,6 +143,21 @@ impl Union {
             upper.set_times(omit(ch.atime), omit(ch.mtime))?;
         }
         node.stat()
+    }
+
+    /// True when this setattr by `caller` may have to drop set-id bits: a
+    /// write or truncate (the kernel says so), or a chown of a
+    /// non-directory by an unprivileged caller (the daemon's own chown keeps
+    /// set-group-id where the caller's would not).
+    fn may_drop_privileges(&self, node: &Node, ch: &AttrChange, caller: &Caller<'_>) -> bool {
+        if caller.privileged || ch.mode.is_some() {
+            return false;
+        }
+        match node.kind {
+            libc::S_IFREG => ch.drop_privileges || ch.changes_owner(),
+            libc::S_IFDIR | libc::S_IFLNK => false,
+            _ => ch.changes_owner(),
+        }
     }
 
     fn truncate(&self, node: &Arc<Node>, fh: Option<u64>, size: u64) -> Result<()> {
@@ -180,14 +216,29 @@ impl Union {
             .collect())
     }
 
-    pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    pub fn setxattr(
+        &self,
+        id: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        caller: Caller<'_>,
+    ) -> Result<()> {
         if format::is_private_xattr(name) {
             return Err(Errno::EPERM);
         }
         let node = self.node(id)?;
         let upper = self.ensure_upper(&node)?;
         node.no_xattrs.store(false, Ordering::Relaxed);
-        upper.xattrs()?.set(name, value, flags)
+        upper.xattrs()?.set(name, value, flags)?;
+        if name.as_bytes() == ACCESS_ACL && !caller.privileged && node.kind != libc::S_IFLNK {
+            // The upper filesystem applied the ACL's mode with the daemon's
+            // privileges; the caller's would have cost set-group-id.
+            if let Some(mode) = mode_after_access_acl(&upper.stat()?, &caller) {
+                upper.chmod(mode)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {

@@ -76,7 +76,13 @@ pub fn on_off(key: &str, v: &str) -> Result<bool, String> {
 /// The I/O mode of one inode's live opens.
 enum Mode {
     Cached(usize),
-    Passthrough { id: BackingId, opens: usize },
+    /// `writers`: the opens that may write, through write(2) or a shared
+    /// mapping.
+    Passthrough {
+        id: BackingId,
+        opens: usize,
+        writers: usize,
+    },
 }
 
 /// The two replies that can open a file.
@@ -130,8 +136,8 @@ impl OpenReply for CreateReply {
 pub struct IoModes {
     enabled: AtomicBool,
     inodes: DashMap<u64, Mode>,
-    /// Open file handle -> its inode.
-    handles: DashMap<u64, u64>,
+    /// Open file handle -> its inode, and whether the open may write.
+    handles: DashMap<u64, (u64, bool)>,
 }
 
 impl IoModes {
@@ -143,16 +149,33 @@ impl IoModes {
         self.enabled.load(Ordering::Relaxed)
     }
 
+    /// How long the kernel may keep the attributes of inode `ino`: not at
+    /// all while a passthrough open may write it. Writes through a shared
+    /// mapping reach the backing file without the kernel's FUSE inode
+    /// hearing of them, so its cached times would go stale (write(2) drops
+    /// them itself).
+    pub fn attr_ttl(&self, ino: u64, ttl: std::time::Duration) -> std::time::Duration {
+        if !self.enabled() {
+            return ttl;
+        }
+        match self.inodes.get(&ino).as_deref() {
+            Some(Mode::Passthrough { writers, .. }) if *writers > 0 => std::time::Duration::ZERO,
+            _ => ttl,
+        }
+    }
+
     /// Answers an open of inode `ino` as handle `fh`; `real` is the object
-    /// opened and `on_upper` whether it is the upper one.
+    /// opened, `on_upper` whether it is the upper one and `writable` whether
+    /// the open may write.
     pub fn reply_open(
         &self,
         ino: u64,
         fh: u64,
-        real: BorrowedFd<'_>,
-        on_upper: bool,
+        opened: (BorrowedFd<'_>, bool),
+        writable: bool,
         reply: impl OpenReply,
     ) {
+        let (real, on_upper) = opened;
         // The daemon does nothing at flush (writes are done when they return,
         // locks are the kernel's): NOFLUSH spares a round trip per close.
         let cached_flags = if on_upper {
@@ -164,11 +187,12 @@ impl IoModes {
             reply.cached(fh, cached_flags);
             return;
         }
-        self.handles.insert(fh, ino);
+        self.handles.insert(fh, (ino, writable));
         let mut mode = self.inodes.entry(ino).or_insert(Mode::Cached(0));
         match &mut *mode {
-            Mode::Passthrough { id, opens } => {
+            Mode::Passthrough { id, opens, writers } => {
                 *opens += 1;
+                *writers += usize::from(writable);
                 reply.passthrough(fh, id);
             }
             Mode::Cached(n) if *n > 0 || !on_upper => {
@@ -178,7 +202,11 @@ impl IoModes {
             Mode::Cached(_) => match reply.backing(real) {
                 Ok(id) => {
                     reply.passthrough(fh, &id);
-                    *mode = Mode::Passthrough { id, opens: 1 };
+                    *mode = Mode::Passthrough {
+                        id,
+                        opens: 1,
+                        writers: usize::from(writable),
+                    };
                 }
                 Err(e) => {
                     if e.raw_os_error() == Some(libc::EPERM)
@@ -197,7 +225,7 @@ impl IoModes {
 
     /// Forgets handle `fh`; an inode with no open left loses its mode.
     pub fn release(&self, fh: u64) {
-        let Some((_, ino)) = self.handles.remove(&fh) else {
+        let Some((_, (ino, writable))) = self.handles.remove(&fh) else {
             return;
         };
         if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.inodes.entry(ino) {
@@ -206,8 +234,9 @@ impl IoModes {
                     *n -= 1;
                     *n
                 }
-                Mode::Passthrough { opens, .. } => {
+                Mode::Passthrough { opens, writers, .. } => {
                     *opens -= 1;
+                    *writers -= usize::from(writable);
                     *opens
                 }
             };

@@ -15,13 +15,54 @@ use crate::node::{LowerObj, Node, NodeState, NodeTable, ROOT_ID, Real};
 use crate::readdir::DirStream;
 use crate::sys::{self, Errno, Result};
 
-/// Who asked: the owner new objects get.
-#[derive(Clone, Copy, Debug)]
-pub struct Caller {
+/// Who asked: the owner new objects get, and what the kernel's set-id
+/// rules need to know of the caller (ids as the layers store them).
+#[derive(Clone, Copy)]
+pub struct Caller<'a> {
     pub uid: u32,
     pub gid: u32,
     /// The caller's umask, for the modes of what it creates.
     pub umask: u32,
+    /// The caller holds CAP_FSETID (as far as FUSE tells: it is root in
+    /// the mount's user namespace).
+    pub privileged: bool,
+    /// Reads the caller's supplementary groups; asked only when a rule
+    /// depends on them (reading them costs a look into /proc).
+    pub groups: &'a dyn Fn() -> Vec<u32>,
+}
+
+impl std::fmt::Debug for Caller<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("umask", &self.umask)
+            .field("privileged", &self.privileged)
+            .finish()
+    }
+}
+
+fn no_groups() -> Vec<u32> {
+    Vec::new()
+}
+
+impl Caller<'static> {
+    /// The daemon itself: root, no umask.
+    pub const DAEMON: Caller<'static> = Caller {
+        uid: 0,
+        gid: 0,
+        umask: 0,
+        privileged: true,
+        groups: &no_groups,
+    };
+}
+
+impl Caller<'_> {
+    /// In group `gid`, or privileged: what the kernel's
+    /// `in_group_or_capable` asks before it lets set-group-id stay.
+    pub fn in_group_or_privileged(&self, gid: u32) -> bool {
+        self.privileged || self.gid == gid || (self.groups)().contains(&gid)
+    }
 }
 
 /// Settings of one mount.

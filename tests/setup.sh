@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a Debian machine, as root:
-# fuse3 (fusermount3), attr, util-linux (setpriv, unshare), fio,
+# fuse3 (fusermount3), attr, acl (setfacl for the permission tests), util-linux (setpriv, unshare), fio,
 # fuse-overlayfs and busybox-static for the benchmark smoke test and the
 # launcher tests, uidmap and debootstrap for rootless and Debian containers,
 # podman, buildah and runc (clients of the fuse-overlayfs command line), the crates.io
@@ -18,6 +18,7 @@ fi
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v setfattr >/dev/null || need+=(attr)
+command -v setfacl >/dev/null || need+=(acl)                   # default and access ACL tests
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v fio >/dev/null || need+=(fio)                      # bench/ (smoke test)
 command -v fuse-overlayfs >/dev/null || need+=(fuse-overlayfs) # bench/ compares with it
