@@ -23,3 +23,4 @@ pub mod readdir;
 pub mod run;
 pub mod superblock;
 pub mod sys;
+pub mod trust;

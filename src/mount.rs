@@ -3,23 +3,32 @@
 //! unmounting on SIGINT, SIGTERM or SIGHUP.
 
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use tracing::{info, warn};
 
 use crate::fuse::UnionFs;
 use crate::options::{Access, MountPlan, UpperPlan};
-use crate::superblock::{Tuning, Union, clear_dir};
-use crate::sys;
+use crate::superblock::{Tuning, Union, remove_tree};
+use crate::{sys, trust};
 
 /// How long a detached but busy mount is served before the daemon exits.
 const BUSY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Name of the scratch directory inside the work directory (as the kernel's).
 const WORK_SUBDIR: &str = "work";
+
+/// The file in the work directory that names the FUSE connection holding it.
+const HOLDER_FILE: &str = "unionfs.holder";
+
+/// How long a mount waits for the work directory of a union whose mount is
+/// gone but whose daemon has not exited yet.
+const HOLDER_EXIT_WAIT: Duration = Duration::from_secs(10);
 
 fn open_layer(what: &str, p: &Path) -> Result<OwnedFd, String> {
     sys::open_dir_path(p).map_err(|e| format!("cannot open {what} {}: {e}", p.display()))
@@ -50,8 +59,7 @@ fn raise_fd_limit() {
     }
 }
 
-/// The work directory, locked for this mount and emptied of what an earlier
-/// run (or crash) left.
+/// The work directory, locked for this mount, with a fresh `work` in it.
 struct WorkDir {
     /// Holds the flock; the work directory is free again once dropped.
     lock: OwnedFd,
@@ -60,55 +68,155 @@ struct WorkDir {
 
 fn claim_workdir(plan: &UpperPlan) -> Result<WorkDir, String> {
     let wd = &plan.workdir;
-    if plan.create_workdir {
-        match std::fs::create_dir(wd) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(format!(
-                    "cannot create work directory {}: {e}",
-                    wd.display()
-                ));
-            }
+    let me = unsafe { libc::geteuid() };
+    let top = open_workdir(plan)?;
+    trust::secure_workdir(top.as_fd(), wd, me, plan.default_workdir)?;
+    lock_workdir(&top, wd)?;
+    let scratch = fresh_scratch_dir(top.as_fd(), wd, me)?;
+    Ok(WorkDir { lock: top, scratch })
+}
+
+/// Opens the work directory for locking; the default one is made (mode
+/// 0700) if missing, and never reached through a symlink.
+fn open_workdir(plan: &UpperPlan) -> Result<OwnedFd, String> {
+    let wd = &plan.workdir;
+    let cannot_open = |e: sys::Errno| format!("cannot open work directory {}: {e}", wd.display());
+    if !plan.default_workdir {
+        return sys::open_dir(wd).map_err(cannot_open);
+    }
+    let (Some(parent), Some(name)) = (wd.parent(), wd.file_name()) else {
+        return Err(format!("bad work directory path {}", wd.display()));
+    };
+    let parent = sys::open_dir_path(parent).map_err(cannot_open)?;
+    match sys::mkdir_at(parent.as_fd(), name, trust::PRIVATE_DIR_MODE) {
+        Ok(()) | Err(sys::Errno::EEXIST) => {}
+        Err(e) => {
+            return Err(format!(
+                "cannot create work directory {}: {e}",
+                wd.display()
+            ));
         }
     }
-    let path = sys::cstr(wd.as_os_str()).map_err(|_| "bad work directory path".to_string())?;
-    let fd = unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
+    sys::open_at(parent.as_fd(), name, libc::O_RDONLY | libc::O_DIRECTORY).map_err(cannot_open)
+}
+
+/// Takes the work directory's lock. A holder whose mount is already gone
+/// is a daemon on its way out (container engines unmount and mount again
+/// at once): its end is awaited, up to `HOLDER_EXIT_WAIT`.
+fn lock_workdir(top: &OwnedFd, wd: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + HOLDER_EXIT_WAIT;
+    loop {
+        if unsafe { libc::flock(top.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let err = sys::Errno::last();
+        if err != sys::Errno(libc::EWOULDBLOCK) {
+            return Err(format!(
+                "cannot lock work directory {}: {err}",
+                wd.display()
+            ));
+        }
+        if holder_is_mounted(top.as_fd()) {
+            return Err(format!(
+                "work directory {} is in use by another mount; unmount it first or give another -o workdir=",
+                wd.display()
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "work directory {} is still in use by a daemon whose mount is gone (waited {} s); \
+                 wait for it to exit, or kill it",
+                wd.display(),
+                HOLDER_EXIT_WAIT.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether the mount named by the holder file is still there. Without a
+/// readable holder file (a daemon that died before writing it, or an
+/// older version) the holder counts as mounted.
+fn holder_is_mounted(top: BorrowedFd<'_>) -> bool {
+    let Ok(f) = sys::open_at(top, OsStr::new(HOLDER_FILE), libc::O_RDONLY) else {
+        return true;
     };
-    if fd < 0 {
-        return Err(format!(
-            "cannot open work directory {}: {}",
-            wd.display(),
-            std::io::Error::last_os_error()
-        ));
+    let mut text = String::new();
+    if std::fs::File::from(f).read_to_string(&mut text).is_err() {
+        return true;
     }
-    let lock = unsafe { OwnedFd::from_raw_fd(fd) };
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(format!(
-            "work directory {} is in use by another mount",
-            wd.display()
-        ));
+    match text.trim().parse::<u32>() {
+        Ok(minor) => fuse_connection_alive(minor),
+        // Being written by a holder that has just mounted: look again.
+        Err(_) => text.is_empty(),
     }
+}
+
+/// A FUSE connection lives as long as its superblock, whatever mount
+/// namespace holds it: `/sys/fs/fuse/connections/N` shows it where the
+/// fusectl file system is mounted; elsewhere the mount table of this
+/// namespace is the best there is.
+fn fuse_connection_alive(minor: u32) -> bool {
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if std::fs::read_dir(ctl).is_ok_and(|mut d| d.next().is_some()) {
+        return ctl.join(minor.to_string()).exists();
+    }
+    let want = format!("0:{minor}");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(2) == Some(want.as_str()))
+}
+
+/// Records which FUSE connection holds the work directory, for
+/// `holder_is_mounted` of a later mount.
+fn write_holder_file(top: BorrowedFd<'_>, mountpoint: &Path) {
+    let Some(minor) = fuse_minor_of(mountpoint) else {
+        return;
+    };
+    let made = sys::create_or_truncate(top, OsStr::new(HOLDER_FILE), 0o600)
+        .and_then(|f| Ok(std::fs::File::from(f).write_all(format!("{minor}\n").as_bytes())?));
+    if let Err(e) = made {
+        warn!("cannot record the mount in the work directory: {e}");
+    }
+}
+
+/// The device minor of the FUSE mount at `mountpoint` (read from the mount
+/// table: a stat of it would ask the daemon, which is not serving yet).
+fn fuse_minor_of(mountpoint: &Path) -> Option<u32> {
+    let want = mountpoint.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(&*want))
+        .and_then(|l| l.split(' ').nth(2)?.strip_prefix("0:")?.parse().ok())
+}
+
+/// Makes `WORKDIR/work` afresh: what an earlier run (or crash) left there is
+/// removed with it, and nobody but this user can hold a way into the new one.
+fn fresh_scratch_dir(top: BorrowedFd<'_>, wd: &Path, me: u32) -> Result<OwnedFd, String> {
     let name = OsStr::new(WORK_SUBDIR);
-    match sys::mkdir_at(lock.as_fd(), name, 0o700) {
-        Ok(()) | Err(sys::Errno::EEXIST) => {}
-        Err(e) => return Err(format!("cannot create {}/{WORK_SUBDIR}: {e}", wd.display())),
+    let path = wd.join(WORK_SUBDIR);
+    match sys::stat_at(top, name) {
+        Ok(st) => {
+            trust::judge(&path, &st, me, false)?;
+            let leftovers = sys::open_path(top, name)
+                .and_then(|d| sys::read_dir(d.as_fd()))
+                .map_or(0, |e| e.len());
+            remove_tree(top, name).map_err(|e| format!("cannot clean {}: {e}", path.display()))?;
+            if leftovers > 0 {
+                info!(
+                    leftovers,
+                    "removed leftovers of an earlier run from the work directory"
+                );
+            }
+        }
+        Err(sys::Errno::ENOENT) => {}
+        Err(e) => return Err(format!("{}: {e}", path.display())),
     }
-    let scratch = sys::open_path(lock.as_fd(), name)
-        .map_err(|e| format!("cannot open {}/{WORK_SUBDIR}: {e}", wd.display()))?;
-    match clear_dir(scratch.as_fd()) {
-        Ok(0) => {}
-        Ok(n) => info!(
-            leftovers = n,
-            "removed leftovers of an earlier run from the work directory"
-        ),
-        Err(e) => return Err(format!("cannot clean {}/{WORK_SUBDIR}: {e}", wd.display())),
-    }
-    Ok(WorkDir { lock, scratch })
+    sys::mkdir_at(top, name, trust::PRIVATE_DIR_MODE)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    sys::open_path(top, name).map_err(|e| format!("cannot open {}: {e}", path.display()))
 }
 
 fn block_stop_signals() -> libc::sigset_t {
@@ -218,6 +326,9 @@ fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
         &session_config(plan, threads),
     )
     .map_err(|e| format!("cannot mount on {}: {e}", plan.mountpoint.display()))?;
+    if let Some(lock) = &lock {
+        write_holder_file(lock.as_fd(), &plan.mountpoint);
+    }
     match &plan.upper {
         Some(u) => info!(
             mountpoint = %plan.mountpoint.display(),
@@ -239,6 +350,9 @@ pub fn serve(plan: &MountPlan, on_mounted: impl FnOnce()) -> Result<(), String> 
     on_mounted();
     if let Err(e) = session.run() {
         warn!("session ended: {e}");
+    }
+    if let Some(lock) = &work {
+        let _ = sys::unlink_at(lock.as_fd(), OsStr::new(HOLDER_FILE), false);
     }
     drop(work);
     info!("unmounted");

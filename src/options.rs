@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::ids::IdMapping;
 use crate::passthrough::{FileIo, on_off};
+use crate::trust;
 
 /// What the user asked for.
 #[derive(Clone, Debug, Default)]
@@ -27,8 +28,9 @@ pub struct MountRequest {
 pub struct UpperPlan {
     pub upper: PathBuf,
     pub workdir: PathBuf,
-    /// The work directory is the default one and may not exist yet.
-    pub create_workdir: bool,
+    /// The work directory is the default one beside the upper: made if
+    /// missing, and repaired if an earlier version left it open to others.
+    pub default_workdir: bool,
 }
 
 /// A checked mount: canonical paths, all directories, nothing overlapping.
@@ -305,27 +307,33 @@ fn plan_workdir(
     let mut plan = UpperPlan {
         upper,
         workdir: PathBuf::new(),
-        create_workdir: false,
+        default_workdir: workdir.is_none(),
     };
-    match workdir {
-        Some(w) => plan.workdir = existing_dir("work directory", w)?,
+    let exists = match workdir {
+        Some(w) => {
+            plan.workdir = existing_dir("work directory", w)?;
+            true
+        }
         None => {
             let w = default_workdir(&plan.upper)?;
-            match std::fs::symlink_metadata(&w) {
-                Ok(m) if m.is_dir() => {}
+            let exists = match std::fs::symlink_metadata(&w) {
+                Ok(m) if m.is_dir() => true,
                 Ok(_) => {
                     return Err(format!(
-                        "work directory {} exists and is not a directory",
+                        "work directory {} exists and is not a directory; remove it",
                         w.display()
                     ));
                 }
-                Err(_) => plan.create_workdir = true,
-            }
+                Err(_) => false,
+            };
             plan.workdir = w;
+            exists
         }
-    }
-    if !plan.create_workdir {
+    };
+    if exists {
         check_workdir(&plan, lowers, mountpoint)?;
+        let me = unsafe { libc::geteuid() };
+        trust::check_workdir(&plan.workdir, me, plan.default_workdir)?;
     }
     Ok(plan)
 }

@@ -119,6 +119,32 @@ pub fn open_dir_path(path: &std::path::Path) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Opens a directory given by a path for reading (and locking); used only
+/// for directories named on the command line.
+pub fn open_dir(path: &std::path::Path) -> Result<OwnedFd> {
+    let p = cstr(path.as_os_str())?;
+    let fd = retry(|| {
+        check(unsafe {
+            libc::open(
+                p.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        })
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Creates (or empties) the regular file `name` in `dir` for writing, with
+/// `mode` if new; never through a symlink.
+pub fn create_or_truncate(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<OwnedFd> {
+    let name = cstr(name)?;
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let fd = retry(|| {
+        check(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) })
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Opens `name` in `dir` for I/O with `flags`, never following a symlink.
 pub fn open_at(dir: BorrowedFd<'_>, name: &OsStr, flags: libc::c_int) -> Result<OwnedFd> {
     let name = cstr(name)?;

@@ -1,0 +1,344 @@
+//! The work directory as an attack surface: what the daemon makes there is
+//! private to the mounting user, a work directory another user could write
+//! is refused (or, when it is the user's own default one, closed), `nobody`
+//! gets nowhere in it before, during and between mounts, and a mount right
+//! after an unmount waits for the old daemon instead of failing.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const NOBODY: u32 = 65534;
+
+fn unionfs(args: &[&Path]) -> Output {
+    Command::new(bin())
+        .arg("mount")
+        .args(args)
+        .env("RUST_LOG", "unionfs=info")
+        .output()
+        .unwrap()
+}
+
+fn mode_and_owner(p: &Path) -> (u32, u32) {
+    let m = fs::symlink_metadata(p).unwrap();
+    (m.mode() & 0o7777, m.uid())
+}
+
+/// Every attempt `nobody` makes on the work directory, with its result:
+/// each must fail.
+fn nobody_attacks(wd: &Path) -> Vec<String> {
+    let w = wd.display();
+    let attempts = [
+        format!("ls {w}"),
+        format!("touch {w}/planted"),
+        format!("mkdir {w}/index"),
+        format!("mv {w}/work {w}/stolen"),
+        format!("touch {w}/work/planted"),
+        format!("ln -s / {w}/work/escape"),
+        format!("rm -rf {w}/work"),
+        format!("echo 0 > {w}/unionfs.holder"),
+        format!("chmod 777 {w}"),
+    ];
+    attempts
+        .iter()
+        .map(|a| {
+            let out = as_user(NOBODY, NOBODY, a);
+            format!(
+                "{a}: {}",
+                if out.status.success() {
+                    "DONE"
+                } else {
+                    "refused"
+                }
+            )
+        })
+        .collect()
+}
+
+fn all_refused(attempts: &[String]) {
+    let done: Vec<_> = attempts.iter().filter(|a| a.ends_with("DONE")).collect();
+    assert!(done.is_empty(), "nobody got through: {done:?}");
+}
+
+/// A world-writable sticky parent (as /tmp) holding lower, upper and mount
+/// point, so that `nobody` can reach the default work directory's place.
+fn open_parent(s: &Scratch) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let parent = s.dir("shared");
+    fs::set_permissions(&s.path, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&parent, fs::Permissions::from_mode(0o1777)).unwrap();
+    let (l, u, m) = (parent.join("l"), parent.join("u"), parent.join("m"));
+    for d in [&l, &u, &m] {
+        fs::create_dir(d).unwrap();
+    }
+    fs::write(l.join("f"), "lower").unwrap();
+    let wd = parent.join(".u.unionfs-work");
+    (l, u, m, wd)
+}
+
+#[test]
+fn the_work_directory_is_private_before_during_and_between_mounts() {
+    let s = Scratch::new("private");
+    let (l, u, m, wd) = open_parent(&s);
+    let mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+    assert_eq!(mode_and_owner(&wd), (0o700, 0), "work directory");
+    assert_eq!(mode_and_owner(&wd.join("work")), (0o700, 0), "work/");
+    assert_eq!(
+        mode_and_owner(&wd.join("unionfs.holder")),
+        (0o600, 0),
+        "holder file"
+    );
+    all_refused(&nobody_attacks(&wd));
+    // A copy-up still works, and is built where nobody could reach.
+    fs::write(m.join("f"), "changed").unwrap();
+    assert_eq!(fs::read_to_string(u.join("f")).unwrap(), "changed");
+    drop(mount);
+    all_refused(&nobody_attacks(&wd));
+    let again = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+    assert_eq!(mode_and_owner(&wd.join("work")), (0o700, 0));
+    drop(again);
+}
+
+/// One refused mount: exit 2, one line naming the problem and its remedy,
+/// nothing mounted, nothing of the work directory changed.
+fn refused(args: &[&Path], m: &Path, wd: &Path, says: &[&str]) {
+    let before = fs::symlink_metadata(wd).map(|m| (m.mode(), m.uid())).ok();
+    let out = unionfs(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    for s in says {
+        assert!(err.contains(s), "{s:?} not in: {err}");
+    }
+    assert!(!is_mounted(m));
+    let after = fs::symlink_metadata(wd).map(|m| (m.mode(), m.uid())).ok();
+    assert_eq!(before, after, "the work directory was changed");
+}
+
+#[test]
+fn work_directories_others_control_are_refused() {
+    let s = Scratch::new("untrusted");
+    let (l, u, m, wd) = open_parent(&s);
+    // nobody prepared the default work directory before root mounts.
+    let out = as_user(NOBODY, NOBODY, &format!("mkdir -m 700 {}", wd.display()));
+    assert!(out.status.success());
+    refused(&[&l, &u, &m], &m, &wd, &["owned by uid 65534", "remove it"]);
+    fs::remove_dir(&wd).unwrap();
+    // ... or a symlink to a directory of its own.
+    let theirs = s.path.join("shared/theirs");
+    as_user(
+        NOBODY,
+        NOBODY,
+        &format!("mkdir {0} && ln -s {0} {1}", theirs.display(), wd.display()),
+    );
+    refused(&[&l, &u, &m], &m, &wd, &["not a directory", "remove it"]);
+    fs::remove_file(&wd).unwrap();
+    // A directory of root's own, but open to everyone.
+    let explicit = s.dir("w");
+    fs::set_permissions(&explicit, fs::Permissions::from_mode(0o777)).unwrap();
+    let opt = format!("workdir={}", explicit.display());
+    let o = Path::new("-o");
+    let opt = Path::new(&opt);
+    refused(
+        &[o, opt, &l, &u, &m],
+        &m,
+        &explicit,
+        &["writable by group or others", "chmod go-w"],
+    );
+    // Closed, but nobody's.
+    fs::set_permissions(&explicit, fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&explicit, Some(NOBODY), Some(NOBODY)).unwrap();
+    refused(
+        &[o, opt, &l, &u, &m],
+        &m,
+        &explicit,
+        &["owned by uid 65534"],
+    );
+    // Root's and closed, but its `work` is nobody's.
+    std::os::unix::fs::chown(&explicit, Some(0), Some(0)).unwrap();
+    fs::create_dir(explicit.join("work")).unwrap();
+    std::os::unix::fs::chown(explicit.join("work"), Some(NOBODY), Some(NOBODY)).unwrap();
+    refused(
+        &[o, opt, &l, &u, &m],
+        &m,
+        &explicit,
+        &["work is owned by uid 65534", "remove it"],
+    );
+    fs::remove_dir(explicit.join("work")).unwrap();
+    // The fuse-overlayfs form refuses the same way (its exit code is 1).
+    fs::set_permissions(&explicit, fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new(bin())
+        .arg("-o")
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            l.display(),
+            u.display(),
+            explicit.display()
+        ))
+        .arg(&m)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("chmod go-w"), "{err}");
+    assert!(!is_mounted(&m));
+}
+
+#[test]
+fn an_open_default_work_directory_of_ones_own_is_closed() {
+    let s = Scratch::new("repair");
+    let (l, u, m, wd) = open_parent(&s);
+    // What earlier versions left: root's, mode 0777.
+    fs::create_dir_all(wd.join("work/leftover")).unwrap();
+    fs::set_permissions(&wd, fs::Permissions::from_mode(0o777)).unwrap();
+    let mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+    assert_eq!(mode_and_owner(&wd), (0o700, 0));
+    assert!(!wd.join("work/leftover").exists(), "work/ made afresh");
+    let log = mount.log_text();
+    assert!(log.contains("open to other users"), "{log}");
+    all_refused(&nobody_attacks(&wd));
+    drop(mount);
+}
+
+/// `nobody` hammers the work directory while root copies up a large
+/// set-user-id root file: the upper gets the lower's bytes, owner and mode,
+/// and nothing nobody tried went through.
+#[test]
+fn a_set_user_id_copy_up_while_nobody_races_on_the_work_directory() {
+    let s = Scratch::new("suidrace");
+    let (l, u, m, wd) = open_parent(&s);
+    let big: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
+    fs::write(l.join("su"), &big).unwrap();
+    fs::set_permissions(l.join("su"), fs::Permissions::from_mode(0o4755)).unwrap();
+    let mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+    let w = wd.display();
+    let racer = Command::new("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            "sh",
+            "-c",
+            &format!(
+                "n=0; end=$(($(date +%s) + 3)); while [ $(date +%s) -lt $end ]; do \
+                 for f in {w}/work/*; do ln -sf /etc/shadow \"$f\" 2>/dev/null && n=$((n+1)); \
+                 mv \"$f\" {w}/x 2>/dev/null && n=$((n+1)); done; \
+                 touch {w}/work/planted 2>/dev/null && n=$((n+1)); done; echo $n"
+            ),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    set_xattr(&m.join("su"), "user.copied", b"1");
+    let out = racer.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "nobody succeeded"
+    );
+    drop(mount);
+    let st = fs::symlink_metadata(u.join("su")).unwrap();
+    assert!(st.file_type().is_file());
+    assert_eq!((st.mode() & 0o7777, st.uid(), st.gid()), (0o4755, 0, 0));
+    assert!(
+        fs::read(u.join("su")).unwrap() == big,
+        "the copy's bytes differ"
+    );
+}
+
+/// Container engines unmount and mount the same upper again at once: the
+/// new mount waits for the old daemon (bounded) instead of failing.
+#[test]
+fn a_mount_right_after_an_unmount_waits_for_the_old_daemon() {
+    let s = Scratch::new("remount");
+    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    for i in 0..100 {
+        write(&l.join(format!("d/f{i}")), &"x".repeat(100_000));
+    }
+    for round in 0..15 {
+        let mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+        // Keep the daemon busy up to the unmount.
+        let busy = {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    let _ = fs::write(m.join(format!("d/f{i}")), format!("round {round}"));
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        let _ = busy.join();
+        assert!(Command::new("umount").arg(&m).status().unwrap().success());
+        // Not waiting for the old daemon: mount again at once.
+        let out = Command::new(bin())
+            .arg("-o")
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                l.display(),
+                u.display(),
+                s.path.join(".u.unionfs-work").display()
+            ))
+            .arg(&m)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(Command::new("umount").arg(&m).status().unwrap().success());
+        drop(mount);
+    }
+}
+
+/// The wait itself, made deterministic: the test holds the work
+/// directory's lock with a holder file naming a FUSE connection that no
+/// longer exists; the mount waits until the lock goes, then mounts.
+#[test]
+fn a_gone_holder_is_awaited_and_a_live_one_refused_at_once() {
+    let s = Scratch::new("holder");
+    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    let wd = s.path.join(".u.unionfs-work");
+    fs::create_dir(&wd).unwrap();
+    fs::set_permissions(&wd, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(wd.join("unionfs.holder"), "999999\n").unwrap();
+    let lock = lock_dir(&wd);
+    let start = Instant::now();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(lock);
+    });
+    let mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+    let waited = start.elapsed();
+    releaser.join().unwrap();
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "did not wait: {waited:?}"
+    );
+    // Now a live holder: a second mount is refused without waiting.
+    let m2 = s.dir("m2");
+    let start = Instant::now();
+    let out = unionfs(&[&l, &u, &m2]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("in use by another mount"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "it waited for a live mount"
+    );
+    drop(mount);
+}
+
+fn lock_dir(p: &Path) -> fs::File {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(p).unwrap();
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    f
+}
