@@ -776,3 +776,121 @@ fn a_debian_container_keeps_its_package_changes_in_the_upper() {
     let left: Vec<_> = fs::read_dir(&tmp).unwrap().flatten().collect();
     assert!(left.is_empty());
 }
+
+/// The mode and owner of `p`, without following a symlink.
+fn mode_owner(p: &Path) -> (u32, u32) {
+    let m = fs::symlink_metadata(p).unwrap();
+    (m.mode() & 0o7777, m.uid())
+}
+
+/// Runs `sh -c script` as nobody; true when it exits 0.
+fn nobody_can(script: &str) -> bool {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["sh", "-c", script])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn everything_the_launcher_makes_has_a_private_mode() {
+    let w = World::new("run-modes");
+    let upper = w.s.path.join("upper");
+    let bind_file = w.s.path.join("hostfile");
+    fs::write(&bind_file, "x").unwrap();
+    let file_bind = format!("{}:/new/file", bind_file.display());
+    let dir_bind = format!("{}:/newdir/sub", w.tmp.display());
+    let throwaway = permissive(w.cmd(&["--stop-timeout", "1", "--", "sleep", "4106"]))
+        .spawn()
+        .unwrap();
+    let kept = permissive(w.cmd(&[
+        "--stop-timeout",
+        "1",
+        "--upper",
+        upper.to_str().unwrap(),
+        "--bind",
+        &file_bind,
+        "--bind",
+        &dir_bind,
+        "--cwd",
+        "/made/cwd",
+        "--",
+        "sleep",
+        "4107",
+    ]))
+    .spawn()
+    .unwrap();
+    wait_until("both containers", || {
+        !processes_with("sleep 4106").is_empty() && !processes_with("sleep 4107").is_empty()
+    });
+
+    let scratches: Vec<PathBuf> = fs::read_dir(&w.tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("unionfs-run.")
+        })
+        .collect();
+    assert_eq!(scratches.len(), 2, "{scratches:?}");
+    for s in &scratches {
+        assert_eq!(mode_owner(s), (0o700, 0), "{}", s.display());
+        assert_eq!(mode_owner(&s.join("launcher.pid")), (0o600, 0));
+        // root/ is a mount point now: its own mode is hidden by the union;
+        // the scratch's 0700 already keeps others out of it.
+        let d = s.display();
+        assert!(!nobody_can(&format!("ls {d}")), "nobody lists {d}");
+        assert!(
+            !nobody_can(&format!("touch {d}/planted")),
+            "nobody writes in {d}"
+        );
+        assert!(!nobody_can(&format!("mv {d}/launcher.pid {d}/x")));
+    }
+    // The throwaway's upper (the container's `/`) and work directory.
+    let throwaway_dir = scratches
+        .iter()
+        .find(|s| s.join("upper").exists())
+        .expect("the throwaway run has an upper");
+    assert_eq!(mode_owner(&throwaway_dir.join("upper")).0, 0o755);
+    assert_eq!(mode_owner(&throwaway_dir.join("work")).0, 0o700);
+    assert_eq!(mode_owner(&throwaway_dir.join("work/work")).0, 0o700);
+
+    // A missing --upper is made 0755, its work directory 0700.
+    assert_eq!(mode_owner(&upper), (0o755, 0));
+    let work = w.s.path.join(".upper.unionfs-work");
+    assert_eq!(mode_owner(&work), (0o700, 0));
+    assert_eq!(mode_owner(&work.join("work")), (0o700, 0));
+    assert!(!nobody_can(&format!("touch {}/planted", work.display())));
+    // Mount points and the working directory made in the upper.
+    assert_eq!(mode_owner(&upper.join("new")), (0o755, 0));
+    assert_eq!(mode_owner(&upper.join("new/file")), (0o644, 0));
+    assert_eq!(mode_owner(&upper.join("newdir")), (0o755, 0));
+    assert_eq!(mode_owner(&upper.join("newdir/sub")), (0o755, 0));
+    assert_eq!(mode_owner(&upper.join("made")), (0o755, 0));
+    assert_eq!(mode_owner(&upper.join("made/cwd")), (0o755, 0));
+
+    for child in [throwaway, kept] {
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        finish(child);
+    }
+    w.assert_clean();
+}
+
+/// The launcher started with umask 0: a permissive umask must not leak into
+/// anything it makes.
+fn permissive(mut c: Command) -> Command {
+    use std::os::unix::process::CommandExt;
+    unsafe {
+        c.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        })
+    };
+    c.stdout(Stdio::null());
+    c
+}

@@ -11,6 +11,7 @@
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use super::request::{Net, Spec, UserSpec};
@@ -66,6 +67,10 @@ pub fn enter(spec: &Spec, root: &Path) -> ! {
 }
 
 fn set_up(spec: &Spec, root: &Path) -> Result<Exec, Failure> {
+    // Whatever umask the launcher was started with, the mount points and
+    // the working directory made below get exactly their modes (0755, 0644),
+    // and the command starts with the conventional 022.
+    unsafe { libc::umask(0o022) };
     make_rprivate("/").map_err(|e| Failure::launcher(format!("cannot make / private: {e}")))?;
     let rootfd = sys::open_dir_path(root)
         .map_err(|e| Failure::launcher(format!("cannot open the container root: {e}")))?;
@@ -84,7 +89,11 @@ fn set_up(spec: &Spec, root: &Path) -> Result<Exec, Failure> {
     let id = resolve_identity(spec.user.as_ref())?;
     let env = environment(spec, &id);
     // A missing working directory is made, as an image's WORKDIR is.
-    if let Err(e) = std::fs::create_dir_all(&spec.cwd) {
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&spec.cwd);
+    if let Err(e) = made {
         return Err(Failure::launcher(format!(
             "cannot make {} in the container: {e}",
             spec.cwd.display()
@@ -97,7 +106,6 @@ fn set_up(spec: &Spec, root: &Path) -> Result<Exec, Failure> {
         )));
     }
     become_identity(&id)?;
-    unsafe { libc::umask(0o022) };
     let program = find_command(&spec.command[0], &env)?;
     Ok(Exec {
         program,

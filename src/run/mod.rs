@@ -16,6 +16,7 @@ mod supervise;
 use std::ffi::OsString;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tracing::{debug, info};
@@ -150,15 +151,17 @@ impl Scratch {
             .unwrap_or_else(|| PathBuf::from("/var/tmp"));
         let dir = make_temp_dir(&base)?;
         let scratch = Scratch { dir };
-        std::fs::write(scratch.path(OWNER_FILE), std::process::id().to_string()).map_err(|e| {
-            Failure::launcher(format!("cannot write in {}: {e}", scratch.dir.display()))
-        })?;
-        let mut subdirs = vec!["root"];
+        write_private_file(&scratch.path(OWNER_FILE), &std::process::id().to_string()).map_err(
+            |e| Failure::launcher(format!("cannot write in {}: {e}", scratch.dir.display())),
+        )?;
+        // The container's root mount point and work directory are the
+        // launcher's alone; a throwaway upper is the container's `/`.
+        let mut subdirs = vec![("root", 0o700)];
         if throwaway_upper {
-            subdirs.extend(["upper", "work"]);
+            subdirs.extend([("upper", 0o755), ("work", 0o700)]);
         }
-        for name in subdirs {
-            std::fs::create_dir(scratch.path(name)).map_err(|e| {
+        for (name, mode) in subdirs {
+            make_dir(&scratch.path(name), mode).map_err(|e| {
                 Failure::launcher(format!(
                     "cannot create {}: {e}",
                     scratch.path(name).display()
@@ -226,6 +229,23 @@ impl Drop for Scratch {
     }
 }
 
+/// Makes directory `path` with exactly `mode`, whatever the umask.
+pub(crate) fn make_dir(path: &Path, mode: u32) -> std::io::Result<()> {
+    std::fs::create_dir(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Writes a new file readable and writable by its owner only.
+fn write_private_file(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut f, text.as_bytes())
+}
+
+/// mkdtemp: a new directory of mode 0700.
 fn make_temp_dir(base: &Path) -> Result<PathBuf, Failure> {
     let mut template: Vec<u8> = base
         .join(format!("{SCRATCH_PREFIX}XXXXXX"))

@@ -157,7 +157,8 @@ fn check_upper(upper: &Path) -> Result<PathBuf, Failure> {
             "upper directory {} is not a directory",
             upper.display()
         ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(upper)
+        // It will be the container's `/`.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => super::make_dir(upper, 0o755)
             .map(|()| upper.to_path_buf())
             .map_err(|e| {
                 Failure::launcher(format!(
