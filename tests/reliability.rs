@@ -56,8 +56,8 @@ fn lowers_on_a_read_only_bind_mount_work_fully() {
                 .success()
         );
     }
-    let _unbind = Unbind(lowers.clone());
-    let f = Fixture::over(s, lowers);
+    let unbind = Unbind(lowers.clone());
+    let mut f = Fixture::over(s, lowers);
     fs::write(f.p("bottom-only"), "changed").unwrap();
     fs::remove_dir_all(f.p("merged")).unwrap();
     fs::rename(f.p("top-only"), f.p("dir/moved")).unwrap();
@@ -65,6 +65,13 @@ fn lowers_on_a_read_only_bind_mount_work_fully() {
     assert_eq!(fs::read_to_string(f.p("bottom-only")).unwrap(), "changed");
     assert_eq!(fs::read_to_string(f.p("dir/moved")).unwrap(), "top\n");
     f.assert_lowers_untouched();
+    // The read-only binds go before the scratch directory is removed (a
+    // removal through them fails and would leave the directory behind).
+    f.unmount();
+    drop(unbind);
+    let scratch = f.scratch.path.clone();
+    drop(f);
+    assert!(!scratch.exists(), "{} left behind", scratch.display());
 }
 
 #[test]
