@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use tracing::debug;
 
 use crate::format;
-use crate::node::{Node, Real};
+use crate::node::{Node, Real, UPPER};
 use crate::superblock::{Union, remove_tree};
 use crate::sys::{self, Errno, Result, Stat};
 
@@ -44,10 +44,24 @@ impl Union {
             }
             let lower = node.real().0.path_fd()?;
             let lower_stat = sys::stat_fd(lower.as_fd())?;
-            let obj = self.copy_up_object(parent_upper.dir(), &name, lower.as_fd(), &lower_stat)?;
+            let origin = recorded_origin(lower.as_fd(), &lower_stat);
+            let obj = self.copy_up_object(
+                parent_upper.dir(),
+                &name,
+                (lower.as_fd(), &lower_stat),
+                origin.as_ref(),
+            )?;
             let upper_stat = sys::stat_fd(obj.as_fd())?;
             if node.is_dir() || lower_stat.st_nlink <= 1 {
-                self.table.record_origin(upper_stat.st_ino, node.id);
+                self.table
+                    .record_origin(upper_stat.st_ino, node.id, node.ino());
+            } else {
+                // A broken hard link: its own file now, with its own number
+                // (as the kernel without the index), under the same node.
+                let ino = self.table.id_for(UPPER, upper_stat.st_ino);
+                self.table.record_origin(upper_stat.st_ino, node.id, ino);
+                node.set_ino(ino);
+                self.listing_changed(parent.id); // its d_ino changed
             }
             let upper = if node.is_dir() {
                 Real::Open(Arc::new(obj))
@@ -61,18 +75,22 @@ impl Union {
         }
     }
 
-    /// Copies the lower object `src` to `name` in the upper directory `dir`.
+    /// Copies the lower object `src` (with its `stat`) to `name` in the
+    /// upper directory `dir`, recording `origin` on the copy.
     fn copy_up_object(
         &self,
         dir: BorrowedFd<'_>,
         name: &OsStr,
-        src: BorrowedFd<'_>,
-        st: &Stat,
+        (src, st): (BorrowedFd<'_>, &Stat),
+        origin: Option<&format::Origin>,
     ) -> Result<OwnedFd> {
         let dir_times = sys::stat_fd(dir)?;
         let tmp = self.temp_name();
         let work = self.work_fd()?;
         let built = self.build_copy(&tmp, src, st).and_then(|obj| {
+            if let Some(o) = origin {
+                self.record_origin(dir, obj.as_fd(), o);
+            }
             sys::rename_at(work, &tmp, dir, name, libc::RENAME_NOREPLACE)?;
             Ok(obj)
         });
@@ -86,6 +104,20 @@ impl Union {
         let (atime, mtime) = sys::stat_times(&dir_times);
         sys::set_times_fd(dir, atime, mtime)?;
         Ok(obj)
+    }
+
+    /// Records `origin` on the copy `obj` and marks its parent `dir`, as the
+    /// kernel does (the parent first). Only inode numbers depend on it, so a
+    /// filesystem that refuses (user xattrs on a symlink) costs nothing else.
+    fn record_origin(&self, dir: BorrowedFd<'_>, obj: BorrowedFd<'_>, origin: &format::Origin) {
+        let marked = if format::is_impure(dir, self.ns) {
+            Ok(())
+        } else {
+            format::set_impure(dir, self.ns)
+        };
+        if let Err(e) = marked.and_then(|()| format::set_origin(obj, origin, self.ns)) {
+            debug!("origin not recorded: {e}");
+        }
     }
 
     /// Builds the full copy of `src` as `tmp` in the work directory.
@@ -121,6 +153,19 @@ impl Union {
         }
         Ok(obj)
     }
+}
+
+/// The origin a copy of the lower object `src` records: its file handle,
+/// for a directory or a file with one link (the kernel records none for a
+/// hard link it breaks without the index). None where the lower filesystem
+/// cannot give handles.
+fn recorded_origin(src: BorrowedFd<'_>, st: &Stat) -> Option<format::Origin> {
+    if !sys::is_dir(st) && st.st_nlink > 1 {
+        return None;
+    }
+    let (kind, handle) = sys::file_handle(src).ok()?;
+    let origin = format::Origin { kind, handle };
+    origin.encode().is_some().then_some(origin)
 }
 
 /// Owner, mode, xattrs and times of `src` onto `dst`.

@@ -294,7 +294,7 @@ impl Union {
     fn remove_name(&self, parent: &Arc<Node>, name: &OsStr, found: &Found) -> Result<()> {
         let is_dir = found.is_dir();
         let dir = self.ensure_upper(parent)?;
-        let held = self.existing_node(found);
+        let held = self.existing_node(parent, name, found);
         if let Some(node) = &held {
             node.pin()?; // the kernel may still use it (an open file)
         }
@@ -310,8 +310,8 @@ impl Union {
         if let Some(node) = held {
             node.mark_unlinked();
         }
-        if found.upper.is_some() && !is_dir && found.stat.st_nlink <= 1 {
-            self.table.drop_origin(found.stat.st_ino);
+        if found.upper.is_some() && (is_dir || found.stat.st_nlink <= 1) {
+            self.table.drop_origin(found.stat.st_ino); // its inode number is free
         }
         Ok(())
     }
@@ -361,9 +361,9 @@ impl Union {
             stat: side.found.stat,
             top_layer: side.found.top_layer,
         };
-        match self.existing_node(&found) {
+        match self.existing_node(&side.parent, name, &found) {
             Some(n) => n,
-            None => Arc::new(self.node_from(&side.parent, name, found)),
+            None => Arc::new(self.unheld_node(&side.parent, name, found)),
         }
     }
 
@@ -403,10 +403,12 @@ impl Union {
             if flags & libc::RENAME_NOREPLACE != 0 {
                 return Err(Errno::EEXIST);
             }
+            // Two upper links of one file are one inode: nothing to do. Two
+            // names of a lower hard-linked file are two, as in the kernel.
             if src.found.stat.st_ino == d.found.stat.st_ino
-                && src.found.top_layer == d.found.top_layer
+                && (src.found.top_layer, d.found.top_layer) == (UPPER, UPPER)
             {
-                return Ok(()); // two links of one file: nothing to do
+                return Ok(());
             }
             match (src.found.is_dir(), d.found.is_dir()) {
                 (true, false) => return Err(Errno::ENOTDIR),
@@ -441,9 +443,24 @@ impl Union {
             self.opaque_if_moved_into_merged(u, &src.parent)?;
         }
         sys::rename_at(from.dir(), name, to.dir(), new_name, libc::RENAME_EXCHANGE)?;
+        self.mark_impure_if_moved_in(&to, new_name, &src.found);
+        self.mark_impure_if_moved_in(&from, name, &dst.found);
         src_node.set_location(dst.parent.clone(), new_name, Some(&to));
         dst_node.set_location(src.parent.clone(), name, Some(&from));
         Ok(())
+    }
+
+    /// An object whose number comes from a lower one (an origin, or a merged
+    /// directory) moved into the upper directory `dir` as `name`: `dir` is
+    /// marked impure, so that its listings look that number up, as the
+    /// kernel marks it.
+    fn mark_impure_if_moved_in(&self, dir: &Real, name: &OsStr, moved: &Found) {
+        let from_lower = !moved.lowers.is_empty()
+            || moved.upper.is_none()
+            || format::origin_of(dir.dir(), name, self.ns).is_some();
+        if from_lower && !format::is_impure(dir.dir(), self.ns) {
+            let _ = format::set_impure(dir.dir(), self.ns);
+        }
     }
 
     /// An upper directory moved into a merged directory becomes opaque, so
@@ -479,7 +496,9 @@ impl Union {
             Err(e) => return Err(e),
         };
         let dst_is_whiteout = dst_upper.as_ref().is_some_and(format::is_whiteout_dev);
-        let replaced = dst.as_ref().and_then(|d| self.existing_node(&d.found));
+        let replaced = dst
+            .as_ref()
+            .and_then(|d| self.existing_node(&d.parent, new_name, &d.found));
         if let Some(node) = &replaced {
             node.pin()?; // the kernel may still use it (an open file)
         }
@@ -511,6 +530,12 @@ impl Union {
         }
         if let Some(node) = replaced {
             node.mark_unlinked();
+        }
+        self.mark_impure_if_moved_in(&to, new_name, &src.found);
+        if let Some(st) = dst_upper
+            .filter(|st| !format::is_whiteout_dev(st) && (sys::is_dir(st) || st.st_nlink <= 1))
+        {
+            self.table.drop_origin(st.st_ino); // replaced: its inode number is free
         }
         src_node.set_location(new_parent, new_name, Some(&to));
         Ok(())

@@ -90,16 +90,29 @@ impl UnionFs {
             .collect()
     }
 
-    fn reply_entry(&self, reply: ReplyEntry, r: Result<Stat>) {
+    /// An entry answer for node `id` showing `st`.
+    fn reply_entry(&self, reply: ReplyEntry, r: Result<(u64, Stat)>) {
         match r {
-            Ok(st) => reply.entry_with_ttls(
-                &self.attr_ttl(st.st_ino),
-                &self.shown.ttl,
-                &self.attr(&st),
-                Generation(0),
-            ),
+            Ok((id, st)) => {
+                let (attr, ttl) = self.entry_attr(id, &st);
+                reply.entry_with_ttls(&ttl, &self.shown.ttl, &attr, Generation(0))
+            }
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    /// The attributes of node `id` showing `st` in an entry, and how long
+    /// the kernel may keep them. fuser sends `attr.ino` as the node id, so a
+    /// node whose `st_ino` is not its id (one name of a lower hard-linked
+    /// file) gets its attributes uncached: every stat asks `getattr`, whose
+    /// answer carries the `st_ino` shown.
+    fn entry_attr(&self, id: u64, st: &Stat) -> (FileAttr, Duration) {
+        let mut attr = self.attr(st);
+        if id == st.st_ino {
+            return (attr, self.attr_ttl(id));
+        }
+        attr.ino = INodeNo(id);
+        (attr, Duration::ZERO)
     }
 
     /// How long the kernel may keep the attributes of node `ino`.
@@ -107,16 +120,19 @@ impl UnionFs {
         self.io.attr_ttl(ino, self.shown.ttl)
     }
 
-    fn reply_attr(&self, reply: ReplyAttr, r: Result<Stat>) {
+    /// The attributes of node `id` (kept by the kernel only when its
+    /// `st_ino` is its id, see `entry_attr`).
+    fn reply_attr(&self, reply: ReplyAttr, id: u64, r: Result<Stat>) {
         match r {
-            Ok(st) => reply.attr(&self.attr_ttl(st.st_ino), &self.attr(&st)),
+            Ok(st) if st.st_ino != id => reply.attr(&Duration::ZERO, &self.attr(&st)),
+            Ok(st) => reply.attr(&self.attr_ttl(id), &self.attr(&st)),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     /// A lookup answer; a name that is not there is cached as such (node
     /// id 0), which is safe because every change goes through the kernel.
-    fn reply_lookup(&self, reply: ReplyEntry, r: Result<Stat>) {
+    fn reply_lookup(&self, reply: ReplyEntry, r: Result<(u64, Stat)>) {
         match r {
             Err(e) if e == Errno::ENOENT => {
                 let mut none: Stat = unsafe { std::mem::zeroed() };
@@ -342,7 +358,10 @@ impl Filesystem for UnionFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.reply_lookup(reply, self.core.lookup(parent.0, name).map(|(_, st)| st));
+        self.reply_lookup(
+            reply,
+            self.core.lookup(parent.0, name).map(|(n, st)| (n.id, st)),
+        );
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -350,7 +369,7 @@ impl Filesystem for UnionFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.reply_attr(reply, self.core.getattr(ino.0, fh.map(|f| f.0)));
+        self.reply_attr(reply, ino.0, self.core.getattr(ino.0, fh.map(|f| f.0)));
     }
 
     fn setattr(
@@ -390,6 +409,7 @@ impl Filesystem for UnionFs {
         let groups = || self.groups_of(req);
         self.reply_attr(
             reply,
+            ino.0,
             self.core.setattr(ino.0, ch, self.caller(req, 0, &groups)),
         );
     }
@@ -418,7 +438,7 @@ impl Filesystem for UnionFs {
             decode_dev(rdev),
             self.caller(req, umask, &|| self.groups_of(req)),
         );
-        self.reply_entry(reply, r.map(|(_, st)| st));
+        self.reply_entry(reply, r.map(|(n, st)| (n.id, st)));
     }
 
     fn mkdir(
@@ -439,7 +459,7 @@ impl Filesystem for UnionFs {
                     mode,
                     self.caller(req, umask, &|| self.groups_of(req)),
                 )
-                .map(|(_, st)| st),
+                .map(|(n, st)| (n.id, st)),
         );
     }
 
@@ -465,7 +485,7 @@ impl Filesystem for UnionFs {
             target.as_os_str(),
             self.caller(req, 0, &|| self.groups_of(req)),
         );
-        self.reply_entry(reply, r.map(|(_, st)| st));
+        self.reply_entry(reply, r.map(|(n, st)| (n.id, st)));
     }
 
     fn rename(
@@ -497,7 +517,7 @@ impl Filesystem for UnionFs {
             reply,
             self.core
                 .link(ino.0, newparent.0, newname)
-                .map(|(_, st)| st),
+                .map(|(n, st)| (n.id, st)),
         );
     }
 
@@ -625,7 +645,7 @@ impl Filesystem for UnionFs {
         mut reply: ReplyDirectory,
     ) {
         let r = self.core.readdir(ino.0, fh.0, offset, |e, next| {
-            reply.add(INodeNo(e.id), next, kind(e.kind), &e.name)
+            reply.add(INodeNo(e.ino), next, kind(e.kind), &e.name)
         });
         match r {
             Ok(()) => reply.ok(),
@@ -641,16 +661,13 @@ impl Filesystem for UnionFs {
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
-        let r = self.core.readdirplus(ino.0, fh.0, offset, |e, next, st| {
-            reply.add(
-                INodeNo(st.st_ino),
-                next,
-                &e.name,
-                &self.attr_ttl(st.st_ino),
-                &self.attr(st),
-                Generation(0),
-            )
-        });
+        let r = self
+            .core
+            .readdirplus(ino.0, fh.0, offset, |e, next, id, st, cache| {
+                let (attr, ttl) = self.entry_attr(id, st);
+                let ttl = if cache { ttl } else { Duration::ZERO };
+                reply.add(attr.ino, next, &e.name, &ttl, &attr, Generation(0))
+            });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -831,5 +848,18 @@ impl Filesystem for UnionFs {
 
     fn destroy(&mut self) {
         debug!("session destroyed");
+    }
+}
+
+/// The kernel's caches, reached through FUSE notifications.
+pub struct FuseKernelCache(pub fuser::Notifier);
+
+impl crate::superblock::KernelCache for FuseKernelCache {
+    fn listing_changed(&self, dir: u64) {
+        // The whole page cache of a directory is its cached listing. A
+        // directory the kernel no longer holds answers ENOENT: nothing to drop.
+        if let Err(e) = self.0.inval_inode(INodeNo(dir), 0, 0) {
+            tracing::debug!(dir, "listing invalidation: {e}");
+        }
     }
 }

@@ -326,6 +326,7 @@ fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
         &session_config(plan, threads),
     )
     .map_err(|e| format!("cannot mount on {}: {e}", plan.mountpoint.display()))?;
+    union.set_kernel_cache(Box::new(crate::fuse::FuseKernelCache(session.notifier())));
     if let Some(lock) = &lock {
         write_holder_file(lock.as_fd(), &plan.mountpoint);
     }

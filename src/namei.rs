@@ -30,6 +30,12 @@ impl Found {
     pub fn is_dir(&self) -> bool {
         sys::is_dir(&self.stat)
     }
+
+    /// A lower file with several names and no upper copy: each of its
+    /// names is a node of its own (see `node`).
+    pub fn is_lower_hard_link(&self) -> bool {
+        self.upper.is_none() && !self.is_dir() && self.stat.st_nlink > 1
+    }
 }
 
 /// What one layer says about a name.
@@ -135,12 +141,14 @@ impl Union {
                     let ends_here = !sys::is_dir(&st)
                         || format::dir_opacity(real.dir(), false) == Opacity::Opaque;
                     if ends_here {
-                        return Ok(Found {
+                        let found = Found {
                             upper: Some(real),
                             lowers: vec![],
                             stat: st,
                             top_layer: UPPER,
-                        });
+                        };
+                        self.identify(&lower_dirs, name, &found);
+                        return Ok(found);
                     }
                     upper = Some((real, st));
                 }
@@ -150,12 +158,16 @@ impl Union {
         }
         let (lowers, lower_stat) = lookup_lowers(&lower_dirs, name, upper.is_some())?;
         match (upper, lower_stat) {
-            (Some((fd, st)), _) => Ok(Found {
-                upper: Some(fd),
-                lowers,
-                stat: st,
-                top_layer: UPPER,
-            }),
+            (Some((fd, st)), _) => {
+                let found = Found {
+                    upper: Some(fd),
+                    lowers,
+                    stat: st,
+                    top_layer: UPPER,
+                };
+                self.identify(&lower_dirs, name, &found);
+                Ok(found)
+            }
             (None, Some(st)) => {
                 let top_layer = lowers[0].layer;
                 Ok(Found {
@@ -169,6 +181,86 @@ impl Union {
         }
     }
 
+    /// Makes the number of a resolved upper object known to the table, as
+    /// the kernel shows it: a merged directory shows its top lower
+    /// directory's, a non-directory with a recorded origin of one link that
+    /// origin's; anything else its own. `lower_dirs`: the lower directories
+    /// of its parent.
+    pub fn identify(&self, lower_dirs: &[LowerObj], name: &OsStr, found: &Found) {
+        let Some(upper) = &found.upper else {
+            return;
+        };
+        let upper_ino = found.stat.st_ino;
+        if self.table.knows_origin(upper_ino) {
+            return;
+        }
+        let id = if found.is_dir() {
+            // A directory's number is settled once looked at (0: its own).
+            Some(found.lowers.first().map_or(0, |l| {
+                l.real
+                    .stat()
+                    .map_or(0, |st| self.table.id_for(l.layer, st.st_ino))
+            }))
+        } else {
+            match upper {
+                Real::At(dir, n) => format::origin_of(dir.as_fd(), n, self.ns)
+                    .map(|o| self.origin_id(lower_dirs, name, &o).unwrap_or(0)),
+                Real::Open(_) => None, // pinned: its number is known already
+            }
+        };
+        match id {
+            Some(0) => {
+                // Its own number (an origin that cannot be followed, or a
+                // directory with nothing below), and no second try.
+                let own = self.table.id_for(UPPER, upper_ino);
+                self.table.record_origin(upper_ino, own, own);
+            }
+            Some(id) => self.table.record_origin(upper_ino, id, id),
+            None => {}
+        }
+    }
+
+    /// The id of the lower object an upper non-directory `name` records as
+    /// its origin, when that object has one link: found at the same name in
+    /// `lower_dirs` (compared by handle), else opened by its handle (which
+    /// needs CAP_DAC_READ_SEARCH).
+    pub fn origin_id(
+        &self,
+        lower_dirs: &[LowerObj],
+        name: &OsStr,
+        origin: &format::Origin,
+    ) -> Option<u64> {
+        if let Ok((objs, Some(st))) = lookup_lowers(lower_dirs, name, false)
+            && let Some(l) = objs.first()
+            && !sys::is_dir(&st)
+            && let Ok(fd) = l.real.path_fd()
+            && sys::file_handle(fd.as_fd())
+                .is_ok_and(|(k, h)| k == origin.kind && h == origin.handle)
+        {
+            return (st.st_nlink == 1).then(|| self.table.id_for(l.layer, st.st_ino));
+        }
+        self.decode_origin(origin)
+    }
+
+    /// Opens an origin by its handle on the lower layers' filesystems: the
+    /// first lower layer on the filesystem holding it names it.
+    fn decode_origin(&self, origin: &format::Origin) -> Option<u64> {
+        let roots = self.lower_roots();
+        // open_by_handle_at wants a descriptor that is not O_PATH.
+        let fd = roots.iter().find_map(|r| {
+            let root = sys::reopen(r.dir(), libc::O_RDONLY | libc::O_DIRECTORY).ok()?;
+            sys::open_by_handle(root.as_fd(), origin.kind, &origin.handle).ok()
+        })?;
+        let st = sys::stat_fd(fd.as_fd()).ok()?;
+        if sys::is_dir(&st) || st.st_nlink != 1 {
+            return None;
+        }
+        let layer = roots
+            .iter()
+            .find(|r| sys::stat_fd(r.dir()).is_ok_and(|rs| rs.st_dev == st.st_dev))?;
+        Some(self.table.id_for(layer.layer, st.st_ino))
+    }
+
     /// True when a lower layer shows something at `name` in `parent`: removing
     /// or moving the upper object there must leave a whiteout.
     pub fn name_in_lowers(&self, parent: &Node, name: &OsStr) -> Result<bool> {
@@ -179,18 +271,42 @@ impl Union {
         Ok(lookup_lowers(&dirs, name, false)?.1.is_some())
     }
 
-    /// The id a resolved object has in the union.
-    pub fn id_of(&self, found: &Found) -> u64 {
+    /// The id `name` in `parent`, resolved as `found`, has in the union.
+    fn id_of(&self, parent: &Node, name: &OsStr, found: &Found) -> u64 {
+        if found.is_lower_hard_link() {
+            let key = (parent.id, Arc::from(name));
+            return self.table.alias_id(key, found.top_layer, found.stat.st_ino);
+        }
         self.table.id_for(found.top_layer, found.stat.st_ino)
     }
 
-    /// The node of a resolved object if the kernel holds it.
-    pub fn existing_node(&self, found: &Found) -> Option<Arc<Node>> {
-        self.table.get(self.id_of(found))
+    /// The `st_ino` a resolved object shows.
+    fn ino_of(&self, found: &Found) -> u64 {
+        self.table.ino_for(found.top_layer, found.stat.st_ino)
     }
 
-    /// A node for a resolved object, not entered in the table.
-    pub fn node_from(&self, parent: &Arc<Node>, name: &OsStr, found: Found) -> Node {
+    /// The node of `name` in `parent`, resolved as `found`, if the kernel
+    /// holds it.
+    pub fn existing_node(&self, parent: &Node, name: &OsStr, found: &Found) -> Option<Arc<Node>> {
+        let id = if found.is_lower_hard_link() {
+            let key = (parent.id, Arc::from(name));
+            self.table
+                .existing_alias(&key, found.top_layer, found.stat.st_ino)?
+        } else {
+            self.table.id_for(found.top_layer, found.stat.st_ino)
+        };
+        self.table.get(id)
+    }
+
+    /// A node for a resolved object the kernel does not hold (to copy it up
+    /// before a rename), not entered in the table.
+    pub fn unheld_node(&self, parent: &Arc<Node>, name: &OsStr, found: Found) -> Node {
+        let id = self.id_of(parent, name, &found);
+        self.node_from(id, parent, name, found)
+    }
+
+    /// A node `id` for a resolved object, not entered in the table.
+    fn node_from(&self, id: u64, parent: &Arc<Node>, name: &OsStr, found: Found) -> Node {
         // A file's name is already held by its handle: share it.
         let held = found
             .upper
@@ -201,8 +317,13 @@ impl Union {
                 _ => None,
             });
         let name = held.unwrap_or_else(|| Arc::from(name));
-        Node::new(
-            self.id_of(&found),
+        let alias = found
+            .is_lower_hard_link()
+            .then(|| (parent.id, name.clone()));
+        Node::with_ino(
+            id,
+            self.ino_of(&found),
+            alias,
             sys::file_type(found.stat.st_mode),
             NodeState {
                 parent: Some(parent.clone()),
@@ -228,16 +349,21 @@ impl Union {
         name: &OsStr,
         found: Found,
     ) -> Result<(Arc<Node>, Stat)> {
-        let id = self.id_of(&found);
+        let id = self.id_of(parent, name, &found);
         let stat = found.stat;
+        let alias = found.is_lower_hard_link().then_some(found.top_layer);
         let mut made = false;
         let node = self.table.acquire(id, || {
             made = true;
-            self.node_from(parent, name, found)
+            self.node_from(id, parent, name, found)
         });
         if node.kind != sys::file_type(stat.st_mode) {
             self.table.forget(id, 1);
             return Err(Errno(libc::ESTALE));
+        }
+        if let Some(layer) = alias {
+            let key = (parent.id, Arc::from(name));
+            self.table.keep_alias(key, layer, stat.st_ino, id);
         }
         if !made {
             node.set_location(parent.clone(), name, None);

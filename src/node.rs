@@ -1,12 +1,21 @@
 //! The inode table: one [`Node`] per union object the kernel holds, keyed by a
 //! node id that is also the object's `st_ino`.
 //!
-//! A node id is derived from the layer and inode number of the topmost real
-//! object (`(layer + 1) << 48 | ino`), so `readdir` can give the same `d_ino`
-//! as `lookup` without opening anything. A copied-up object keeps the id of its
+//! A node id is derived from the filesystem and inode number of the topmost
+//! real object (`(slot + 1) << 48 | ino`, a slot per distinct filesystem
+//! among the layers), so `readdir` can give the same `d_ino` as `lookup`
+//! without opening anything, and an origin found by its file handle needs
+//! only its filesystem to be named. A copied-up object keeps the id of its
 //! lower original for the life of the mount (the `origins` map). Nodes are
 //! dropped when the kernel forgets them, so memory follows what the kernel
 //! caches, not the size of the tree.
+//!
+//! The node id is what the kernel holds; `st_ino` is what `stat` shows, and
+//! the two are equal except for the names of a lower hard-linked file: each
+//! name is a node of its own (an alias, with an id allocated per name), as
+//! kernel overlayfs gives each its own inode without the index, so that a
+//! write through one name copies up that name and no other, while all of them
+//! show the lower inode's number.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -158,8 +167,15 @@ pub struct NodeState {
 #[derive(Debug)]
 pub struct Node {
     pub id: u64,
+    /// The `st_ino` shown (equal to `id` except for aliases).
+    ino: AtomicU64,
+    /// For an alias: the name it stands for (parent id and name).
+    alias: Option<AliasKey>,
     /// `S_IFMT` bits of the object.
     pub kind: u32,
+    /// Made for a readdirplus entry the kernel may not cache (see
+    /// `Union::listed_name_node`).
+    pub listed_only: bool,
     lookups: AtomicU64,
     pub state: RwLock<NodeState>,
     /// Serialises copy-up of this node, so concurrent writers copy once.
@@ -174,10 +190,25 @@ pub struct Node {
 
 impl Node {
     pub fn new(id: u64, kind: u32, state: NodeState) -> Node {
+        Node::with_ino(id, id, None, kind, state)
+    }
+
+    /// A node whose `st_ino` is `ino`; `alias` for one name of a lower
+    /// hard-linked file.
+    pub fn with_ino(
+        id: u64,
+        ino: u64,
+        alias: Option<AliasKey>,
+        kind: u32,
+        state: NodeState,
+    ) -> Node {
         let copied_up = state.upper.is_some();
         Node {
             id,
+            ino: AtomicU64::new(ino),
+            alias,
             kind,
+            listed_only: false,
             lookups: AtomicU64::new(0),
             state: RwLock::new(state),
             copy_up_lock: Mutex::new(()),
@@ -188,6 +219,29 @@ impl Node {
 
     pub fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
+    }
+
+    /// A node for a listed name, shown under its `st_ino` `id`.
+    pub fn listed(id: u64, kind: u32, state: NodeState) -> Node {
+        Node {
+            listed_only: true,
+            ..Node::new(id, kind, state)
+        }
+    }
+
+    /// The `st_ino` the node shows.
+    pub fn ino(&self) -> u64 {
+        self.ino.load(Ordering::Relaxed)
+    }
+
+    /// The node now shows `ino` (a broken hard link after its copy-up).
+    pub fn set_ino(&self, ino: u64) {
+        self.ino.store(ino, Ordering::Relaxed);
+    }
+
+    /// True for one name of a lower hard-linked file.
+    pub fn is_alias(&self) -> bool {
+        self.alias.is_some()
     }
 
     pub fn upper(&self) -> Option<Real> {
@@ -216,7 +270,7 @@ impl Node {
 
     /// Rewrites a real `stat` into the union's view of this node.
     pub fn present(&self, mut st: Stat) -> Stat {
-        st.st_ino = self.id;
+        st.st_ino = self.ino();
         let state = self.state.read();
         if self.is_dir() && state.upper.is_some() && !state.lowers.is_empty() {
             // As the kernel: counting subdirectories of a merged directory is
@@ -275,20 +329,51 @@ impl Node {
     }
 }
 
+/// The name an alias stands for: its parent's id and its name.
+pub type AliasKey = (u64, Arc<OsStr>);
+
+/// What a copied-up object continues: the node id it had, and the `st_ino`
+/// it shows (the lower's, or for a broken hard link the upper's own).
+#[derive(Clone, Copy, Debug)]
+struct Origin {
+    id: u64,
+    ino: u64,
+}
+
 /// All nodes the kernel currently holds.
 #[derive(Debug, Default)]
 pub struct NodeTable {
     nodes: DashMap<u64, Arc<Node>>,
-    /// Upper inode number of a copied-up object -> the id it had before.
-    origins: DashMap<u64, u64>,
+    /// Upper inode number of a copied-up object -> what it continues.
+    origins: DashMap<u64, Origin>,
+    /// The names of lower hard-linked files -> (layer, lower inode, id).
+    aliases: DashMap<AliasKey, (u16, u64, u64)>,
+    /// Layer -> the slot of its filesystem (upper first).
+    slots: Vec<u16>,
     /// Inode numbers too large to pack -> an allocated id.
     big: DashMap<(u16, u64), u64>,
     next_big: AtomicU64,
 }
 
 impl NodeTable {
-    pub fn new(root: Node) -> NodeTable {
-        let t = NodeTable::default();
+    /// The table of a union whose layers (upper first) sit on the
+    /// filesystems `devs`.
+    pub fn new(root: Node, devs: &[u64]) -> NodeTable {
+        let mut distinct: Vec<u64> = Vec::new();
+        let slots = devs
+            .iter()
+            .map(|d| match distinct.iter().position(|x| x == d) {
+                Some(i) => i as u16,
+                None => {
+                    distinct.push(*d);
+                    distinct.len() as u16 - 1
+                }
+            })
+            .collect();
+        let t = NodeTable {
+            slots,
+            ..NodeTable::default()
+        };
         root.lookups.store(1, Ordering::Relaxed);
         t.nodes.insert(ROOT_ID, Arc::new(root));
         t
@@ -297,22 +382,70 @@ impl NodeTable {
     /// The id of the object with inode `ino` in `layer`.
     pub fn id_for(&self, layer: u16, ino: u64) -> u64 {
         if layer == UPPER
-            && let Some(id) = self.origins.get(&ino)
+            && let Some(o) = self.origins.get(&ino)
         {
-            return *id;
+            return o.id;
         }
+        self.packed(layer, ino)
+    }
+
+    /// The `st_ino` the object with inode `ino` in `layer` shows.
+    pub fn ino_for(&self, layer: u16, ino: u64) -> u64 {
+        if layer == UPPER
+            && let Some(o) = self.origins.get(&ino)
+        {
+            return o.ino;
+        }
+        self.packed(layer, ino)
+    }
+
+    /// The id of the name `key` of the lower hard-linked file `ino` in
+    /// `layer`; allocated at the first lookup of that name.
+    pub fn alias_id(&self, key: AliasKey, layer: u16, ino: u64) -> u64 {
+        let mut e = self.aliases.entry(key).or_insert((layer, ino, 0));
+        if *e != (layer, ino, e.2) || e.2 == 0 {
+            *e = (layer, ino, self.allocate());
+        }
+        e.2
+    }
+
+    /// Keeps the name `key` pointing at the alias `id` the kernel now holds
+    /// (a concurrent forget may have dropped the entry).
+    pub fn keep_alias(&self, key: AliasKey, layer: u16, ino: u64, id: u64) {
+        self.aliases.entry(key).or_insert((layer, ino, id));
+    }
+
+    /// The id of the name `key` if it has one.
+    pub fn existing_alias(&self, key: &AliasKey, layer: u16, ino: u64) -> Option<u64> {
+        let e = self.aliases.get(key)?;
+        (e.0 == layer && e.1 == ino).then_some(e.2)
+    }
+
+    fn allocate(&self) -> u64 {
+        BIG_BASE + self.next_big.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// `(slot + 1) << 48 | ino`, or an allocated id for a larger inode.
+    fn packed(&self, layer: u16, ino: u64) -> u64 {
+        let layer = self.slots.get(layer as usize).copied().unwrap_or(layer);
         if ino <= INO_MASK {
             return ((layer as u64 + 1) << LAYER_SHIFT) | ino;
         }
         *self
             .big
             .entry((layer, ino))
-            .or_insert_with(|| BIG_BASE + self.next_big.fetch_add(1, Ordering::Relaxed))
+            .or_insert_with(|| self.allocate())
     }
 
-    /// Remembers that the upper inode `upper_ino` continues node `id`.
-    pub fn record_origin(&self, upper_ino: u64, id: u64) {
-        self.origins.insert(upper_ino, id);
+    /// Remembers that the upper inode `upper_ino` continues node `id` and
+    /// shows `st_ino` `ino`.
+    pub fn record_origin(&self, upper_ino: u64, id: u64, ino: u64) {
+        self.origins.insert(upper_ino, Origin { id, ino });
+    }
+
+    /// True when what the upper inode `upper_ino` continues is known.
+    pub fn knows_origin(&self, upper_ino: u64) -> bool {
+        self.origins.contains_key(&upper_ino)
     }
 
     /// Forgets an origin whose upper inode is gone.
@@ -353,7 +486,10 @@ impl NodeTable {
                 .fetch_sub(n, Ordering::Relaxed)
                 .saturating_sub(n);
             if left == 0 {
-                e.remove();
+                let node = e.remove();
+                if let Some(key) = &node.alias {
+                    self.aliases.remove_if(key, |_, v| v.2 == id);
+                }
             }
         }
     }

@@ -22,7 +22,8 @@ use crate::sys::{self, RawDirEntry, Result, Stat};
 #[derive(Clone, Debug)]
 pub struct MergedEntry {
     pub name: OsString,
-    pub id: u64,
+    /// `d_ino`: the `st_ino` the entry shows.
+    pub ino: u64,
     /// `S_IFMT` bits.
     pub kind: u32,
     /// The layer the entry comes from (0: upper).
@@ -88,12 +89,17 @@ impl Union {
     ) -> Result<Vec<MergedEntry>> {
         let mut seen: HashSet<OsString> = HashSet::new();
         let mut out = Vec::new();
+        // Upper entries whose number is not known yet: index, upper inode.
+        let mut unknown: Vec<(usize, u64)> = Vec::new();
         if let Some(dir) = upper {
             for e in sys::read_dir(dir.dir())? {
                 seen.insert(e.name.clone());
                 if let Kind::Object(kind) = classify(dir.dir(), &e, false)? {
+                    if !self.table.knows_origin(e.ino) {
+                        unknown.push((out.len(), e.ino));
+                    }
                     out.push(MergedEntry {
-                        id: self.table.id_for(UPPER, e.ino),
+                        ino: self.table.ino_for(UPPER, e.ino),
                         kind,
                         name: e.name,
                         layer: UPPER,
@@ -116,7 +122,7 @@ impl Union {
                 }
                 if let Kind::Object(kind) = classify(lower.dir(), &e, lower.xwhiteouts)? {
                     out.push(MergedEntry {
-                        id: self.table.id_for(lower.layer, e.ino),
+                        ino: self.table.ino_for(lower.layer, e.ino),
                         kind,
                         name: e.name,
                         layer: lower.layer,
@@ -125,7 +131,61 @@ impl Union {
             }
             seen.extend(hidden_below);
         }
+        if let Some(dir) = upper {
+            self.identify_listed(dir, lowers, &mut out, &unknown);
+        }
         Ok(out)
+    }
+
+    /// Gives the upper entries `unknown` of a listing the numbers a lookup
+    /// would (`d_ino` equals `st_ino`, as the kernel makes it): a merged
+    /// subdirectory its top lower directory's, a non-directory with an
+    /// origin (in a directory marked impure) its origin's.
+    fn identify_listed(
+        &self,
+        dir: &Real,
+        lowers: &[LowerObj],
+        out: &mut [MergedEntry],
+        unknown: &[(usize, u64)],
+    ) {
+        let mut impure = None;
+        for &(i, upper_ino) in unknown {
+            let e = &out[i];
+            if e.kind != libc::S_IFDIR
+                && !*impure.get_or_insert_with(|| format::is_impure(dir.dir(), self.ns))
+            {
+                continue;
+            }
+            let Ok(st) = sys::stat_at(dir.dir(), &e.name) else {
+                continue; // gone meanwhile
+            };
+            let real = match dir.child(&e.name, &st) {
+                Ok(r) => r,
+                Err(_) => continue,
+            };
+            let found = if sys::is_dir(&st) {
+                let below = match crate::namei::lookup_lowers(lowers, &e.name, true) {
+                    Ok((objs, _)) => objs,
+                    Err(_) => continue,
+                };
+                let opaque = format::dir_opacity(real.dir(), false) == format::Opacity::Opaque;
+                Found {
+                    upper: Some(real),
+                    lowers: if opaque { vec![] } else { below },
+                    stat: st,
+                    top_layer: UPPER,
+                }
+            } else {
+                Found {
+                    upper: Some(real),
+                    lowers: vec![],
+                    stat: st,
+                    top_layer: UPPER,
+                }
+            };
+            self.identify(lowers, &e.name, &found);
+            out[i].ino = self.table.ino_for(UPPER, upper_ino);
+        }
     }
 
     /// The merged entries of the directory node `dir`.
@@ -158,17 +218,17 @@ impl Union {
             .map(|s| s.clone())
             .ok_or(sys::Errno::EBADF)?;
         if offset == 0 {
-            let parent_id = dir.parent_and_name().0.map(|p| p.id).unwrap_or(ROOT_ID);
+            let parent_ino = dir.parent_and_name().0.map(|p| p.ino()).unwrap_or(ROOT_ID);
             let mut entries = vec![
                 MergedEntry {
                     name: ".".into(),
-                    id: dir.id,
+                    ino: dir.ino(),
                     kind: libc::S_IFDIR,
                     layer: UPPER,
                 },
                 MergedEntry {
                     name: "..".into(),
-                    id: parent_id,
+                    ino: parent_ino,
                     kind: libc::S_IFDIR,
                     layer: UPPER,
                 },
@@ -201,29 +261,33 @@ impl Union {
 
     /// readdir with each entry looked up: every entry but `.` and `..` takes
     /// a kernel reference, except the one `emit` refuses (returns true for).
+    /// `emit` gets the entry, the offset of the next, the node id, `stat`, and
+    /// whether the kernel may cache the entry (see `listed_name_node`).
     pub fn readdirplus(
         &self,
         id: u64,
         fh: u64,
         offset: u64,
-        mut emit: impl FnMut(&MergedEntry, u64, &Stat) -> bool,
+        mut emit: impl FnMut(&MergedEntry, u64, u64, &Stat, bool) -> bool,
     ) -> Result<()> {
         let node = self.node(id)?;
         let stream = self.stream(&node, fh, offset)?;
         let stream = stream.lock();
         for (i, e) in stream.entries.iter().enumerate().skip(offset as usize) {
-            let (stat, counted) = match i {
-                0 => (node.stat()?, None),
+            let (stat, id, counted) = match i {
+                0 => (node.stat()?, node.id, None),
                 1 => {
                     let parent = node.parent_and_name().0.unwrap_or_else(|| node.clone());
-                    (parent.stat()?, None)
+                    (parent.stat()?, parent.id, None)
                 }
                 _ => match self.lookup_listed(&node, e) {
-                    Ok((n, st)) => (st, Some(n.id)),
+                    Ok((n, st)) => (st, n.id, Some(n)),
                     Err(_) => continue, // gone since the listing was taken
                 },
             };
-            if emit(e, i as u64 + 1, &stat) {
+            let cache = counted.as_ref().is_none_or(|n| !n.listed_only);
+            let counted = counted.map(|n| n.id);
+            if emit(e, i as u64 + 1, id, &stat, cache) {
                 if let Some(n) = counted {
                     self.table.forget(n, 1);
                 }
@@ -239,6 +303,16 @@ impl Union {
         if e.kind == libc::S_IFDIR {
             return self.lookup(dir.id, &e.name);
         }
+        let (node, stat) = self.lookup_listed_file(dir, e)?;
+        if node.id == stat.st_ino {
+            return Ok((node, stat));
+        }
+        self.table.forget(node.id, 1);
+        Ok((self.listed_name_node(&node, &stat), stat))
+    }
+
+    /// `lookup_listed` of a non-directory.
+    fn lookup_listed_file(&self, dir: &Arc<Node>, e: &MergedEntry) -> Result<(Arc<Node>, Stat)> {
         let layer_dir = {
             let st = dir.state.read();
             if e.layer == UPPER {
@@ -279,6 +353,25 @@ impl Union {
             }
         };
         self.acquire_found(dir, &e.name, found)
+    }
+
+    /// A node for a name listed by readdirplus whose node id is not its
+    /// `st_ino` (one name of a lower hard-linked file). fuser gives a listed
+    /// entry its node id as `d_ino`, so the entry goes out under a node of id
+    /// `st_ino` that the kernel must not cache: the first use of the name
+    /// looks it up again and gets the name's own node.
+    fn listed_name_node(&self, named: &Node, stat: &Stat) -> Arc<Node> {
+        self.table.acquire(stat.st_ino, || {
+            let st = named.state.read();
+            let state = crate::node::NodeState {
+                parent: st.parent.clone(),
+                name: st.name.clone(),
+                upper: st.upper.clone(),
+                lowers: st.lowers.clone(),
+                unlinked: false,
+            };
+            Node::listed(stat.st_ino, named.kind, state)
+        })
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -3,8 +3,8 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -72,7 +72,19 @@ pub struct Tuning {
     pub volatile: bool,
 }
 
+/// What the kernel caches that the core must sometimes drop itself: told by
+/// the transport (the FUSE adapter), which knows how.
+pub trait KernelCache: Send + Sync {
+    /// The listing the kernel keeps of directory `dir` is stale although no
+    /// name in it changed (an entry's `d_ino` did).
+    fn listing_changed(&self, dir: u64);
+}
+
 pub struct Union {
+    /// The kernel's caches, once the transport has given a way to reach them.
+    kernel_cache: OnceLock<Box<dyn KernelCache>>,
+    /// The lower layers' root directories, top first.
+    lower_roots: Vec<LowerObj>,
     /// What statfs reports on: the upper, or the top lower of a read-only union.
     pub space_root: Arc<OwnedFd>,
     /// `WORKDIR/work`: where objects are built before they appear (None in
@@ -87,7 +99,30 @@ pub struct Union {
     tmp_seq: AtomicU64,
 }
 
+impl std::fmt::Debug for dyn KernelCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelCache")
+    }
+}
+
 impl Union {
+    /// Lets the core drop what the kernel caches (set once, by the transport).
+    pub fn set_kernel_cache(&self, cache: Box<dyn KernelCache>) {
+        let _ = self.kernel_cache.set(cache);
+    }
+
+    /// The lower layers' root directories, top first.
+    pub fn lower_roots(&self) -> &[LowerObj] {
+        &self.lower_roots
+    }
+
+    /// The kernel's listing of directory `dir` is stale.
+    pub fn listing_changed(&self, dir: u64) {
+        if let Some(c) = self.kernel_cache.get() {
+            c.listing_changed(dir);
+        }
+    }
+
     /// Builds the union over already opened layer roots. `work` must be an
     /// empty directory on the upper filesystem. Without an upper (and work)
     /// directory the union is read-only: whatever would change it fails
@@ -114,6 +149,12 @@ impl Union {
                     xwhiteouts,
                 }
             })
+            .collect::<Vec<_>>();
+        let lower_roots = lowers.clone();
+        // The filesystem of each layer, upper (or a stand-in) first.
+        let dev = |fd: BorrowedFd<'_>| sys::stat_fd(fd).map_or(0, |st| st.st_dev);
+        let devs: Vec<u64> = std::iter::once(upper.as_ref().map_or(u64::MAX, |u| dev(u.as_fd())))
+            .chain(lower_roots.iter().map(|l| dev(l.dir())))
             .collect();
         let root = Node::new(
             ROOT_ID,
@@ -127,11 +168,13 @@ impl Union {
             },
         );
         Union {
+            kernel_cache: OnceLock::new(),
+            lower_roots,
             space_root,
             work,
             ns,
             tuning,
-            table: NodeTable::new(root),
+            table: NodeTable::new(root, &devs),
             files: DashMap::new(),
             dirs: DashMap::new(),
             next_fh: AtomicU64::new(1),

@@ -155,9 +155,15 @@ pub fn open_at(dir: BorrowedFd<'_>, name: &OsStr, flags: libc::c_int) -> Result<
 }
 
 /// Opens the object behind an `O_PATH` handle for I/O with `flags`.
+///
+/// The magic link `/proc/self/fd/N` leads to exactly the object held (it is
+/// never resolved through a name), so a caller's `O_NOFOLLOW` is dropped: it
+/// would refuse the magic link itself with `ELOOP`. The kernel has already
+/// applied the caller's `O_NOFOLLOW` to the name the caller opened.
 pub fn reopen(fd: BorrowedFd<'_>, flags: libc::c_int) -> Result<OwnedFd> {
     let p = proc_path(fd.as_raw_fd());
-    let flags = (flags | libc::O_CLOEXEC) & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+    let flags = (flags | libc::O_CLOEXEC)
+        & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
     let fd = retry(|| check(unsafe { libc::open(p.as_ptr(), flags) }))?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -705,4 +711,62 @@ pub fn file_type(mode: u32) -> u32 {
 
 pub fn is_dir(st: &Stat) -> bool {
     file_type(st.st_mode) == libc::S_IFDIR
+}
+
+/// A file handle as `name_to_handle_at` gives it (`struct file_handle`).
+#[repr(C)]
+struct RawHandle {
+    bytes: u32,
+    kind: libc::c_int,
+    data: [u8; MAX_HANDLE_SZ],
+}
+
+const MAX_HANDLE_SZ: usize = 128;
+
+/// The kernel's file handle of the object behind `fd`: its type and bytes
+/// (what overlayfs records as an origin). Fails with `EOPNOTSUPP` on a
+/// filesystem that cannot encode one.
+pub fn file_handle(fd: BorrowedFd<'_>) -> Result<(i32, Vec<u8>)> {
+    let mut h = RawHandle {
+        bytes: MAX_HANDLE_SZ as u32,
+        kind: 0,
+        data: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            &mut h as *mut RawHandle,
+            &mut mount_id as *mut libc::c_int,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    check(r as libc::c_int)?;
+    Ok((h.kind, h.data[..h.bytes as usize].to_vec()))
+}
+
+/// Opens (`O_PATH`) the object with file handle `kind`/`handle` on the
+/// filesystem of `mount_fd`. Needs CAP_DAC_READ_SEARCH (`EPERM` without).
+pub fn open_by_handle(mount_fd: BorrowedFd<'_>, kind: i32, handle: &[u8]) -> Result<OwnedFd> {
+    if handle.len() > MAX_HANDLE_SZ {
+        return Err(Errno::EINVAL);
+    }
+    let mut h = RawHandle {
+        bytes: handle.len() as u32,
+        kind,
+        data: [0; MAX_HANDLE_SZ],
+    };
+    h.data[..handle.len()].copy_from_slice(handle);
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount_fd.as_raw_fd(),
+            &mut h as *mut RawHandle,
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    let fd = check(fd as libc::c_int)?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -3,8 +3,9 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use common::*;
@@ -35,13 +36,29 @@ fn unionfs_upper_mounts_under_the_kernel() {
     let ours = Mount::unionfs(&lowers, &upper, &mnt, &[]);
     make_changes(&mnt);
     let view = snapshot(&mnt, View::Merged);
+    let numbers_before = inode_numbers(&mnt);
     drop(ours);
     let (kwork, kmnt) = (s.dir("kwork"), s.dir("kmnt"));
     let k = Mount::kernel(&lowers, &upper, &kwork, &kmnt);
     let kview = snapshot(&kmnt, View::Merged);
     let d = diff("unionfs", &view, "kernel", &kview);
     assert!(d.is_empty(), "the kernel sees a different union:\n{d}");
+    assert_eq!(inode_numbers(&kmnt), numbers_before, "inode numbers");
     drop(k);
+}
+
+/// The inode number of every object, as the layers number it: unionfs puts
+/// a filesystem slot in the top 16 bits, which are dropped. Hard links of
+/// the upper are left out (the kernel shows their own upper numbers too).
+fn inode_numbers(root: &Path) -> BTreeMap<String, u64> {
+    walkdir_all(root)
+        .into_iter()
+        .filter_map(|p| {
+            let m = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            (m.is_dir() || m.nlink() == 1).then_some((rel, m.ino() & ((1 << 48) - 1)))
+        })
+        .collect()
 }
 
 #[test]
@@ -52,11 +69,13 @@ fn kernel_upper_mounts_under_unionfs() {
     let k = Mount::kernel(&lowers, &upper, &kwork, &kmnt);
     make_changes(&kmnt);
     let kview = snapshot(&kmnt, View::Merged);
+    let knumbers = inode_numbers(&kmnt);
     drop(k);
     let mnt = s.dir("mnt");
     let ours = Mount::unionfs(&lowers, &upper, &mnt, &[]);
     let view = snapshot(&mnt, View::Merged);
     let d = diff("kernel", &kview, "unionfs", &view);
     assert!(d.is_empty(), "unionfs sees a different union:\n{d}");
+    assert_eq!(inode_numbers(&mnt), knumbers, "inode numbers");
     drop(ours);
 }

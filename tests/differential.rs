@@ -34,6 +34,12 @@ enum Op {
     List(String),
     Stat(String),
     RemoveAll(String),
+    /// Reads with `O_NOFOLLOW`, as `dd iflag=nofollow` and GNU tar open.
+    ReadNoFollow(String),
+    /// Whether two names show one inode (`st_dev` and `st_ino`).
+    SameInode(String, String),
+    /// Both unions unmounted and mounted again over the same directories.
+    Remount,
 }
 
 fn c(p: &Path) -> CString {
@@ -153,14 +159,158 @@ fn apply(root: &Path, op: &Op) -> String {
             format!("{:o} {} {} {} {}", m.mode(), m.uid(), m.gid(), size, nlink)
         }),
         Op::RemoveAll(f) => res(remove_all(&p(f)), |_| String::new()),
+        Op::ReadNoFollow(f) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let read = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(p(f))
+                .and_then(|mut h| {
+                    let mut d = Vec::new();
+                    std::io::Read::read_to_end(&mut h, &mut d).map(|_| d)
+                });
+            res(read, |d| format!("{:x}", fnv(&d)))
+        }
+        Op::SameInode(a, b) => {
+            let (ma, mb) = (fs::symlink_metadata(p(a)), fs::symlink_metadata(p(b)));
+            res(ma.and_then(|ma| mb.map(|mb| (ma, mb))), |(ma, mb)| {
+                let same = (ma.dev(), ma.ino()) == (mb.dev(), mb.ino());
+                (if same { "same" } else { "different" }).to_string()
+            })
+        }
+        Op::Remount => unreachable!("done by Pair::run"),
     }
+}
+
+/// Lower layers with hard-linked files: a triple across three directories
+/// of the bottom layer, a pair across two of the top one.
+fn linked_lowers(s: &Scratch) -> Vec<PathBuf> {
+    let lowers = standard_lowers(s);
+    let (top, bottom) = (&lowers[0], &lowers[1]);
+    write(&bottom.join("hl1"), "one inode, three names\n");
+    fs::hard_link(bottom.join("hl1"), bottom.join("merged/hl2")).unwrap();
+    fs::hard_link(bottom.join("hl1"), bottom.join("dir/sub/hl3")).unwrap();
+    write(&top.join("tl1"), "one inode, two names\n");
+    fs::hard_link(top.join("tl1"), top.join("merged/tl2")).unwrap();
+    for p in ["hl1", "merged/hl2", "dir/sub/hl3", "merged", "dir/sub"] {
+        set_mtime(&bottom.join(p), 1_000_000_000);
+    }
+    for p in ["tl1", "merged/tl2", "merged"] {
+        set_mtime(&top.join(p), 1_000_000_000);
+    }
+    lowers
+}
+
+/// The names of lower hard-linked files, which random paths favour.
+const LINKED: &[&str] = &["hl1", "merged/hl2", "dir/sub/hl3", "tl1", "merged/tl2"];
+
+/// How the non-directories of a tree share inodes: each group of names of
+/// one inode (with each name's link count), sorted; whiteouts left out (the
+/// kernel links all of its whiteouts to one inode). Also checks that every
+/// directory entry's `d_ino` is its `st_ino`.
+fn link_structure(label: &str, root: &Path) -> Vec<Vec<(String, u64)>> {
+    let mut by_ino: std::collections::BTreeMap<(u64, u64), Vec<(String, u64)>> = Default::default();
+    fn rec(
+        label: &str,
+        root: &Path,
+        dir: &Path,
+        out: &mut std::collections::BTreeMap<(u64, u64), Vec<(String, u64)>>,
+    ) {
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let m = fs::symlink_metadata(e.path()).unwrap();
+            let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+            assert_eq!(
+                std::os::unix::fs::DirEntryExt::ino(&e),
+                m.ino(),
+                "{label}: d_ino of {rel} is not its st_ino in {}",
+                root.display()
+            );
+            if m.is_dir() {
+                rec(label, root, &e.path(), out);
+            } else if !(m.file_type().is_char_device() && m.rdev() == 0) {
+                out.entry((m.dev(), m.ino()))
+                    .or_default()
+                    .push((rel, m.nlink()));
+            }
+        }
+    }
+    rec(label, root, root, &mut by_ino);
+    let mut groups: Vec<Vec<(String, u64)>> = by_ino
+        .into_values()
+        .map(|mut g| {
+            g.sort();
+            g
+        })
+        .collect();
+    groups.sort();
+    groups
+}
+
+/// `tar -c` of a tree, listed: names, types, modes, owners, sizes, and
+/// the names archived as one file (tar stores the first name it meets as
+/// the file and the others as links to it, so the order of the walk decides
+/// which: a group is shown with the first's mode, owner and size, its
+/// names sorted). Dates are left out.
+fn tar_listing(root: &Path) -> String {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("tar --numeric-owner -cf - . | tar -tvf -")
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // mode owner size date time name [link to target]
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let mut group_of: std::collections::HashMap<String, String> = Default::default();
+    for f in &rows {
+        if f.len() == 9 && f[6..8] == ["link", "to"] {
+            group_of.insert(f[5].to_string(), f[8].to_string());
+        }
+    }
+    let mut groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut lines = Vec::new();
+    for f in &rows {
+        let name = f[5].to_string();
+        let first = group_of.get(&name).cloned().unwrap_or(name.clone());
+        let linked = group_of.contains_key(&name) || group_of.values().any(|t| *t == name);
+        if linked {
+            groups.entry(first).or_default().push(name);
+            continue;
+        }
+        let size = if f[0].starts_with('d') { "" } else { f[2] };
+        lines.push(format!("{} {} {size} {}", f[0], f[1], f[5..].join(" ")));
+    }
+    for (first, mut names) in groups {
+        let f = rows.iter().find(|f| f[5] == first).unwrap();
+        names.sort();
+        lines.push(format!(
+            "{} {} {} {}",
+            &f[0][1..],
+            f[1],
+            f[2],
+            names.join(" = ")
+        ));
+    }
+    lines.sort();
+    lines.join("\n")
 }
 
 /// A pair of unions over the same lowers: the kernel's and ours.
 struct Pair {
     kernel: Mount,
     ours: Mount,
+    lowers: Vec<PathBuf>,
     kupper: PathBuf,
+    kwork: PathBuf,
     uupper: PathBuf,
     _scratch: Scratch,
 }
@@ -168,7 +318,7 @@ struct Pair {
 impl Pair {
     fn new(tag: &str) -> Pair {
         let s = Scratch::new(tag);
-        let lowers = standard_lowers(&s);
+        let lowers = linked_lowers(&s);
         let (kupper, kwork, kmnt) = (s.dir("kupper"), s.dir("kwork"), s.dir("kmnt"));
         let (uupper, umnt) = (s.dir("uupper"), s.dir("umnt"));
         let kernel = Mount::kernel(&lowers, &kupper, &kwork, &kmnt);
@@ -176,15 +326,39 @@ impl Pair {
         Pair {
             kernel,
             ours,
+            lowers,
             kupper,
+            kwork,
             uupper,
             _scratch: s,
         }
     }
 
+    /// Unmounts both unions and mounts them again over the same layers.
+    fn remount(&mut self) {
+        let placeholder = |kind| Mount {
+            kind,
+            mnt: PathBuf::from("/nonexistent/unionfs-test-placeholder"),
+            child: None,
+            log: None,
+        };
+        let kernel = std::mem::replace(&mut self.kernel, placeholder(Kind::Kernel));
+        let ours = std::mem::replace(&mut self.ours, placeholder(Kind::Unionfs));
+        let (kmnt, umnt) = (kernel.mnt.clone(), ours.mnt.clone());
+        kernel.unmount();
+        let status = ours.unmount();
+        assert!(status.is_some_and(|s| s.success()), "unionfs: {status:?}");
+        self.kernel = Mount::kernel(&self.lowers, &self.kupper, &self.kwork, &kmnt);
+        self.ours = Mount::unionfs(&self.lowers, &self.uupper, &umnt, &[]);
+    }
+
     /// Runs `ops` on both; panics on the first different outcome.
-    fn run(&self, label: &str, ops: &[Op]) {
+    fn run(&mut self, label: &str, ops: &[Op]) {
         for (i, op) in ops.iter().enumerate() {
+            if let Op::Remount = op {
+                self.remount();
+                continue;
+            }
             let k = apply(&self.kernel.mnt, op);
             let u = apply(&self.ours.mnt, op);
             if std::env::var_os("UNIONFS_DIFF_TRACE").is_some() {
@@ -206,6 +380,48 @@ impl Pair {
         let u = snapshot(&self.uupper, View::Upper);
         let d = diff("kernel", &k, "unionfs", &u);
         assert!(d.is_empty(), "{label}: upper directories differ:\n{d}");
+        for (what, k, u) in [
+            ("merged views", &self.kernel.mnt, &self.ours.mnt),
+            ("upper directories", &self.kupper, &self.uupper),
+        ] {
+            assert_eq!(
+                link_structure(label, u),
+                link_structure(label, k),
+                "{label}: the hard links of the {what} differ (unionfs, kernel)"
+            );
+        }
+    }
+
+    /// `tar -c` and `cp -a` of both merged views give the same trees.
+    fn compare_copies(&self, label: &str) {
+        assert_eq!(
+            tar_listing(&self.ours.mnt),
+            tar_listing(&self.kernel.mnt),
+            "{label}: tar listings differ (unionfs, kernel)"
+        );
+        let copies = Scratch::new("diff-cp");
+        let (kc, uc) = (copies.path.join("k"), copies.path.join("u"));
+        for (from, to) in [(&self.kernel.mnt, &kc), (&self.ours.mnt, &uc)] {
+            let st = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(from)
+                .arg(to)
+                .status()
+                .unwrap();
+            assert!(st.success(), "{label}: cp -a {}", from.display());
+        }
+        let d = diff(
+            "kernel",
+            &snapshot(&kc, View::Merged),
+            "unionfs",
+            &snapshot(&uc, View::Merged),
+        );
+        assert!(d.is_empty(), "{label}: cp -a copies differ:\n{d}");
+        assert_eq!(
+            link_structure(label, &uc),
+            link_structure(label, &kc),
+            "{label}: hard links of the cp -a copies differ"
+        );
     }
 }
 
@@ -365,6 +581,55 @@ fn scenarios() -> Vec<(&'static str, Vec<Op>)> {
             ],
         ),
         (
+            "one name of a lower hard link written",
+            vec![
+                Stat(s("hl1")),
+                Stat(s("merged/hl2")),
+                Write(s("hl1"), s("new")),
+                Read(s("hl1")),
+                Read(s("merged/hl2")),
+                Stat(s("hl1")),
+                Stat(s("merged/hl2")),
+                SameInode(s("hl1"), s("merged/hl2")),
+                SameInode(s("merged/hl2"), s("dir/sub/hl3")),
+                Chmod(s("dir/sub/hl3"), 0o600),
+                Stat(s("merged/hl2")),
+                Remount,
+                Read(s("hl1")),
+                Read(s("merged/hl2")),
+                SameInode(s("merged/hl2"), s("dir/sub/hl3")),
+                Stat(s("dir/sub/hl3")),
+            ],
+        ),
+        (
+            "names of hard links go while others are opened with O_NOFOLLOW",
+            vec![
+                Write(s("f"), s("hello")),
+                Link(s("f"), s("g")),
+                Stat(s("f")),
+                Unlink(s("f")),
+                ReadNoFollow(s("g")),
+                Stat(s("g")),
+                Stat(s("hl1")),
+                Unlink(s("hl1")),
+                ReadNoFollow(s("merged/hl2")),
+                Stat(s("merged/hl2")),
+                Stat(s("tl1")),
+                Rename(s("top-only"), s("tl1"), 0),
+                ReadNoFollow(s("merged/tl2")),
+                Link(s("dir/sub/hl3"), s("x")),
+                Unlink(s("dir/sub/hl3")),
+                ReadNoFollow(s("x")),
+                Stat(s("x")),
+                Rename(s("merged/hl2"), s("merged/tl2"), 0),
+                ReadNoFollow(s("merged/tl2")),
+                Remount,
+                ReadNoFollow(s("g")),
+                ReadNoFollow(s("x")),
+                SameInode(s("x"), s("merged/tl2")),
+            ],
+        ),
+        (
             "chmod chown",
             vec![
                 Chmod(s("top-only"), 0o600),
@@ -459,9 +724,11 @@ fn scenarios() -> Vec<(&'static str, Vec<Op>)> {
 #[test]
 fn scenarios_match_the_kernel() {
     for (name, ops) in scenarios() {
-        let pair = Pair::new("diff");
+        let mut pair = Pair::new("diff");
         pair.run(name, &ops);
         pair.compare_views(name);
+        pair.run(name, &[Op::Remount]);
+        pair.compare_views(&format!("{name}, after a remount"));
     }
 }
 
@@ -514,6 +781,9 @@ const NAMES: &[&str] = &[
 ];
 
 fn random_path(r: &mut Rng) -> String {
+    if r.next().is_multiple_of(4) {
+        return r.pick(LINKED).to_string();
+    }
     let d = r.pick(DIRS);
     let n = r.pick(NAMES);
     if d.is_empty() {
@@ -528,7 +798,7 @@ fn random_op(r: &mut Rng) -> Op {
     let p = random_path(r);
     let q = random_path(r);
     let data = format!("{}", r.next() % 1000);
-    match r.next() % 20 {
+    match r.next() % 24 {
         0 | 1 => Write(p, data),
         2 => Append(p, data),
         3 => Truncate(p, r.next() % 10),
@@ -548,6 +818,9 @@ fn random_op(r: &mut Rng) -> Op {
         16 => RemoveXattr(p, r.pick(&["user.a", "user.tag"]).to_string()),
         17 => Read(p),
         18 => List(r.pick(DIRS).to_string()),
+        19 | 20 => ReadNoFollow(p),
+        21 => SameInode(p, q),
+        22 if r.next().is_multiple_of(8) => Remount,
         _ => {
             if r.next().is_multiple_of(4) {
                 RemoveAll(p)
@@ -570,7 +843,7 @@ fn random_operations_match_the_kernel() {
         .unwrap_or(1000);
     let mut total = 0;
     for seed in seeds {
-        let pair = Pair::new("rand");
+        let mut pair = Pair::new("rand");
         let mut r = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
         let ops: Vec<Op> = (0..per_seed).map(|_| random_op(&mut r)).collect();
         for (chunk_no, chunk) in ops.chunks(100).enumerate() {
@@ -578,6 +851,10 @@ fn random_operations_match_the_kernel() {
             pair.run(&label, chunk);
             pair.compare_views(&label);
         }
+        pair.compare_copies(&format!("seed {seed}"));
+        pair.run(&format!("seed {seed}"), &[Op::Remount]);
+        pair.compare_views(&format!("seed {seed}, remounted"));
+        pair.compare_copies(&format!("seed {seed}, remounted"));
         // Finally `rm -rf` of everything that is left.
         let everything: Vec<Op> = fs::read_dir(&pair.kernel.mnt)
             .unwrap()

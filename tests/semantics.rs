@@ -593,6 +593,82 @@ fn statfs_names_and_long_names() {
     );
 }
 
+/// `st_ino` of each path, and `d_ino` of each as its directory lists it.
+fn numbers(f: &Fixture, paths: &[&str]) -> Vec<(u64, u64)> {
+    paths
+        .iter()
+        .map(|p| {
+            let path = f.p(p);
+            let st = fs::symlink_metadata(&path).unwrap().ino();
+            let name = path.file_name().unwrap().to_owned();
+            let listed = fs::read_dir(path.parent().unwrap())
+                .unwrap()
+                .map(|e| e.unwrap())
+                .find(|e| e.file_name() == name)
+                .unwrap()
+                .ino();
+            (st, listed)
+        })
+        .collect()
+}
+
+#[test]
+fn inode_numbers_survive_copy_up_and_remount() {
+    let mut f = Fixture::new("ino-remount");
+    // Copied up: a file, a merged directory, a file in it, a device, a
+    // renamed file; made in the upper: a directory, a file.
+    fs::write(f.p("bottom-only"), "changed").unwrap();
+    fs::write(f.p("merged/from-bottom"), "changed").unwrap();
+    fs::set_permissions(f.p("fifo"), fs::Permissions::from_mode(0o600)).unwrap();
+    let renamed = fs::symlink_metadata(f.p("dir/sub/leaf")).unwrap().ino();
+    fs::rename(f.p("dir/sub/leaf"), f.p("dir/moved")).unwrap();
+    assert_eq!(
+        fs::symlink_metadata(f.p("dir/moved")).unwrap().ino(),
+        renamed
+    );
+    fs::create_dir(f.p("newdir")).unwrap();
+    fs::write(f.p("newdir/new"), "n").unwrap();
+    let paths = [
+        "bottom-only",
+        "merged",
+        "merged/from-bottom",
+        "merged/from-top",
+        "fifo",
+        "dir",
+        "dir/sub",
+        "dir/moved",
+        "newdir",
+        "newdir/new",
+        "top-only",
+    ];
+    let before = numbers(&f, &paths);
+    for (p, (st, listed)) in paths.iter().zip(&before) {
+        assert_eq!(st, listed, "{p}: d_ino is not st_ino");
+    }
+    for _ in 0..2 {
+        f.remount();
+        // Listings first (nothing looked up yet), then lookups.
+        let listed: Vec<u64> = paths
+            .iter()
+            .map(|p| {
+                let path = f.p(p);
+                let name = path.file_name().unwrap().to_owned();
+                fs::read_dir(path.parent().unwrap())
+                    .unwrap()
+                    .map(|e| e.unwrap())
+                    .find(|e| e.file_name() == name)
+                    .unwrap()
+                    .ino()
+            })
+            .collect();
+        let after = numbers(&f, &paths);
+        for (i, p) in paths.iter().enumerate() {
+            assert_eq!(listed[i], before[i].1, "{p}: d_ino moved at the remount");
+            assert_eq!(after[i], before[i], "{p}: st_ino moved at the remount");
+        }
+    }
+}
+
 #[test]
 fn inode_numbers_are_stable_and_one_device() {
     let f = Fixture::new("ino");

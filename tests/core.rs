@@ -1,0 +1,235 @@
+//! The core driven in-process (no FUSE, no root): the node table and the
+//! bookkeeping of names, with lower hard-linked files whose names come and
+//! go. Each step is what the kernel would send; the upper directory is
+//! checked on disk.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use unionfs::node::{Node, ROOT_ID};
+use unionfs::superblock::{Tuning, Union};
+
+/// Layers in a temporary directory and a union over them.
+struct Core {
+    _dir: tempfile::TempDir,
+    upper: PathBuf,
+    union: Union,
+}
+
+fn open_dir(p: &Path) -> OwnedFd {
+    fs::File::open(p).unwrap().into()
+}
+
+fn name(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+impl Core {
+    /// One lower layer made by `fill`, an empty upper.
+    fn new(fill: impl FnOnce(&Path)) -> Core {
+        let dir = tempfile::tempdir().unwrap();
+        let (lower, upper, work) = (
+            dir.path().join("lower"),
+            dir.path().join("upper"),
+            dir.path().join("work"),
+        );
+        for d in [&lower, &upper, &work] {
+            fs::create_dir(d).unwrap();
+        }
+        fill(&lower);
+        let union = Union::new(
+            Some((open_dir(&upper), open_dir(&work))),
+            vec![open_dir(&lower)],
+            Tuning { volatile: true },
+        );
+        Core {
+            _dir: dir,
+            upper,
+            union,
+        }
+    }
+
+    /// LOOKUP of a path from the root, one component at a time (each
+    /// component keeps the reference the kernel would hold).
+    fn lookup(&self, path: &str) -> Arc<Node> {
+        let mut id = ROOT_ID;
+        let mut node = self.union.node(ROOT_ID).unwrap();
+        for part in path.split('/') {
+            node = self.union.lookup(id, name(part)).unwrap().0;
+            id = node.id;
+        }
+        node
+    }
+
+    fn st_ino(&self, path: &str) -> u64 {
+        let n = self.lookup(path);
+        self.union.getattr(n.id, None).unwrap().st_ino
+    }
+
+    /// Reads a whole file through OPEN with `flags`, READ and RELEASE.
+    fn read(&self, node: &Node, flags: i32) -> Result<String, i32> {
+        let o = self.union.open(node.id, flags).map_err(|e| e.0)?;
+        let data = self.union.read(o.fh, 0, 1 << 16).map_err(|e| e.0)?;
+        self.union.release(o.fh);
+        Ok(String::from_utf8(data).unwrap())
+    }
+
+    /// OPEN for writing with O_TRUNC, WRITE, RELEASE.
+    fn write(&self, node: &Node, data: &str) {
+        let o = self
+            .union
+            .open(node.id, libc::O_WRONLY | libc::O_TRUNC)
+            .unwrap();
+        self.union.write(o.fh, 0, data.as_bytes()).unwrap();
+        self.union.release(o.fh);
+    }
+
+    fn upper_has(&self, path: &str) -> bool {
+        fs::symlink_metadata(self.upper.join(path)).is_ok()
+    }
+}
+
+/// `a`, `d/b` and `c`: one lower inode with three names.
+fn linked_triple(lower: &Path) {
+    fs::create_dir(lower.join("d")).unwrap();
+    fs::write(lower.join("a"), "old\n").unwrap();
+    fs::hard_link(lower.join("a"), lower.join("d/b")).unwrap();
+    fs::hard_link(lower.join("a"), lower.join("c")).unwrap();
+}
+
+const NOFOLLOW: i32 = libc::O_RDONLY | libc::O_NOFOLLOW;
+
+#[test]
+fn each_name_of_a_lower_hard_link_is_a_node_of_its_own() {
+    let c = Core::new(linked_triple);
+    let (a, b) = (c.lookup("a"), c.lookup("d/b"));
+    assert_ne!(a.id, b.id, "two names, two nodes");
+    assert_eq!(c.lookup("a").id, a.id, "a name held keeps its node");
+    assert_eq!(
+        c.st_ino("a"),
+        c.st_ino("d/b"),
+        "one lower inode, one st_ino"
+    );
+    assert_eq!(c.union.getattr(a.id, None).unwrap().st_nlink, 3);
+
+    // Looked up in the other order, the write still lands on its own name.
+    c.write(&a, "new\n");
+    assert!(c.upper_has("a"));
+    assert!(!c.upper_has("d/b") && !c.upper_has("c"));
+    assert_eq!(fs::read_to_string(c.upper.join("a")).unwrap(), "new\n");
+    assert_eq!(c.read(&b, NOFOLLOW).unwrap(), "old\n");
+    assert_eq!(c.read(&c.lookup("c"), NOFOLLOW).unwrap(), "old\n");
+
+    // The written name is its own file now (the link is broken, as without
+    // the index): its own number and one link; the others keep theirs.
+    let (ino_a, ino_b) = (c.st_ino("a"), c.st_ino("d/b"));
+    assert_ne!(ino_a, ino_b);
+    assert_eq!(ino_b, c.st_ino("c"));
+    assert_eq!(c.union.getattr(a.id, None).unwrap().st_nlink, 1);
+    assert_eq!(c.union.getattr(b.id, None).unwrap().st_nlink, 3);
+    // A lookup of the copied-up name finds the node the kernel holds.
+    assert_eq!(c.lookup("a").id, a.id);
+}
+
+#[test]
+fn removing_one_name_leaves_the_others_openable_with_o_nofollow() {
+    let c = Core::new(linked_triple);
+    // An upper file and a link made through the union; the first name goes.
+    let (f, st, fd) = c
+        .union
+        .create(
+            ROOT_ID,
+            name("f"),
+            libc::S_IFREG | 0o644,
+            libc::O_WRONLY,
+            caller(),
+        )
+        .unwrap();
+    assert_eq!(st.st_nlink, 1);
+    let o = c.union.created(f.clone(), fd, libc::O_WRONLY);
+    c.union.write(o.fh, 0, b"hello\n").unwrap();
+    c.union.release(o.fh);
+    let (g, _) = c.union.link(f.id, ROOT_ID, name("g")).unwrap();
+    assert_eq!(g.id, f.id, "an upper hard link is one node");
+    c.union.unlink(ROOT_ID, name("f")).unwrap();
+    assert_eq!(c.read(&g, NOFOLLOW).unwrap(), "hello\n");
+    assert_eq!(c.read(&c.lookup("g"), NOFOLLOW).unwrap(), "hello\n");
+
+    // A lower name whited out: the others are untouched.
+    let (a, b) = (c.lookup("a"), c.lookup("d/b"));
+    c.union.unlink(ROOT_ID, name("a")).unwrap();
+    assert_eq!(c.read(&b, NOFOLLOW).unwrap(), "old\n");
+    assert_eq!(c.union.getattr(b.id, None).unwrap().st_nlink, 3);
+    assert_eq!(c.union.getattr(a.id, None).unwrap().st_nlink, 0);
+    assert!(c.union.lookup(ROOT_ID, name("a")).is_err());
+
+    // A name replaced by a rename: the other name still shows the lower data.
+    let cn = c.lookup("c");
+    c.union
+        .rename(ROOT_ID, name("g"), ROOT_ID, name("c"), 0)
+        .unwrap();
+    assert_eq!(c.read(&cn, NOFOLLOW).unwrap(), "old\n", "the open node");
+    assert_eq!(c.read(&c.lookup("c"), NOFOLLOW).unwrap(), "hello\n");
+    assert_eq!(c.read(&c.lookup("d/b"), NOFOLLOW).unwrap(), "old\n");
+}
+
+#[test]
+fn a_forgotten_name_gets_a_node_again_with_the_same_number() {
+    let c = Core::new(linked_triple);
+    let a = c.lookup("a");
+    let ino = c.st_ino("a");
+    let (id, refs) = (a.id, 2); // lookup + st_ino's lookup
+    drop(a);
+    c.union.table.forget(id, refs);
+    assert!(c.union.table.get(id).is_none(), "forgotten");
+    let again = c.lookup("a");
+    assert_eq!(c.st_ino("a"), ino);
+    assert_eq!(c.read(&again, NOFOLLOW).unwrap(), "old\n");
+    // Renaming a name copies that name up, under the new name only.
+    c.union
+        .rename(ROOT_ID, name("a"), ROOT_ID, name("moved"), 0)
+        .unwrap();
+    assert!(c.upper_has("moved"));
+    assert_eq!(
+        fs::symlink_metadata(c.upper.join("a")).unwrap().rdev(),
+        0,
+        "a whiteout where the lower name remains"
+    );
+    assert!(!c.upper_has("c") && !c.upper_has("d/b"));
+    assert_eq!(c.lookup("moved").id, again.id);
+}
+
+#[test]
+fn renaming_one_name_over_another_of_the_same_lower_file_moves_it() {
+    // Two lower names of one inode are two files to rename(2), as in the
+    // kernel without the index: `a` replaces `c`, `a` goes.
+    let c = Core::new(linked_triple);
+    c.lookup("a");
+    c.lookup("c");
+    c.union
+        .rename(ROOT_ID, name("a"), ROOT_ID, name("c"), 0)
+        .unwrap();
+    assert!(c.union.lookup(ROOT_ID, name("a")).is_err());
+    assert!(c.upper_has("c"));
+    assert_eq!(c.read(&c.lookup("c"), NOFOLLOW).unwrap(), "old\n");
+}
+
+fn no_groups() -> Vec<u32> {
+    Vec::new()
+}
+
+/// The test process as the caller.
+fn caller() -> unionfs::superblock::Caller<'static> {
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    unionfs::superblock::Caller {
+        uid,
+        gid,
+        umask: 0o022,
+        privileged: uid == 0,
+        groups: &no_groups,
+    }
+}
