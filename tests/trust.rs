@@ -172,17 +172,7 @@ fn work_directories_others_control_are_refused() {
     fs::remove_dir(explicit.join("work")).unwrap();
     // The fuse-overlayfs form refuses the same way (its exit code is 1).
     fs::set_permissions(&explicit, fs::Permissions::from_mode(0o777)).unwrap();
-    let out = Command::new(bin())
-        .arg("-o")
-        .arg(format!(
-            "lowerdir={},upperdir={},workdir={}",
-            l.display(),
-            u.display(),
-            explicit.display()
-        ))
-        .arg(&m)
-        .output()
-        .unwrap();
+    let out = compat_mount(&l, &u, &explicit, &m);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -277,17 +267,7 @@ fn a_mount_right_after_an_unmount_waits_for_the_old_daemon() {
         let _ = busy.join();
         assert!(Command::new("umount").arg(&m).status().unwrap().success());
         // Not waiting for the old daemon: mount again at once.
-        let out = Command::new(bin())
-            .arg("-o")
-            .arg(format!(
-                "lowerdir={},upperdir={},workdir={}",
-                l.display(),
-                u.display(),
-                s.path.join(".u.unionfs-work").display()
-            ))
-            .arg(&m)
-            .output()
-            .unwrap();
+        let out = compat_mount(&l, &u, &s.path.join(".u.unionfs-work"), &m);
         assert!(
             out.status.success(),
             "round {round}: {}",
@@ -341,4 +321,20 @@ fn lock_dir(p: &Path) -> fs::File {
     let f = fs::File::open(p).unwrap();
     assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
     f
+}
+
+/// Mounts with the fuse-overlayfs command line (which daemonizes once
+/// mounted) and waits for it to finish.
+fn compat_mount(lower: &Path, upper: &Path, work: &Path, mnt: &Path) -> std::process::Output {
+    Command::new(bin())
+        .arg("-o")
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        ))
+        .arg(mnt)
+        .output()
+        .unwrap()
 }
