@@ -825,10 +825,22 @@ fn podman_and_buildah_run_containers_on_unionfs() {
         ],
     );
     let diff = e.ok("podman", &["diff", "c1"]);
-    for line in ["C /etc/motd", "D /bin/ls", "A /newdir", "A /newdir/f"] {
-        assert!(
-            diff.lines().any(|l| l == line),
-            "podman diff lacks {line}: {diff}"
+    let missing: Vec<&str> = ["C /etc/motd", "D /bin/ls", "A /newdir", "A /newdir/f"]
+        .into_iter()
+        .filter(|line| !diff.lines().any(|l| l == *line))
+        .collect();
+    if !missing.is_empty() {
+        // What podman diffed: the container's upper and the mounts it made.
+        let format = "{{.GraphDriver.Data.UpperDir}}";
+        let upper = e.ok("podman", &["inspect", "c1", "--format", format]);
+        let listing = Command::new("find")
+            .args([upper.trim(), "-ls"])
+            .output()
+            .unwrap();
+        panic!(
+            "podman diff lacks {missing:?}: {diff}\nupper {upper}{}\nmount program calls:\n{}",
+            text(&listing.stdout),
+            fs::read_to_string(&e.args_log).unwrap_or_default()
         );
     }
     e.ok("podman", &["commit", "-q", "c1", "localhost/bb2"]);
