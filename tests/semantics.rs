@@ -1151,6 +1151,12 @@ fn writeback_cache_gives_the_kernels_results() {
             None => Mount::kernel(std::slice::from_ref(&lower), &upper, &s.dir("k-work"), &mnt),
             Some(opts) => Mount::unionfs(std::slice::from_ref(&lower), &upper, &mnt, opts),
         };
+        // The mode is logged when the kernel's INIT is answered, which may
+        // come just after the mount shows.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !m.log_text().contains(logged) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let log = m.log_text();
         assert!(log.contains(logged), "{tag}: {log}");
         // Write-only, not page aligned, inside and past the end.

@@ -174,6 +174,9 @@ impl Mount {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(20) {
             if mount_source_type(&self.mnt).as_deref() == Some("fuse.unionfs") {
+                // The first request waits for the kernel's INIT to be
+                // answered: after it, what the daemon logs at INIT is there.
+                let _ = fs::symlink_metadata(&self.mnt);
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
