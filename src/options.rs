@@ -146,21 +146,41 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
+/// True when `p` is the root of a FUSE mount whose daemon is gone. statfs
+/// always asks the daemon, where a stat may be answered from the kernel's
+/// cache of the root's attributes for a while after the daemon died.
+fn is_dead_fuse_mount(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let failed = unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0;
+    failed && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+}
+
 /// Canonical form of an existing directory, or why not.
 fn existing_dir(what: &str, p: &Path) -> Result<PathBuf, String> {
+    if is_dead_fuse_mount(p) {
+        return Err(dead_mount(what, p));
+    }
     let meta = std::fs::metadata(p).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => format!("{what} {} does not exist", p.display()),
-        _ if e.raw_os_error() == Some(libc::ENOTCONN) => format!(
-            "{what} {} is a dead FUSE mount (its daemon was killed); free it with: umount -l {}",
-            p.display(),
-            p.display()
-        ),
+        _ if e.raw_os_error() == Some(libc::ENOTCONN) => dead_mount(what, p),
         _ => format!("{what} {}: {e}", p.display()),
     })?;
     if !meta.is_dir() {
         return Err(format!("{what} {} is not a directory", p.display()));
     }
     std::fs::canonicalize(p).map_err(|e| format!("{what} {}: {e}", p.display()))
+}
+
+fn dead_mount(what: &str, p: &Path) -> String {
+    format!(
+        "{what} {} is a dead FUSE mount (its daemon was killed); free it with: umount -l {}",
+        p.display(),
+        p.display()
+    )
 }
 
 fn overlap(a: &Path, b: &Path) -> bool {
