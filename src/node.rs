@@ -239,11 +239,6 @@ impl Node {
         self.ino.store(ino, Ordering::Relaxed);
     }
 
-    /// True for one name of a lower hard-linked file.
-    pub fn is_alias(&self) -> bool {
-        self.alias.is_some()
-    }
-
     pub fn upper(&self) -> Option<Real> {
         self.state.read().upper.clone()
     }
