@@ -593,21 +593,27 @@ fn statfs_names_and_long_names() {
     );
 }
 
+/// `d_ino` of `p` as its directory lists it.
+fn listed_ino(f: &Fixture, p: &str) -> u64 {
+    let path = f.p(p);
+    let name = path.file_name().unwrap().to_owned();
+    fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.file_name() == name)
+        .unwrap()
+        .ino()
+}
+
 /// `st_ino` of each path, and `d_ino` of each as its directory lists it.
 fn numbers(f: &Fixture, paths: &[&str]) -> Vec<(u64, u64)> {
     paths
         .iter()
         .map(|p| {
-            let path = f.p(p);
-            let st = fs::symlink_metadata(&path).unwrap().ino();
-            let name = path.file_name().unwrap().to_owned();
-            let listed = fs::read_dir(path.parent().unwrap())
-                .unwrap()
-                .map(|e| e.unwrap())
-                .find(|e| e.file_name() == name)
-                .unwrap()
-                .ino();
-            (st, listed)
+            (
+                fs::symlink_metadata(f.p(p)).unwrap().ino(),
+                listed_ino(f, p),
+            )
         })
         .collect()
 }
@@ -648,19 +654,7 @@ fn inode_numbers_survive_copy_up_and_remount() {
     for _ in 0..2 {
         f.remount();
         // Listings first (nothing looked up yet), then lookups.
-        let listed: Vec<u64> = paths
-            .iter()
-            .map(|p| {
-                let path = f.p(p);
-                let name = path.file_name().unwrap().to_owned();
-                fs::read_dir(path.parent().unwrap())
-                    .unwrap()
-                    .map(|e| e.unwrap())
-                    .find(|e| e.file_name() == name)
-                    .unwrap()
-                    .ino()
-            })
-            .collect();
+        let listed: Vec<u64> = paths.iter().map(|p| listed_ino(&f, p)).collect();
         let after = numbers(&f, &paths);
         for (i, p) in paths.iter().enumerate() {
             assert_eq!(listed[i], before[i].1, "{p}: d_ino moved at the remount");
