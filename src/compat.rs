@@ -60,7 +60,7 @@ pub const USAGE: &str = "usage: unionfs [-f] [-d] [-o OPTIONS]... [SOURCE] MOUNT
               volatile, fsync=0, uidmapping=C:H:N[:...], gidmapping=C:H:N[:...],
               squash_to_root, squash_to_uid=N, squash_to_gid=N, static_nlink,
               noacl, noxattrs=1, timeout=SECS, passthrough=on|off|auto,
-              writeback=on|off, ro, rw, nosuid, nodev, noexec, noatime,
+              writeback=on|off, index=on|off, ro, rw, nosuid, nodev, noexec, noatime,
               allow_other, allow_root";
 
 /// Parses the arguments after the program name.
@@ -146,6 +146,8 @@ pub struct CompatOptions {
     pub upperdir: Option<PathBuf>,
     pub workdir: Option<PathBuf>,
     pub volatile: bool,
+    /// `index=on|off`; unset means on.
+    pub index: Option<bool>,
     pub file_io: FileIo,
     pub presentation: Presentation,
     pub flags: MountFlags,
@@ -241,6 +243,7 @@ impl CompatOptions {
             ("timeout", Some(v)) => self.presentation.ttl = timeout(v)?,
             ("passthrough", Some(v)) => self.file_io.passthrough = v.parse()?,
             ("writeback", Some(v)) => self.file_io.writeback = on_off(key, v)?,
+            ("index", Some(v)) => self.index = Some(on_off(key, v)?),
             ("redirect_dir", Some("off" | "nofollow")) => {}
             ("redirect_dir", Some(v)) => {
                 return Err(format!(
@@ -295,6 +298,7 @@ pub fn plan(o: CompatOptions, mountpoint: Option<&Path>) -> Result<MountPlan, St
         upper,
         mountpoint,
         volatile: o.volatile,
+        index: o.index.unwrap_or(true),
         file_io: o.file_io,
         presentation: o.presentation,
         mount_flags: flags,
@@ -487,6 +491,10 @@ mod tests {
         assert_eq!(o.unknown, vec!["bogus=1"]);
         assert_eq!(o.ignored.len(), 2);
         assert!(CompatOptions::parse(&["redirect_dir=on".into()]).is_err());
+        assert_eq!(o.index, None);
+        let off = CompatOptions::parse(&["lowerdir=/l,index=off".into()]).unwrap();
+        assert_eq!(off.index, Some(false));
+        assert!(CompatOptions::parse(&["index=maybe".into()]).is_err());
         assert!(CompatOptions::parse(&["uidmapping=1:2".into()]).is_err());
         assert!(CompatOptions::parse(&["timeout=abc".into()]).is_err());
     }

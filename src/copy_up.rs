@@ -42,8 +42,17 @@ impl Union {
             if !now_parent.is_some_and(|p| Arc::ptr_eq(&p, &parent)) {
                 continue; // renamed meanwhile: copy its new parent first
             }
-            let lower = node.real().0.path_fd()?;
+            let lower = node.lower().ok_or(Errno::EIO)?.path_fd()?;
             let lower_stat = sys::stat_fd(lower.as_fd())?;
+            if let Some(entry) = self.index_name_of(lower.as_fd(), &lower_stat) {
+                return self.link_up_node(
+                    node,
+                    &parent,
+                    &parent_upper,
+                    (lower.as_fd(), &lower_stat),
+                    &entry,
+                );
+            }
             let origin = recorded_origin(lower.as_fd(), &lower_stat);
             let obj = self.copy_up_object(
                 parent_upper.dir(),
@@ -73,6 +82,39 @@ impl Union {
             debug!(name = ?name, id = node.id, "copied up");
             return Ok(upper);
         }
+    }
+
+    /// Copy-up with the index of a name of a lower hard-linked file: the
+    /// name becomes a link of the file's index entry, made now if no other
+    /// name was copied up before; the other names held show the entry.
+    fn link_up_node(
+        &self,
+        node: &Arc<Node>,
+        parent: &Arc<Node>,
+        parent_upper: &Real,
+        lower: (BorrowedFd<'_>, &Stat),
+        entry: &OsStr,
+    ) -> Result<Real> {
+        let name = node.parent_and_name().1;
+        let obj = self.link_up(parent_upper.dir(), &name, lower, entry)?;
+        let upper_ino = sys::stat_fd(obj.as_fd())?.st_ino;
+        if !self.table.knows_origin(upper_ino) {
+            // Every upper name of the file is one node, apart from the
+            // lower names' own (see `node`); all show the lower's number.
+            let id = self.table.allocate();
+            self.table.record_origin(upper_ino, id, node.ino());
+        }
+        if let Some((shown, _)) = self.index_entry(entry) {
+            for other in self.table.other_names_of(node.id) {
+                other.show_index_entry(shown.clone());
+            }
+        }
+        let upper = Real::At(parent_upper.dir_arc(), name.clone());
+        node.state.write().upper = Some(upper.clone());
+        node.copied_up.store(true, Ordering::Release);
+        self.listing_changed(parent.id);
+        debug!(name = ?name, id = node.id, "copied up through the index");
+        Ok(upper)
     }
 
     /// Copies the lower object `src` (with its `stat`) to `name` in the
@@ -121,7 +163,12 @@ impl Union {
     }
 
     /// Builds the full copy of `src` as `tmp` in the work directory.
-    fn build_copy(&self, tmp: &OsStr, src: BorrowedFd<'_>, st: &Stat) -> Result<OwnedFd> {
+    pub(crate) fn build_copy(
+        &self,
+        tmp: &OsStr,
+        src: BorrowedFd<'_>,
+        st: &Stat,
+    ) -> Result<OwnedFd> {
         let work = self.work_fd()?;
         let kind = sys::file_type(st.st_mode);
         let data = match kind {

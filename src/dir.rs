@@ -86,8 +86,10 @@ impl Union {
         let slot = self.prepare_slot(parent, name)?;
         let is_dir = sys::file_type(new.mode) == libc::S_IFDIR;
         // Only a replaced upper whiteout stops hiding: a lower whiteout below a
-        // new directory still does, as in the kernel.
-        let opaque = is_dir && slot.over_whiteout;
+        // new directory still does, as in the kernel. With the index, the
+        // kernel also marks every new directory of a merged one opaque.
+        let in_merged = self.index_is_on() && !parent.state.read().lowers.is_empty();
+        let opaque = is_dir && (slot.over_whiteout || in_merged);
         let (build_dir, build_name) = if slot.over_whiteout {
             (self.work_fd()?, self.temp_name())
         } else {
@@ -146,21 +148,25 @@ impl Union {
             Real::At(slot.dir.dir_arc(), shared_name.clone())
         };
         let id = self.table.id_for(UPPER, stat.st_ino);
+        let ino = self.table.ino_for(UPPER, stat.st_ino);
         let node = self.table.acquire(id, || {
-            Node::new(
+            Node::with_ino(
                 id,
+                ino,
+                None,
                 sys::file_type(stat.st_mode),
                 NodeState {
                     parent: Some(parent.clone()),
                     name: shared_name,
                     upper: Some(upper_ref),
+                    index: None,
                     lowers: vec![],
                     unlinked: false,
                 },
             )
         });
         node.set_location(parent.clone(), name, None);
-        let stat = node.present(stat);
+        let stat = self.present(&node, stat);
         Ok((node, stat, opened))
     }
 
@@ -292,12 +298,54 @@ impl Union {
 
     /// Removes `name` from the union view of `parent`.
     fn remove_name(&self, parent: &Arc<Node>, name: &OsStr, found: &Found) -> Result<()> {
+        match self.link_up_before_removal(parent, name, found)? {
+            Some((node, linked)) => self.remove_found(parent, name, &linked, Some(node)),
+            None => self.remove_found(parent, name, found, None),
+        }
+    }
+
+    /// With the index, a lower-only name of a hard-linked file is linked up
+    /// before it is removed or replaced, as the kernel does, so that the
+    /// recorded link count drops with the real one. Its node and the name
+    /// resolved again, or None when nothing was done.
+    fn link_up_before_removal(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        found: &Found,
+    ) -> Result<Option<(Arc<Node>, Found)>> {
+        if !self.index_is_on() || !found.is_lower_hard_link() {
+            return Ok(None);
+        }
+        let node = self
+            .existing_node(parent, name, found)
+            .unwrap_or_else(|| Arc::new(self.unheld_node(parent, name, found.clone())));
+        self.ensure_upper(&node)?;
+        Ok(Some((node, self.resolve(parent, name)?)))
+    }
+
+    /// Removes `name`, resolved as `found`; `linked`: the node of a name
+    /// just linked up (see `link_up_before_removal`).
+    fn remove_found(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        found: &Found,
+        linked: Option<Arc<Node>>,
+    ) -> Result<()> {
         let is_dir = found.is_dir();
         let dir = self.ensure_upper(parent)?;
-        let held = self.existing_node(parent, name, found);
-        if let Some(node) = &held {
+        let held: Vec<Arc<Node>> = linked
+            .into_iter()
+            .chain(self.existing_node(parent, name, found))
+            .collect();
+        for node in &held {
             node.pin()?; // the kernel may still use it (an open file)
         }
+        let entry = match &found.upper {
+            Some(u) if !is_dir => self.index_entry_of_upper(u, &found.stat),
+            _ => None,
+        };
         if found.upper.is_none() {
             format::make_whiteout(dir.dir(), name)?; // only lower objects: hide them
         } else if self.name_in_lowers(parent, name)? {
@@ -307,8 +355,11 @@ impl Union {
         } else {
             sys::unlink_at(dir.dir(), name, false)?;
         }
-        if let Some(node) = held {
+        for node in held {
             node.mark_unlinked();
+        }
+        if let Some(entry) = entry {
+            self.drop_index_if_unlinked(&entry);
         }
         if found.upper.is_some() && (is_dir || found.stat.st_nlink <= 1) {
             self.table.drop_origin(found.stat.st_ino); // its inode number is free
@@ -360,6 +411,7 @@ impl Union {
             lowers: side.found.lowers.clone(),
             stat: side.found.stat,
             top_layer: side.found.top_layer,
+            index: side.found.index.clone(),
         };
         match self.existing_node(&side.parent, name, &found) {
             Some(n) => n,
@@ -403,11 +455,11 @@ impl Union {
             if flags & libc::RENAME_NOREPLACE != 0 {
                 return Err(Errno::EEXIST);
             }
-            // Two upper links of one file are one inode: nothing to do. Two
-            // names of a lower hard-linked file are two, as in the kernel.
-            if src.found.stat.st_ino == d.found.stat.st_ino
-                && (src.found.top_layer, d.found.top_layer) == (UPPER, UPPER)
-            {
+            // Two names of one inode: nothing to do. Two upper links are one
+            // inode; so are all names of a lower hard-linked file with the
+            // index, and without it each such name is an inode of its own,
+            // as in the kernel.
+            if self.one_inode(&src.found, &d.found) {
                 return Ok(());
             }
             match (src.found.is_dir(), d.found.is_dir()) {
@@ -425,7 +477,37 @@ impl Union {
                 _ => {}
             }
         }
+        let dst = match dst {
+            Some(d) => match self.link_up_before_removal(&d.parent, new_name, &d.found)? {
+                Some((_, found)) => Some(Side { found, ..d }),
+                None => Some(d),
+            },
+            None => None,
+        };
         self.rename_replace(src, name, new_parent, dst, new_name)
+    }
+
+    /// True when two resolved non-directories are names of one union inode.
+    fn one_inode(&self, a: &Found, b: &Found) -> bool {
+        if a.is_dir() || b.is_dir() {
+            return false;
+        }
+        if (a.top_layer, b.top_layer) == (UPPER, UPPER) {
+            return a.stat.st_ino == b.stat.st_ino;
+        }
+        let shown = |f: &Found| self.table.ino_for(f.top_layer, f.stat.st_ino);
+        self.index_is_on()
+            && shown(a) == shown(b)
+            && self.is_indexed_file(a)
+            && self.is_indexed_file(b)
+    }
+
+    /// With the index: a name of a lower hard-linked file (upper or not).
+    fn is_indexed_file(&self, f: &Found) -> bool {
+        match &f.upper {
+            Some(u) => self.index_entry_of_upper(u, &f.stat).is_some(),
+            None => f.is_lower_hard_link(),
+        }
     }
 
     fn rename_exchange(&self, src: Side, name: &OsStr, dst: Side, new_name: &OsStr) -> Result<()> {
@@ -496,6 +578,13 @@ impl Union {
             Err(e) => return Err(e),
         };
         let dst_is_whiteout = dst_upper.as_ref().is_some_and(format::is_whiteout_dev);
+        let replaced_entry = match dst.as_ref().map(|d| &d.found) {
+            Some(f) if !f.is_dir() => f
+                .upper
+                .as_ref()
+                .and_then(|u| self.index_entry_of_upper(u, &f.stat)),
+            _ => None,
+        };
         let replaced = dst
             .as_ref()
             .and_then(|d| self.existing_node(&d.parent, new_name, &d.found));
@@ -530,6 +619,9 @@ impl Union {
         }
         if let Some(node) = replaced {
             node.mark_unlinked();
+        }
+        if let Some(entry) = replaced_entry {
+            self.drop_index_if_unlinked(&entry);
         }
         self.mark_impure_if_moved_in(&to, new_name, &src.found);
         if let Some(st) = dst_upper

@@ -54,7 +54,7 @@ impl OpenFile {
     fn read_fd(&self) -> Result<Arc<OwnedFd>> {
         if !self.on_upper.load(Ordering::Acquire)
             && self.node.copied_up.load(Ordering::Acquire)
-            && let Some(upper) = self.node.upper()
+            && let Some(upper) = self.node.upper_or_index()
         {
             let fd = Arc::new(upper.open(real_flags(self.flags) & !libc::O_TRUNC)?);
             *self.fd.write() = fd;

@@ -51,11 +51,29 @@ impl XattrNamespace {
             XattrNamespace::User => "user.overlay.impure",
         }
     }
+
+    /// The union's link count of an indexed file, relative to a real one.
+    pub fn nlink(self) -> &'static str {
+        match self {
+            XattrNamespace::Trusted => "trusted.overlay.nlink",
+            XattrNamespace::User => "user.overlay.nlink",
+        }
+    }
+
+    /// On the index directory: the upper root it belongs to.
+    pub fn upper(self) -> &'static str {
+        match self {
+            XattrNamespace::Trusted => "trusted.overlay.upper",
+            XattrNamespace::User => "user.overlay.upper",
+        }
+    }
 }
 
 /// `ovl_fb`: version, magic, length, flags, type, then the 16-byte uuid.
 const FB_HEADER: usize = 5 + 16;
 const FB_MAGIC: u8 = 0xfb;
+/// `ovl_fb` flag of a handle of an upper object (`OVL_FH_FLAG_PATH_UPPER`).
+pub const FB_FLAG_UPPER: u8 = 1 << 2;
 
 /// A lower object's file handle, as an origin records it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,9 +85,14 @@ pub struct Origin {
 impl Origin {
     /// The `overlay.origin` value, or None when the handle does not fit.
     pub fn encode(&self) -> Option<Vec<u8>> {
+        self.encode_with_flags(0)
+    }
+
+    /// The encoding with the `ovl_fb` `flags` byte set.
+    pub fn encode_with_flags(&self, flags: u8) -> Option<Vec<u8>> {
         let len = FB_HEADER + self.handle.len();
         let kind = u8::try_from(self.kind).ok()?;
-        let mut v = vec![0, FB_MAGIC, u8::try_from(len).ok()?, 0, kind];
+        let mut v = vec![0, FB_MAGIC, u8::try_from(len).ok()?, flags, kind];
         v.extend_from_slice(&[0; 16]);
         v.extend_from_slice(&self.handle);
         Some(v)
@@ -84,6 +107,58 @@ impl Origin {
             kind: v[4] as i32,
             handle: v[FB_HEADER..].to_vec(),
         })
+    }
+}
+
+/// The name of the index entry of a file with this origin: the encoded
+/// origin in lower-case hex, as the kernel names it.
+pub fn index_entry_name(origin: &Origin) -> Option<OsString> {
+    let hex: String = origin
+        .encode()?
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Some(OsString::from(hex))
+}
+
+/// How an `overlay.nlink` value gives the union's link count: relative to
+/// the real upper inode's count (`U+N`, `U-N`, as this and recent kernels
+/// write) or to the lower's (`L+N`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnionNlink {
+    Upper(i64),
+    Lower(i64),
+}
+
+impl UnionNlink {
+    pub fn parse(v: &[u8]) -> Option<UnionNlink> {
+        let s = std::str::from_utf8(v).ok()?;
+        let (base, diff) = (s.get(..1)?, s.get(1..)?);
+        if !diff.starts_with(['+', '-']) {
+            return None;
+        }
+        let diff: i64 = diff.parse().ok()?;
+        match base {
+            "U" => Some(UnionNlink::Upper(diff)),
+            "L" => Some(UnionNlink::Lower(diff)),
+            _ => None,
+        }
+    }
+
+    /// The value recording that the union count is `union` while the real
+    /// upper inode has `real` links.
+    pub fn upper_relative(union: u64, real: u64) -> Vec<u8> {
+        format!("U{:+}", union as i64 - real as i64).into_bytes()
+    }
+
+    /// The union's count, from the real upper and lower counts; None when
+    /// it would not be positive (an orphan, or a value gone wrong).
+    pub fn count(self, real: u64, lower: Option<u64>) -> Option<u64> {
+        let n = match self {
+            UnionNlink::Upper(d) => real as i64 + d,
+            UnionNlink::Lower(d) => lower? as i64 + d,
+        };
+        (n > 0).then_some(n as u64)
     }
 }
 
@@ -210,8 +285,25 @@ mod tests {
         let kernel = "00fb1d00010000000000000000000000000000000041c198004a8310ad";
         let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, kernel);
-        assert_eq!(Origin::decode(&v), Some(o));
+        assert_eq!(Origin::decode(&v).as_ref(), Some(&o));
         assert_eq!(Origin::decode(&v[..v.len() - 1]), None);
         assert_eq!(Origin::decode(b"y"), None);
+        assert_eq!(index_entry_name(&o).unwrap(), OsStr::new(kernel));
+    }
+
+    #[test]
+    fn union_link_counts_read_and_write_as_the_kernels() {
+        assert_eq!(UnionNlink::parse(b"U+1"), Some(UnionNlink::Upper(1)));
+        assert_eq!(UnionNlink::parse(b"U-1"), Some(UnionNlink::Upper(-1)));
+        assert_eq!(UnionNlink::parse(b"L+0"), Some(UnionNlink::Lower(0)));
+        for bad in [&b"U1"[..], b"X+1", b"U+", b"", b"U+1x"] {
+            assert_eq!(UnionNlink::parse(bad), None);
+        }
+        assert_eq!(UnionNlink::upper_relative(2, 3), b"U-1");
+        assert_eq!(UnionNlink::upper_relative(3, 2), b"U+1");
+        assert_eq!(UnionNlink::upper_relative(2, 2), b"U+0");
+        assert_eq!(UnionNlink::Upper(-1).count(2, None), Some(1));
+        assert_eq!(UnionNlink::Upper(-1).count(1, None), None);
+        assert_eq!(UnionNlink::Lower(1).count(1, Some(3)), Some(4));
     }
 }

@@ -93,14 +93,35 @@ pub struct FsStats {
 }
 
 impl Union {
+    /// The attributes the union shows for `node`, from `st`, the `stat` of
+    /// its topmost real object: with the index, a file of several names
+    /// shows the link count recorded for it (see `index`).
+    pub fn present(&self, node: &Node, st: Stat) -> Stat {
+        let mut shown = node.present(st);
+        if self.index_is_on() && !node.is_dir() {
+            let (real, on_upper) = node.real();
+            let has_entry = node.state.read().index.is_some();
+            if on_upper && (st.st_nlink > 1 || has_entry) {
+                shown.st_nlink = self.union_nlink(&real, &st);
+            }
+        }
+        shown
+    }
+
+    /// The attributes of `node` as the union shows them.
+    pub fn attrs(&self, node: &Node) -> Result<Stat> {
+        let st = node.real().0.stat()?;
+        Ok(self.present(node, st))
+    }
+
     pub fn getattr(&self, id: u64, fh: Option<u64>) -> Result<Stat> {
         let node = self.node(id)?;
         if let Some(file) = fh.and_then(|fh| self.files.get(&fh).map(|f| f.clone())) {
             // The open file itself: right for unlinked files (nlink 0).
             let st = sys::stat_fd(file.fd().as_fd())?;
-            return Ok(node.present(st));
+            return Ok(self.present(&node, st));
         }
-        node.stat()
+        self.attrs(&node)
     }
 
     pub fn setattr(&self, id: u64, ch: AttrChange, caller: Caller<'_>) -> Result<Stat> {
@@ -108,19 +129,19 @@ impl Union {
         // The current mode is read only for a privilege drop: an ordinary
         // setattr costs no extra stat.
         let dropped = if self.may_drop_privileges(&node, &ch, &caller) {
-            mode_without_privileges(&node.stat()?, &caller)
+            mode_without_privileges(&self.attrs(&node)?, &caller)
         } else {
             None
         };
         if !ch.changes_attributes() && dropped.is_none() {
             // Nothing to do (a privilege drop on a file without privileges):
             // no copy-up.
-            return node.stat();
+            return self.attrs(&node);
         }
         if ch.only_times() && node.is_unlinked_lower() {
             // The writeback cache stamps the times of every file it saw
             // unlinked; a lower file without a name has nowhere to be copied.
-            return node.stat();
+            return self.attrs(&node);
         }
         let upper = self.ensure_upper(&node)?;
         if let Some(size) = ch.size {
@@ -142,7 +163,7 @@ impl Union {
             let omit = |t: Option<SetTime>| t.unwrap_or(SetTime::Omit);
             upper.set_times(omit(ch.atime), omit(ch.mtime))?;
         }
-        node.stat()
+        self.attrs(&node)
     }
 
     /// True when this setattr by `caller` may have to drop set-id bits: a
@@ -228,7 +249,11 @@ impl Union {
             return Err(Errno::EPERM);
         }
         let node = self.node(id)?;
-        let upper = self.ensure_upper(&node)?;
+        let upper = if name.as_bytes().starts_with(b"system.posix_acl_") {
+            self.ensure_upper(&node)?
+        } else {
+            self.upper_for_xattrs(&node)?
+        };
         node.no_xattrs.store(false, Ordering::Relaxed);
         upper.xattrs()?.set(name, value, flags)?;
         if name.as_bytes() == ACCESS_ACL && !caller.privileged && node.kind != libc::S_IFLNK {
@@ -248,8 +273,18 @@ impl Union {
         let node = self.node(id)?;
         // A missing attribute is ENODATA and must not copy anything up.
         self.getxattr(id, name)?;
-        let upper = self.ensure_upper(&node)?;
+        let upper = self.upper_for_xattrs(&node)?;
         upper.xattrs()?.remove(name)
+    }
+
+    /// Where an xattr change of `node` goes: its upper object, copied up
+    /// if needed, or the index entry that shows it (the kernel changes the
+    /// inode's upper object without linking the name up).
+    fn upper_for_xattrs(&self, node: &Arc<Node>) -> Result<crate::node::Real> {
+        match node.upper_or_index() {
+            Some(real) => Ok(real),
+            None => self.ensure_upper(node),
+        }
     }
 
     pub fn statfs(&self) -> Result<FsStats> {

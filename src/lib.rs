@@ -1,8 +1,8 @@
 //! unionfs: a copy-on-write union filesystem over FUSE with the semantics and
 //! on-disk format of the kernel's overlayfs.
 //!
-//! The core (`superblock`, `namei`, `copy_up`, `readdir`, `dir`, `inode`,
-//! `file`) knows nothing of FUSE; `fuse` adapts it to fuser, `mount` brings a
+//! The core (`superblock`, `namei`, `copy_up`, `index`, `readdir`, `dir`,
+//! `inode`, `file`) knows nothing of FUSE; `fuse` adapts it to fuser, `mount` brings a
 //! union up and down, `options` checks what the user asked for.
 
 pub mod compat;
@@ -13,6 +13,7 @@ pub mod file;
 pub mod format;
 pub mod fuse;
 pub mod ids;
+pub mod index;
 pub mod inode;
 pub mod mount;
 pub mod namei;

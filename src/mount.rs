@@ -13,6 +13,7 @@ use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use tracing::{info, warn};
 
 use crate::fuse::UnionFs;
+use crate::index::{Refusal, describe};
 use crate::options::{Access, MountPlan, UpperPlan};
 use crate::superblock::{Tuning, Union, remove_tree};
 use crate::{sys, trust};
@@ -22,6 +23,8 @@ const BUSY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Name of the scratch directory inside the work directory (as the kernel's).
 const WORK_SUBDIR: &str = "work";
+/// Name of the inode index inside the work directory (as the kernel's).
+const INDEX_SUBDIR: &str = "index";
 
 /// The file in the work directory that names the FUSE connection holding it.
 const HOLDER_FILE: &str = "unionfs.holder";
@@ -219,6 +222,20 @@ fn fresh_scratch_dir(top: BorrowedFd<'_>, wd: &Path, me: u32) -> Result<OwnedFd,
     sys::open_path(top, name).map_err(|e| format!("cannot open {}: {e}", path.display()))
 }
 
+/// `WORKDIR/index`, made if missing; held to the trust rules of the work
+/// directory.
+fn open_index_dir(top: BorrowedFd<'_>, wd: &Path) -> Result<OwnedFd, String> {
+    let name = OsStr::new(INDEX_SUBDIR);
+    let path = wd.join(INDEX_SUBDIR);
+    match sys::mkdir_at(top, name, trust::PRIVATE_DIR_MODE) {
+        Ok(()) | Err(sys::Errno::EEXIST) => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+    }
+    let st = sys::stat_at(top, name).map_err(|e| format!("{}: {e}", path.display()))?;
+    trust::judge(&path, &st, unsafe { libc::geteuid() }, false)?;
+    sys::open_path(top, name).map_err(|e| format!("cannot open {}: {e}", path.display()))
+}
+
 fn block_stop_signals() -> libc::sigset_t {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -314,7 +331,19 @@ fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
     let tuning = Tuning {
         volatile: plan.volatile,
     };
-    let union = Arc::new(Union::new(upper, lowers, tuning));
+    let mut union = Union::new(upper, lowers, tuning);
+    if let (Some(u), Some(top), true) = (&plan.upper, &lock, plan.index) {
+        let dir = open_index_dir(top.as_fd(), &u.workdir)?;
+        union.enable_index(dir).map_err(|r| match r {
+            Refusal::OtherLowers => {
+                format!("upper directory {} {}", u.upper.display(), describe(&r))
+            }
+            Refusal::OtherUpper => {
+                format!("work directory {} {}", u.workdir.display(), describe(&r))
+            }
+        })?;
+    }
+    let union = Arc::new(union);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)

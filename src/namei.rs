@@ -14,7 +14,7 @@ use crate::superblock::Union;
 use crate::sys::{self, Errno, Result, Stat};
 
 /// A name resolved through the layers.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Found {
     pub upper: Option<Real>,
     /// Directories: the lower directories merged in. Others: the object shown
@@ -24,6 +24,9 @@ pub struct Found {
     pub stat: Stat,
     /// Layer and inode of the topmost object (for the node id).
     pub top_layer: u16,
+    /// With the index: the entry that shows a lower hard-linked file some
+    /// other name of which was copied up.
+    pub index: Option<Real>,
 }
 
 impl Found {
@@ -146,6 +149,7 @@ impl Union {
                             lowers: vec![],
                             stat: st,
                             top_layer: UPPER,
+                            index: None,
                         };
                         self.identify(&lower_dirs, name, &found);
                         return Ok(found);
@@ -164,21 +168,35 @@ impl Union {
                     lowers,
                     stat: st,
                     top_layer: UPPER,
+                    index: None,
                 };
                 self.identify(&lower_dirs, name, &found);
                 Ok(found)
             }
             (None, Some(st)) => {
                 let top_layer = lowers[0].layer;
+                let index = self.index_entry_of_lower(&lowers[0].real, &st);
                 Ok(Found {
                     upper: None,
                     lowers,
                     stat: st,
                     top_layer,
+                    index,
                 })
             }
             (None, None) => Err(Errno::ENOENT),
         }
+    }
+
+    /// The index entry showing the lower object `real` (stat `st`), if
+    /// another name of it was copied up with the index on.
+    fn index_entry_of_lower(&self, real: &Real, st: &Stat) -> Option<Real> {
+        if !self.index_is_on() || sys::is_dir(st) || st.st_nlink <= 1 {
+            return None;
+        }
+        let fd = real.path_fd().ok()?;
+        let name = self.index_name_of(fd.as_fd(), st)?;
+        self.index_entry(&name).map(|(entry, _)| entry)
     }
 
     /// Makes the number of a resolved upper object known to the table, as
@@ -203,8 +221,21 @@ impl Union {
             }))
         } else {
             match upper {
-                Real::At(dir, n) => format::origin_of(dir.as_fd(), n, self.ns)
-                    .map(|o| self.origin_id(lower_dirs, name, &o).unwrap_or(0)),
+                Real::At(dir, n) => match format::origin_of(dir.as_fd(), n, self.ns) {
+                    Some(o) if self.is_indexed(&o, &found.stat) => {
+                        // One inode of many names, each its own node (see
+                        // `node`), all showing the lower's number.
+                        let ino = self.origin_id(lower_dirs, name, &o, true).unwrap_or(0);
+                        if ino != 0 {
+                            let id = self.table.allocate();
+                            self.table.record_origin(upper_ino, id, ino);
+                            return;
+                        }
+                        Some(0)
+                    }
+                    Some(o) => Some(self.origin_id(lower_dirs, name, &o, false).unwrap_or(0)),
+                    None => None,
+                },
                 Real::Open(_) => None, // pinned: its number is known already
             }
         };
@@ -221,14 +252,16 @@ impl Union {
     }
 
     /// The id of the lower object an upper non-directory `name` records as
-    /// its origin, when that object has one link: found at the same name in
-    /// `lower_dirs` (compared by handle), else opened by its handle (which
-    /// needs CAP_DAC_READ_SEARCH).
+    /// its origin, when that object has one link (or `linked`: any number,
+    /// for an indexed file): found at the same name in `lower_dirs`
+    /// (compared by handle), else opened by its handle (which needs
+    /// CAP_DAC_READ_SEARCH).
     pub fn origin_id(
         &self,
         lower_dirs: &[LowerObj],
         name: &OsStr,
         origin: &format::Origin,
+        linked: bool,
     ) -> Option<u64> {
         if let Ok((objs, Some(st))) = lookup_lowers(lower_dirs, name, false)
             && let Some(l) = objs.first()
@@ -237,14 +270,14 @@ impl Union {
             && sys::file_handle(fd.as_fd())
                 .is_ok_and(|(k, h)| k == origin.kind && h == origin.handle)
         {
-            return (st.st_nlink == 1).then(|| self.table.id_for(l.layer, st.st_ino));
+            return (st.st_nlink == 1 || linked).then(|| self.table.id_for(l.layer, st.st_ino));
         }
-        self.decode_origin(origin)
+        self.decode_origin(origin, linked)
     }
 
     /// Opens an origin by its handle on the lower layers' filesystems: the
     /// first lower layer on the filesystem holding it names it.
-    fn decode_origin(&self, origin: &format::Origin) -> Option<u64> {
+    fn decode_origin(&self, origin: &format::Origin, linked: bool) -> Option<u64> {
         let roots = self.lower_roots();
         // open_by_handle_at wants a descriptor that is not O_PATH.
         let fd = roots.iter().find_map(|r| {
@@ -252,7 +285,7 @@ impl Union {
             sys::open_by_handle(root.as_fd(), origin.kind, &origin.handle).ok()
         })?;
         let st = sys::stat_fd(fd.as_fd()).ok()?;
-        if sys::is_dir(&st) || st.st_nlink != 1 {
+        if sys::is_dir(&st) || (st.st_nlink != 1 && !linked) {
             return None;
         }
         let layer = roots
@@ -329,6 +362,7 @@ impl Union {
                 parent: Some(parent.clone()),
                 name,
                 upper: found.upper,
+                index: found.index,
                 lowers: found.lowers,
                 unlinked: false,
             },
@@ -352,6 +386,8 @@ impl Union {
         let id = self.id_of(parent, name, &found);
         let stat = found.stat;
         let alias = found.is_lower_hard_link().then_some(found.top_layer);
+        let index = found.index.clone();
+        let from_lower = found.upper.is_none();
         let mut made = false;
         let node = self.table.acquire(id, || {
             made = true;
@@ -368,7 +404,15 @@ impl Union {
         if !made {
             node.set_location(parent.clone(), name, None);
         }
-        let stat = node.present(stat);
+        if let Some(entry) = index {
+            node.show_index_entry(entry);
+        }
+        let stat = match node.upper_or_index() {
+            // A lower name shown by the index entry (or linked up meanwhile).
+            Some(real) if from_lower && !node.is_dir() => real.stat()?,
+            _ => stat,
+        };
+        let stat = self.present(&node, stat);
         Ok((node, stat))
     }
 }

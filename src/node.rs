@@ -157,6 +157,9 @@ pub struct NodeState {
     pub parent: Option<Arc<Node>>,
     pub name: Arc<OsStr>,
     pub upper: Option<Real>,
+    /// With the index: the entry holding the upper copy of a lower
+    /// hard-linked file, shown while this name has no upper link of its own.
+    pub index: Option<Real>,
     /// For a directory: the lower directories merged under it, top first.
     /// For anything else: at most the one lower object it shows.
     pub lowers: Vec<LowerObj>,
@@ -243,12 +246,34 @@ impl Node {
         self.state.read().upper.clone()
     }
 
-    /// The topmost real object and whether it is the upper one.
+    /// The topmost real object and whether it is on the upper filesystem
+    /// (the node's upper object or its index entry).
     pub fn real(&self) -> (Real, bool) {
         let st = self.state.read();
-        match &st.upper {
+        match st.upper.as_ref().or(st.index.as_ref()) {
             Some(u) => (u.clone(), true),
             None => (st.lowers[0].real.clone(), false),
+        }
+    }
+
+    /// The upper object, or the index entry shown in its place.
+    pub fn upper_or_index(&self) -> Option<Real> {
+        let st = self.state.read();
+        st.upper.clone().or_else(|| st.index.clone())
+    }
+
+    /// The lower object of a non-directory (or top lower directory).
+    pub fn lower(&self) -> Option<Real> {
+        self.state.read().lowers.first().map(|l| l.real.clone())
+    }
+
+    /// Shows the index entry `entry` from now on, if the node has no upper
+    /// object (another name of its file was copied up).
+    pub fn show_index_entry(&self, entry: Real) {
+        let mut st = self.state.write();
+        if st.upper.is_none() {
+            st.index = Some(entry);
+            self.copied_up.store(true, Ordering::Release);
         }
     }
 
@@ -271,7 +296,7 @@ impl Node {
             // As the kernel: counting subdirectories of a merged directory is
             // not worth it, and nlink 1 tells `find` not to rely on it.
             st.st_nlink = 1;
-        } else if state.unlinked && state.upper.is_none() {
+        } else if state.unlinked && state.upper.is_none() && state.index.is_none() {
             st.st_nlink = 0;
         }
         st
@@ -305,6 +330,10 @@ impl Node {
             let pinned = u.pinned()?;
             st.upper = Some(pinned);
         }
+        if let Some(i @ Real::At(..)) = &st.index {
+            let pinned = i.pinned()?;
+            st.index = Some(pinned);
+        }
         if let Some(l) = st.lowers.first_mut()
             && let Real::At(..) = l.real
         {
@@ -316,7 +345,7 @@ impl Node {
     /// A lower-only object whose name was removed.
     pub fn is_unlinked_lower(&self) -> bool {
         let st = self.state.read();
-        st.unlinked && st.upper.is_none()
+        st.unlinked && st.upper.is_none() && st.index.is_none()
     }
 
     pub fn mark_unlinked(&self) {
@@ -416,7 +445,28 @@ impl NodeTable {
         (e.0 == layer && e.1 == ino).then_some(e.2)
     }
 
-    fn allocate(&self) -> u64 {
+    /// The nodes the kernel holds for the other names of the lower file
+    /// whose name `id` is (none if `id` is not such a name).
+    pub fn other_names_of(&self, id: u64) -> Vec<Arc<Node>> {
+        let Some(file) = self
+            .aliases
+            .iter()
+            .find(|e| e.value().2 == id)
+            .map(|e| (e.value().0, e.value().1))
+        else {
+            return Vec::new();
+        };
+        let ids: Vec<u64> = self
+            .aliases
+            .iter()
+            .filter(|e| (e.value().0, e.value().1) == file && e.value().2 != id)
+            .map(|e| e.value().2)
+            .collect();
+        ids.into_iter().filter_map(|i| self.get(i)).collect()
+    }
+
+    /// A fresh id that no packed inode number can take.
+    pub fn allocate(&self) -> u64 {
         BIG_BASE + self.next_big.fetch_add(1, Ordering::Relaxed)
     }
 

@@ -41,6 +41,9 @@ pub struct MountPlan {
     pub upper: Option<UpperPlan>,
     pub mountpoint: PathBuf,
     pub volatile: bool,
+    /// The inode index (`index=on`, the default): lower hard links stay
+    /// linked through copy-up, as with the kernel's `index=on`.
+    pub index: bool,
     pub file_io: FileIo,
     pub presentation: Presentation,
     pub mount_flags: MountFlags,
@@ -125,6 +128,7 @@ pub fn split_lowers(s: &str) -> Result<Vec<PathBuf>, String> {
 struct Options {
     workdir: Option<PathBuf>,
     volatile: bool,
+    index: Option<bool>,
     file_io: FileIo,
 }
 
@@ -139,6 +143,7 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
             Some(("workdir", dir)) if !dir.is_empty() => o.workdir = Some(PathBuf::from(dir)),
             Some(("passthrough", mode)) => o.file_io.passthrough = mode.parse()?,
             Some(("writeback", v)) => o.file_io.writeback = on_off("writeback", v)?,
+            Some(("index", v)) => o.index = Some(on_off("index", v)?),
             None if opt == "volatile" => o.volatile = true,
             _ => return Err(format!("unknown mount option '{opt}'")),
         }
@@ -260,6 +265,7 @@ pub fn plan(req: &MountRequest) -> Result<MountPlan, String> {
         upper,
         mountpoint,
         volatile: opts.volatile,
+        index: opts.index.unwrap_or(true),
         file_io: opts.file_io,
         presentation: Presentation::default(),
         mount_flags: MountFlags::default(),
@@ -398,5 +404,9 @@ mod tests {
         assert!(!o.file_io.writeback);
         assert!(parse_options(&["passthrough=maybe".into()]).is_err());
         assert!(parse_options(&["writeback=maybe".into()]).is_err());
+        assert_eq!(parse_options(&[]).unwrap().index, None);
+        assert_eq!(parse_options(&["index=off".into()]).unwrap().index, Some(false));
+        assert_eq!(parse_options(&["index=on".into()]).unwrap().index, Some(true));
+        assert!(parse_options(&["index=yes".into()]).unwrap_err().contains("index=yes"));
     }
 }

@@ -174,6 +174,7 @@ impl Union {
                     lowers: if opaque { vec![] } else { below },
                     stat: st,
                     top_layer: UPPER,
+                    index: None,
                 }
             } else {
                 Found {
@@ -181,6 +182,7 @@ impl Union {
                     lowers: vec![],
                     stat: st,
                     top_layer: UPPER,
+                    index: None,
                 }
             };
             self.identify(lowers, &e.name, &found);
@@ -331,6 +333,9 @@ impl Union {
         if sys::is_dir(&stat) || format::is_whiteout_dev(&stat) {
             return self.lookup(dir.id, &e.name); // changed since the listing
         }
+        if e.layer != UPPER && stat.st_nlink > 1 && self.index_is_on() {
+            return self.lookup(dir.id, &e.name); // may be shown by an index entry
+        }
         let real = Real::At(layer_dir.dir_arc(), Arc::from(e.name.as_os_str()));
         let found = if e.layer == UPPER {
             Found {
@@ -338,6 +343,7 @@ impl Union {
                 lowers: vec![],
                 stat,
                 top_layer: UPPER,
+                index: None,
             }
         } else {
             let lower = LowerObj {
@@ -350,6 +356,7 @@ impl Union {
                 lowers: vec![lower],
                 stat,
                 top_layer: e.layer,
+                index: None,
             }
         };
         self.acquire_found(dir, &e.name, found)
@@ -367,6 +374,7 @@ impl Union {
                 parent: st.parent.clone(),
                 name: st.name.clone(),
                 upper: st.upper.clone(),
+                index: st.index.clone(),
                 lowers: st.lowers.clone(),
                 unlinked: false,
             };

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 
 use crate::file::OpenFile;
 use crate::format::{self, Opacity, XattrNamespace};
+use crate::index::Index;
 use crate::node::{LowerObj, Node, NodeState, NodeTable, ROOT_ID, Real};
 use crate::readdir::DirStream;
 use crate::sys::{self, Errno, Result};
@@ -92,6 +93,8 @@ pub struct Union {
     work: Option<OwnedFd>,
     pub ns: XattrNamespace,
     pub tuning: Tuning,
+    /// `WORKDIR/index` with `index=on` (see `index`).
+    pub(crate) index: Option<Index>,
     pub table: NodeTable,
     pub files: DashMap<u64, Arc<OpenFile>>,
     pub dirs: DashMap<u64, Arc<Mutex<DirStream>>>,
@@ -163,6 +166,7 @@ impl Union {
                 parent: None,
                 name: Arc::from(OsStr::new("")),
                 upper: upper.map(|u| Real::Open(Arc::new(u))),
+                index: None,
                 lowers,
                 unlinked: false,
             },
@@ -174,6 +178,7 @@ impl Union {
             work,
             ns,
             tuning,
+            index: None,
             table: NodeTable::new(root, &devs),
             files: DashMap::new(),
             dirs: DashMap::new(),

@@ -231,6 +231,28 @@ pub fn symlink_at(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> Result<(
     Ok(())
 }
 
+/// Makes `new` in `new_dir` a new hard link to `old` in `old_dir` (not
+/// followed).
+pub fn link_at(
+    old_dir: BorrowedFd<'_>,
+    old: &OsStr,
+    new_dir: BorrowedFd<'_>,
+    new: &OsStr,
+) -> Result<()> {
+    let old = cstr(old)?;
+    let new = cstr(new)?;
+    check(unsafe {
+        libc::linkat(
+            old_dir.as_raw_fd(),
+            old.as_ptr(),
+            new_dir.as_raw_fd(),
+            new.as_ptr(),
+            0,
+        )
+    })?;
+    Ok(())
+}
+
 /// Makes `name` in `dir` a new hard link to the object behind `fd`.
 pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
     let name = cstr(name)?;

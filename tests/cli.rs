@@ -218,6 +218,45 @@ fn workdir_in_use_is_refused() {
     assert!(!is_mounted(&m2));
 }
 
+#[test]
+fn an_upper_made_over_other_lowers_is_refused_with_the_index() {
+    let s = Scratch::new("otherlowers");
+    let (l1, l2, u, m) = (s.dir("l1"), s.dir("l2"), s.dir("u"), s.dir("m"));
+    let first = Mount::unionfs(std::slice::from_ref(&l1), &u, &m, &[]);
+    write(&m.join("f"), "made over l1\n");
+    first.unmount();
+    let upper_before = snapshot(&u, View::Upper);
+    let (l2s, us, ms) = (
+        l2.display().to_string(),
+        u.display().to_string(),
+        m.display().to_string(),
+    );
+    let out = unionfs(&["mount", &l2s, &us, &ms]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("made over other lower directories"), "{err}");
+    assert!(err.contains("index=off"), "the way out: {err}");
+    assert!(!is_mounted(&m));
+    assert!(diff("before", &upper_before, "after", &snapshot(&u, View::Upper)).is_empty());
+    // The kernel refuses it too; without the index both mount it.
+    let kwork = s.dir("kwork");
+    let kernel = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir={l2s},upperdir={us},workdir={},index=on",
+            kwork.display()
+        ))
+        .arg(&m)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!kernel.success(), "the kernel mounted it");
+    let ours = Mount::unionfs(std::slice::from_ref(&l2), &u, &m, &["index=off"]);
+    assert_eq!(fs::read_to_string(m.join("f")).unwrap(), "made over l1\n");
+    ours.unmount();
+}
+
 fn wait_exit(m: &mut Mount) -> i32 {
     let start = Instant::now();
     let child = m.child.as_mut().unwrap();

@@ -5,8 +5,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 
@@ -78,4 +79,81 @@ fn kernel_upper_mounts_under_unionfs() {
     assert!(d.is_empty(), "unionfs sees a different union:\n{d}");
     assert_eq!(inode_numbers(&mnt), knumbers, "inode numbers");
     drop(ours);
+}
+
+/// Lower layers with a file of three names across two directories.
+fn linked_lowers(s: &Scratch) -> Vec<PathBuf> {
+    let lowers = standard_lowers(s);
+    let bottom = &lowers[1];
+    write(&bottom.join("hl-a"), "one inode\n");
+    fs::hard_link(bottom.join("hl-a"), bottom.join("merged/hl-b")).unwrap();
+    fs::hard_link(bottom.join("hl-a"), bottom.join("dir/hl-c")).unwrap();
+    lowers
+}
+
+/// Content, inode number (without unionfs's slot bits) and link count of
+/// each name of the linked file, and of a link made to it.
+fn linked_names(root: &Path) -> Vec<(String, String, u64, u64)> {
+    ["hl-a", "merged/hl-b", "dir/hl-c", "new-link"]
+        .iter()
+        .filter_map(|n| {
+            let m = fs::symlink_metadata(root.join(n)).ok()?;
+            let data = fs::read_to_string(root.join(n)).unwrap();
+            Some((n.to_string(), data, m.ino() & ((1 << 48) - 1), m.nlink()))
+        })
+        .collect()
+}
+
+/// With the index, the upper and work directory one side wrote show the
+/// same union under the other, links and all, across several rounds.
+#[test]
+fn the_index_is_shared_with_the_kernel_both_ways() {
+    let s = Scratch::new("crossindex");
+    let lowers = linked_lowers(&s);
+    let (upper, work, mnt) = (s.dir("upper"), s.dir("work"), s.dir("mnt"));
+    let work_opt = format!("workdir={}", work.display());
+    let ours = Mount::unionfs(&lowers, &upper, &mnt, &[&work_opt]);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(mnt.join("hl-a"))
+        .unwrap()
+        .write_all(b"written by unionfs\n")
+        .unwrap();
+    fs::remove_file(mnt.join("dir/hl-c")).unwrap();
+    let names = linked_names(&mnt);
+    let view = snapshot(&mnt, View::Merged);
+    assert_eq!(names[0].3, 2, "{names:?}");
+    drop(ours);
+    let k = Mount::kernel(&lowers, &upper, &work, &mnt);
+    assert_eq!(
+        linked_names(&mnt),
+        names,
+        "the kernel's view of unionfs's index"
+    );
+    let d = diff("unionfs", &view, "kernel", &snapshot(&mnt, View::Merged));
+    assert!(d.is_empty(), "the kernel sees a different union:\n{d}");
+    fs::hard_link(mnt.join("merged/hl-b"), mnt.join("new-link")).unwrap();
+    fs::remove_file(mnt.join("hl-a")).unwrap();
+    fs::write(mnt.join("merged/hl-b"), "written by the kernel\n").unwrap();
+    let names = linked_names(&mnt);
+    let view = snapshot(&mnt, View::Merged);
+    drop(k);
+    let ours = Mount::unionfs(&lowers, &upper, &mnt, &[&work_opt]);
+    assert_eq!(
+        linked_names(&mnt),
+        names,
+        "unionfs's view of the kernel's index"
+    );
+    let d = diff("kernel", &view, "unionfs", &snapshot(&mnt, View::Merged));
+    assert!(d.is_empty(), "unionfs sees a different union:\n{d}");
+    // The last names go: the index entry goes with them.
+    fs::remove_file(mnt.join("merged/hl-b")).unwrap();
+    fs::remove_file(mnt.join("new-link")).unwrap();
+    drop(ours);
+    let entries = fs::read_dir(work.join("index"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('#'))
+        .collect::<Vec<_>>();
+    assert!(entries.is_empty(), "index entries left: {entries:?}");
 }

@@ -304,10 +304,12 @@ fn tar_listing(root: &Path) -> String {
     lines.join("\n")
 }
 
-/// A pair of unions over the same lowers: the kernel's and ours.
+/// A pair of unions over the same lowers: the kernel's and ours, both with
+/// `index=on` or both with `index=off`.
 struct Pair {
     kernel: Mount,
     ours: Mount,
+    index: bool,
     lowers: Vec<PathBuf>,
     kupper: PathBuf,
     kwork: PathBuf,
@@ -316,16 +318,17 @@ struct Pair {
 }
 
 impl Pair {
-    fn new(tag: &str) -> Pair {
+    fn new(tag: &str, index: bool) -> Pair {
         let s = Scratch::new(tag);
         let lowers = linked_lowers(&s);
         let (kupper, kwork, kmnt) = (s.dir("kupper"), s.dir("kwork"), s.dir("kmnt"));
         let (uupper, umnt) = (s.dir("uupper"), s.dir("umnt"));
-        let kernel = Mount::kernel(&lowers, &kupper, &kwork, &kmnt);
-        let ours = Mount::unionfs(&lowers, &uupper, &umnt, &[]);
+        let kernel = Mount::kernel_with_index(&lowers, &kupper, &kwork, &kmnt, index);
+        let ours = Mount::unionfs(&lowers, &uupper, &umnt, &[index_option(index)]);
         Pair {
             kernel,
             ours,
+            index,
             lowers,
             kupper,
             kwork,
@@ -348,8 +351,14 @@ impl Pair {
         kernel.unmount();
         let status = ours.unmount();
         assert!(status.is_some_and(|s| s.success()), "unionfs: {status:?}");
-        self.kernel = Mount::kernel(&self.lowers, &self.kupper, &self.kwork, &kmnt);
-        self.ours = Mount::unionfs(&self.lowers, &self.uupper, &umnt, &[]);
+        self.kernel =
+            Mount::kernel_with_index(&self.lowers, &self.kupper, &self.kwork, &kmnt, self.index);
+        self.ours = Mount::unionfs(
+            &self.lowers,
+            &self.uupper,
+            &umnt,
+            &[index_option(self.index)],
+        );
     }
 
     /// Runs `ops` on both; panics on the first different outcome.
@@ -423,6 +432,10 @@ impl Pair {
             "{label}: hard links of the cp -a copies differ"
         );
     }
+}
+
+fn index_option(on: bool) -> &'static str {
+    if on { "index=on" } else { "index=off" }
 }
 
 fn s(x: &str) -> String {
@@ -721,15 +734,25 @@ fn scenarios() -> Vec<(&'static str, Vec<Op>)> {
     ]
 }
 
-#[test]
-fn scenarios_match_the_kernel() {
+fn scenarios_match(index: bool) {
     for (name, ops) in scenarios() {
-        let mut pair = Pair::new("diff");
-        pair.run(name, &ops);
-        pair.compare_views(name);
-        pair.run(name, &[Op::Remount]);
+        let name = format!("{name} ({})", index_option(index));
+        let mut pair = Pair::new("diff", index);
+        pair.run(&name, &ops);
+        pair.compare_views(&name);
+        pair.run(&name, &[Op::Remount]);
         pair.compare_views(&format!("{name}, after a remount"));
     }
+}
+
+#[test]
+fn scenarios_match_the_kernel_with_the_index() {
+    scenarios_match(true);
+}
+
+#[test]
+fn scenarios_match_the_kernel_without_the_index() {
+    scenarios_match(false);
 }
 
 /// A small deterministic generator (xorshift64*).
@@ -832,7 +855,16 @@ fn random_op(r: &mut Rng) -> Op {
 }
 
 #[test]
-fn random_operations_match_the_kernel() {
+fn random_operations_match_the_kernel_with_the_index() {
+    random_operations_match(true);
+}
+
+#[test]
+fn random_operations_match_the_kernel_without_the_index() {
+    random_operations_match(false);
+}
+
+fn random_operations_match(index: bool) {
     let seeds: Vec<u64> = match std::env::var("UNIONFS_DIFF_SEEDS") {
         Ok(v) => v.split(',').map(|s| s.parse().unwrap()).collect(),
         Err(_) => (1..=12).collect(),
@@ -843,11 +875,15 @@ fn random_operations_match_the_kernel() {
         .unwrap_or(1000);
     let mut total = 0;
     for seed in seeds {
-        let mut pair = Pair::new("rand");
+        let mut pair = Pair::new("rand", index);
         let mut r = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
         let ops: Vec<Op> = (0..per_seed).map(|_| random_op(&mut r)).collect();
         for (chunk_no, chunk) in ops.chunks(100).enumerate() {
-            let label = format!("seed {seed}, operations {}..", chunk_no * 100);
+            let label = format!(
+                "{}, seed {seed}, operations {}..",
+                index_option(index),
+                chunk_no * 100
+            );
             pair.run(&label, chunk);
             pair.compare_views(&label);
         }
@@ -869,5 +905,8 @@ fn random_operations_match_the_kernel() {
         );
         total += ops.len() + everything.len();
     }
-    eprintln!("random differential: {total} operations matched the kernel");
+    eprintln!(
+        "random differential ({}): {total} operations matched the kernel",
+        index_option(index)
+    );
 }

@@ -190,13 +190,26 @@ impl Mount {
         panic!("unionfs did not mount {} in time", self.mnt.display());
     }
 
-    /// Kernel overlayfs over the same kind of layers, the oracle.
+    /// Kernel overlayfs over the same kind of layers, the oracle, with the
+    /// options unionfs has by default.
     pub fn kernel(lowers: &[PathBuf], upper: &Path, work: &Path, mnt: &Path) -> Mount {
+        Mount::kernel_with_index(lowers, upper, work, mnt, true)
+    }
+
+    /// Kernel overlayfs with `index=on` or `index=off`.
+    pub fn kernel_with_index(
+        lowers: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        mnt: &Path,
+        index: bool,
+    ) -> Mount {
         let opts = format!(
-            "lowerdir={},upperdir={},workdir={},redirect_dir=off,index=off,metacopy=off",
+            "lowerdir={},upperdir={},workdir={},redirect_dir=off,index={},metacopy=off",
             lower_arg(lowers),
             upper.display(),
-            work.display()
+            work.display(),
+            if index { "on" } else { "off" }
         );
         let st = Command::new("mount")
             .args(["-t", "overlay", "overlay", "-o", &opts])

@@ -1,0 +1,312 @@
+//! The inode index (`index=on`, in the kernel's format): a lower file with
+//! several names is copied up once, to `WORKDIR/index/<hex of its origin>`,
+//! and every name of it that needs an upper object becomes a hard link of
+//! that copy, so its names stay one inode before and after a remount; a
+//! name with no upper object shows the entry too.
+//!
+//! The union's link count of such a file is kept in `overlay.nlink`,
+//! relative to the real count (`U+N`, as Linux 6.18 writes it), rewritten
+//! whenever a link-up changes the real count; an unlink or a rename over a
+//! name changes both counts alike. A lower-only name is linked up before it
+//! is removed, as the kernel does, so that this holds. The entry goes with
+//! the last name. At mount the upper root's origin is checked against the
+//! first lower root, the index directory is bound to the upper root, and
+//! entries orphaned by a crash are removed, as the kernel does.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tracing::{debug, info, warn};
+
+use crate::format::{self, Origin, UnionNlink};
+use crate::node::Real;
+use crate::superblock::{Union, remove_tree};
+use crate::sys::{self, Errno, Result, Stat};
+
+/// `WORKDIR/index`, held open.
+#[derive(Debug)]
+pub struct Index {
+    dir: Arc<OwnedFd>,
+    /// Serialises making, linking and removing entries.
+    lock: Mutex<()>,
+}
+
+/// Why a union cannot have the index over these directories.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The upper root records another first lower root as its origin.
+    OtherLowers,
+    /// The index directory records another upper root.
+    OtherUpper,
+}
+
+/// The origin of `obj`, as an origin or index entry records it.
+fn origin_of_fd(obj: BorrowedFd<'_>) -> Option<Origin> {
+    let (kind, handle) = sys::file_handle(obj).ok()?;
+    let o = Origin { kind, handle };
+    o.encode().is_some().then_some(o)
+}
+
+impl Union {
+    /// Turns the index on over `dir` (`WORKDIR/index`): checks that the
+    /// upper root was made over these lowers and that the index belongs to
+    /// it (recording both on first use), then removes orphaned entries.
+    /// Off, with a warning, where the kernel would not index either: user
+    /// xattrs, or layers that give no file handles.
+    pub fn enable_index(&mut self, dir: OwnedFd) -> std::result::Result<(), Refusal> {
+        if self.ns == format::XattrNamespace::User {
+            warn!("index=off: the index needs trusted xattrs, which this user cannot set");
+            return Ok(());
+        }
+        let upper_root = self.table.get(crate::node::ROOT_ID).and_then(|r| r.upper());
+        let (Some(upper_root), Some(lower_root)) = (upper_root, self.lower_roots().first()) else {
+            return Ok(());
+        };
+        let (Some(lower_origin), Some(upper_handle)) = (
+            origin_of_fd(lower_root.dir()),
+            origin_of_fd(upper_root.dir()),
+        ) else {
+            warn!("index=off: a layer's filesystem gives no file handles");
+            return Ok(());
+        };
+        self.check_recorded(upper_root.dir(), self.ns.origin(), &lower_origin, 0)
+            .then_some(())
+            .ok_or(Refusal::OtherLowers)?;
+        let upper_flag = format::FB_FLAG_UPPER;
+        self.check_recorded(dir.as_fd(), self.ns.upper(), &upper_handle, upper_flag)
+            .then_some(())
+            .ok_or(Refusal::OtherUpper)?;
+        let index = Index {
+            dir: Arc::new(dir),
+            lock: Mutex::new(()),
+        };
+        remove_orphans(&index, self.ns.nlink());
+        self.index = Some(index);
+        Ok(())
+    }
+
+    /// True when `obj` records `origin` under `name` (any uuid), or records
+    /// nothing and now does. False on a different record.
+    fn check_recorded(&self, obj: BorrowedFd<'_>, name: &str, origin: &Origin, flags: u8) -> bool {
+        match sys::get_xattr(obj, OsStr::new(name)) {
+            Ok(v) => Origin::decode(&v).is_some_and(|o| o == *origin),
+            Err(_) => {
+                let v = origin.encode_with_flags(flags).expect("encodable origin");
+                if let Err(e) = sys::set_xattr(obj, OsStr::new(name), &v, 0) {
+                    debug!("{name} not recorded: {e}");
+                }
+                true
+            }
+        }
+    }
+
+    pub fn index_is_on(&self) -> bool {
+        self.index.is_some()
+    }
+
+    /// The index entry name of the lower object `obj` (stat `st`), when the
+    /// index is on and `obj` is a non-directory with several links.
+    pub fn index_name_of(&self, obj: BorrowedFd<'_>, st: &Stat) -> Option<OsString> {
+        self.index.as_ref()?;
+        if sys::is_dir(st) || st.st_nlink <= 1 {
+            return None;
+        }
+        format::index_entry_name(&origin_of_fd(obj)?)
+    }
+
+    /// The index entry `name`, if there is one to show.
+    pub fn index_entry(&self, name: &OsStr) -> Option<(Real, Stat)> {
+        let index = self.index.as_ref()?;
+        let st = sys::stat_at(index.dir.as_fd(), name).ok()?;
+        if sys::is_dir(&st) || format::is_whiteout_dev(&st) {
+            return None;
+        }
+        Some((Real::At(index.dir.clone(), Arc::from(name)), st))
+    }
+
+    /// The index entry the upper non-directory `obj` (stat `st`) is a link
+    /// of: named by its recorded origin, the same inode.
+    pub fn index_entry_of_upper(&self, obj: &Real, st: &Stat) -> Option<OsString> {
+        self.index.as_ref()?;
+        let v = obj.xattrs().ok()?.get(OsStr::new(self.ns.origin())).ok()?;
+        let origin = Origin::decode(&v)?;
+        self.is_indexed(&origin, st)
+            .then(|| format::index_entry_name(&origin))
+            .flatten()
+    }
+
+    /// True when the upper non-directory `st`, which records `origin`, is
+    /// a link of that origin's index entry.
+    pub fn is_indexed(&self, origin: &Origin, st: &Stat) -> bool {
+        if self.index.is_none() || st.st_nlink <= 1 {
+            return false;
+        }
+        format::index_entry_name(origin)
+            .and_then(|name| self.index_entry(&name))
+            .is_some_and(|(_, e)| e.st_ino == st.st_ino && e.st_dev == st.st_dev)
+    }
+
+    /// The union's link count of an indexed file whose real object `obj`
+    /// has `st`; the real count where none is recorded.
+    pub fn union_nlink(&self, obj: &Real, st: &Stat) -> u64 {
+        obj.xattrs()
+            .and_then(|x| x.get(OsStr::new(self.ns.nlink())))
+            .ok()
+            .and_then(|v| UnionNlink::parse(&v))
+            .and_then(|n| n.count(st.st_nlink, None))
+            .unwrap_or(st.st_nlink)
+    }
+
+    /// Gives `name` in the upper directory `dir` the upper object of the
+    /// lower file `lower` (stat `lower_st`) through its index entry `entry`:
+    /// the entry is made first if this is the first of its names to be
+    /// copied up. Returns the linked object.
+    pub fn link_up(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        (lower, lower_st): (BorrowedFd<'_>, &Stat),
+        entry: &OsStr,
+    ) -> Result<OwnedFd> {
+        let index = self.index.as_ref().ok_or(Errno::EROFS)?;
+        let _guard = index.lock.lock();
+        let dir_times = sys::stat_fd(dir)?;
+        let real = match sys::stat_at(index.dir.as_fd(), entry) {
+            Ok(st) => st,
+            Err(Errno::ENOENT) => self.make_entry(index, entry, lower, lower_st)?,
+            Err(e) => return Err(e),
+        };
+        if sys::is_dir(&real) || format::is_whiteout_dev(&real) {
+            return Err(Errno::EIO); // not an entry this union (or the kernel) made
+        }
+        let held = Real::At(index.dir.clone(), Arc::from(entry));
+        let union = self.union_nlink(&held, &real);
+        sys::link_at(index.dir.as_fd(), entry, dir, name)?;
+        let obj = sys::open_path(dir, name)?;
+        self.record_nlink(obj.as_fd(), union, real.st_nlink + 1);
+        if !format::is_impure(dir, self.ns) {
+            let _ = format::set_impure(dir, self.ns);
+        }
+        let (atime, mtime) = sys::stat_times(&dir_times);
+        sys::set_times_fd(dir, atime, mtime)?;
+        debug!(name = ?name, entry = ?entry, "linked up from the index");
+        Ok(obj)
+    }
+
+    /// Copies the lower file up as the index entry `entry`, with its origin
+    /// and the union's link count (the lower's) recorded on it.
+    fn make_entry(
+        &self,
+        index: &Index,
+        entry: &OsStr,
+        lower: BorrowedFd<'_>,
+        st: &Stat,
+    ) -> Result<Stat> {
+        let origin = origin_of_fd(lower).ok_or(Errno::EIO)?;
+        let work = self.work_fd()?;
+        let tmp = self.temp_name();
+        let made = self.build_copy(&tmp, lower, st).and_then(|obj| {
+            format::set_origin(obj.as_fd(), &origin, self.ns)?;
+            self.record_nlink(obj.as_fd(), st.st_nlink, 1);
+            sys::rename_at(work, &tmp, index.dir.as_fd(), entry, libc::RENAME_NOREPLACE)?;
+            sys::stat_fd(obj.as_fd())
+        });
+        if made.is_err() {
+            let _ = remove_tree(work, &tmp);
+        }
+        made
+    }
+
+    /// Records on `obj` that the union counts `union` links while the real
+    /// inode has `real`.
+    fn record_nlink(&self, obj: BorrowedFd<'_>, union: u64, real: u64) {
+        let v = UnionNlink::upper_relative(union, real);
+        if let Err(e) = sys::set_xattr(obj, OsStr::new(self.ns.nlink()), &v, 0) {
+            warn!("cannot record the link count of an indexed file: {e}");
+        }
+    }
+
+    /// After a name of the indexed file `entry` went: once the union counts
+    /// no name of it, its entry goes too (or, if upper links remain that
+    /// the count does not know of, the count is set to them, as the kernel
+    /// does).
+    pub fn drop_index_if_unlinked(&self, entry: &OsStr) {
+        let Some(index) = self.index.as_ref() else {
+            return;
+        };
+        let _guard = index.lock.lock();
+        let Some((held, st)) = self.index_entry(entry) else {
+            return;
+        };
+        let counted = held
+            .xattrs()
+            .and_then(|x| x.get(OsStr::new(self.ns.nlink())))
+            .ok()
+            .and_then(|v| UnionNlink::parse(&v))
+            .and_then(|n| n.count(st.st_nlink, None));
+        if counted.is_some() {
+            return;
+        }
+        if st.st_nlink == 1 {
+            match sys::unlink_at(index.dir.as_fd(), entry, false) {
+                Ok(()) => {
+                    self.table.drop_origin(st.st_ino); // its inode number is free
+                    debug!(entry = ?entry, "index entry removed with its last name");
+                }
+                Err(e) => warn!("cannot remove index entry: {e}"),
+            }
+        } else if let Ok(obj) = held.path_fd() {
+            self.record_nlink(obj.as_fd(), st.st_nlink - 1, st.st_nlink);
+        }
+    }
+}
+
+/// Removes what a crash left in the index: temporary names, and entries
+/// with no upper name whose recorded count is no longer positive.
+fn remove_orphans(index: &Index, nlink_xattr: &str) {
+    let Ok(entries) = sys::read_dir(index.dir.as_fd()) else {
+        return;
+    };
+    let mut removed = 0;
+    for e in entries {
+        let dir = index.dir.as_fd();
+        if e.name.as_bytes().starts_with(b"#") {
+            removed += usize::from(remove_tree(dir, &e.name).is_ok());
+            continue;
+        }
+        let Ok(st) = sys::stat_at(dir, &e.name) else {
+            continue;
+        };
+        if sys::is_dir(&st) || format::is_whiteout_dev(&st) || st.st_nlink != 1 {
+            continue;
+        }
+        let counted = sys::XattrTarget::at(dir, &e.name)
+            .and_then(|x| x.get(OsStr::new(nlink_xattr)))
+            .ok()
+            .and_then(|v| UnionNlink::parse(&v))
+            .and_then(|n| n.count(1, None));
+        if counted.is_none() && sys::unlink_at(dir, &e.name, false).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        info!(removed, "removed orphaned entries from the index");
+    }
+}
+
+/// What a refusal tells the user, after the upper or work directory's path.
+pub fn describe(r: &Refusal) -> &'static str {
+    match r {
+        Refusal::OtherLowers => {
+            "was made over other lower directories (its overlay.origin names another first \
+             lower); mount it over its own lower directories, or with -o index=off"
+        }
+        Refusal::OtherUpper => {
+            "holds the index of another upper directory; give this upper its own work \
+             directory, or mount with -o index=off"
+        }
+    }
+}
