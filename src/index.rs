@@ -16,7 +16,7 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use tracing::{debug, info, warn};
@@ -184,6 +184,7 @@ impl Union {
         }
         let held = Real::At(index.dir.clone(), Arc::from(entry));
         let union = self.union_nlink(&held, &real);
+        crash_point("before-link-up");
         sys::link_at(index.dir.as_fd(), entry, dir, name)?;
         let obj = sys::open_path(dir, name)?;
         self.record_nlink(obj.as_fd(), union, real.st_nlink + 1);
@@ -237,6 +238,7 @@ impl Union {
         let Some(index) = self.index.as_ref() else {
             return;
         };
+        crash_point("before-index-cleanup");
         let _guard = index.lock.lock();
         let Some((held, st)) = self.index_entry(entry) else {
             return;
@@ -261,6 +263,20 @@ impl Union {
         } else if let Ok(obj) = held.path_fd() {
             self.record_nlink(obj.as_fd(), st.st_nlink - 1, st.st_nlink);
         }
+    }
+}
+
+/// For the crash tests: the daemon kills itself at the point named by
+/// `UNIONFS_CRASH_AT`, to show what a crash right there leaves on disk.
+fn crash_point(name: &str) {
+    static AT: OnceLock<Option<String>> = OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("UNIONFS_CRASH_AT").ok())
+        .as_deref()
+        == Some(name)
+    {
+        warn!(point = name, "UNIONFS_CRASH_AT: killing the daemon");
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
 }
 

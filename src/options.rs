@@ -405,8 +405,18 @@ mod tests {
         assert!(parse_options(&["passthrough=maybe".into()]).is_err());
         assert!(parse_options(&["writeback=maybe".into()]).is_err());
         assert_eq!(parse_options(&[]).unwrap().index, None);
-        assert_eq!(parse_options(&["index=off".into()]).unwrap().index, Some(false));
-        assert_eq!(parse_options(&["index=on".into()]).unwrap().index, Some(true));
-        assert!(parse_options(&["index=yes".into()]).unwrap_err().contains("index=yes"));
+        assert_eq!(
+            parse_options(&["index=off".into()]).unwrap().index,
+            Some(false)
+        );
+        assert_eq!(
+            parse_options(&["index=on".into()]).unwrap().index,
+            Some(true)
+        );
+        assert!(
+            parse_options(&["index=yes".into()])
+                .unwrap_err()
+                .contains("index=yes")
+        );
     }
 }

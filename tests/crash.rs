@@ -1,6 +1,7 @@
 //! Faults and load: the daemon killed at random moments during copy-up,
-//! untar, a rename storm, rm -rf and fsync'd writes, each time remounted and
-//! checked against the kernel's overlayfs on the same upper directory; a
+//! untar, a rename storm, rm -rf and fsync'd writes, and at the two points
+//! of the index where a crash matters, each time remounted and checked
+//! against the kernel's overlayfs on the same upper directory; a
 //! parallel stress run of several writers on overlapping names, watched for
 //! deadlock and compared with the kernel afterwards.
 
@@ -544,4 +545,160 @@ fn an_upper_out_of_inodes_refuses_changes_and_keeps_the_view() {
     eprintln!(
         "inode-full upper: 5 kinds of change refused with ENOSPC, view unchanged, then all worked"
     );
+}
+
+// ---- the index at the worst moments ----
+
+/// A union over a lower file of three names (two directories), with a
+/// work directory the kernel can share.
+struct Linked {
+    _scratch: Scratch,
+    lowers: Vec<PathBuf>,
+    upper: PathBuf,
+    work: PathBuf,
+    mnt: PathBuf,
+}
+
+impl Linked {
+    fn new(tag: &str) -> Linked {
+        let s = Scratch::new(tag);
+        let l = s.dir("lower");
+        write(&l.join("a"), "lower data\n");
+        fs::create_dir(l.join("d")).unwrap();
+        fs::hard_link(l.join("a"), l.join("b")).unwrap();
+        fs::hard_link(l.join("a"), l.join("d/c")).unwrap();
+        Linked {
+            lowers: vec![l],
+            upper: s.dir("upper"),
+            work: s.dir("work"),
+            mnt: s.dir("mnt"),
+            _scratch: s,
+        }
+    }
+
+    fn mount(&self, crash_at: Option<&str>) -> Mount {
+        let wd = format!("workdir={}", self.work.display());
+        let env: Vec<(&str, &str)> = crash_at
+            .map(|p| ("UNIONFS_CRASH_AT", p))
+            .into_iter()
+            .collect();
+        Mount::unionfs_env(&self.lowers, &self.upper, &self.mnt, &[&wd], &env)
+    }
+
+    /// Runs `script` in the mount; true if it succeeded.
+    fn sh(&self, script: &str) -> bool {
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&self.mnt)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    }
+
+    /// Runs `script` in a mount whose daemon kills itself at `point`, and
+    /// checks that it did.
+    fn crash(&self, point: &str, script: &str) {
+        let m = self.mount(Some(point));
+        assert!(
+            !self.sh(script),
+            "{point}: `{script}` survived the crash point"
+        );
+        umount_lazy(&self.mnt);
+        let status = m.unmount();
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{point}: the daemon did not die: {status:?}"
+        );
+    }
+
+    /// Each name's content, link count and inode number (without unionfs's
+    /// slot bits), with the merged view; under unionfs, then under the
+    /// kernel with the same upper and work directories, which must agree.
+    fn agreed_view(&self, what: &str) -> Vec<(String, String, u64, u64)> {
+        let names = |root: &Path| -> Vec<(String, String, u64, u64)> {
+            ["a", "b", "d/c"]
+                .iter()
+                .filter_map(|n| {
+                    let m = fs::symlink_metadata(root.join(n)).ok()?;
+                    let data = fs::read_to_string(root.join(n)).unwrap();
+                    Some((n.to_string(), data, m.nlink(), m.ino() & ((1 << 48) - 1)))
+                })
+                .collect()
+        };
+        let m = self.mount(None);
+        let ours = (names(&self.mnt), snapshot(&self.mnt, View::Merged));
+        drop(m);
+        let k = Mount::kernel(&self.lowers, &self.upper, &self.work, &self.mnt);
+        let kernel = (names(&self.mnt), snapshot(&self.mnt, View::Merged));
+        drop(k);
+        assert_eq!(
+            ours.0, kernel.0,
+            "{what}: the names differ (unionfs, kernel)"
+        );
+        let d = diff("unionfs", &ours.1, "kernel", &kernel.1);
+        assert!(d.is_empty(), "{what}: views differ:\n{d}");
+        ours.0
+    }
+
+    /// The index entries left (temporary names aside).
+    fn index_entries(&self) -> usize {
+        fs::read_dir(self.work.join("index"))
+            .map(|d| {
+                d.filter(|e| {
+                    !e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with('#')
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+#[test]
+fn a_kill_between_the_index_copy_and_the_link_up_leaves_one_inode() {
+    let l = Linked::new("crash-linkup");
+    l.crash("before-link-up", "echo new >> a");
+    // The copy is in the index, no name is linked to it: every name shows
+    // it (with the lower data: the write never happened), as one inode.
+    let names = l.agreed_view("killed before the link-up");
+    assert_eq!(names.len(), 3);
+    assert!(
+        names
+            .iter()
+            .all(|n| n.1 == "lower data\n" && n.2 == 3 && n.3 == names[0].3),
+        "{names:?}"
+    );
+    assert_eq!(l.index_entries(), 1);
+    // Going on from there links the name up as if nothing had happened.
+    let m = l.mount(None);
+    assert!(l.sh("echo new >> a && rm b"));
+    drop(m);
+    let names = l.agreed_view("written after the kill");
+    assert!(
+        names.iter().all(|n| n.1 == "lower data\nnew\n" && n.2 == 2),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn a_kill_between_the_last_unlink_and_the_index_cleanup_leaves_no_file() {
+    let l = Linked::new("crash-cleanup");
+    let m = l.mount(None);
+    assert!(l.sh("echo new >> a && rm b"));
+    drop(m);
+    assert_eq!(l.index_entries(), 1);
+    // `d/c` goes for good; `a` is the last name, and the daemon dies
+    // before its index entry goes.
+    let m = l.mount(None);
+    assert!(l.sh("rm d/c"));
+    drop(m);
+    l.crash("before-index-cleanup", "rm a");
+    // Both the kernel and unionfs see no name, and clean the orphan at mount.
+    assert_eq!(l.agreed_view("killed before the cleanup"), vec![]);
+    assert_eq!(l.index_entries(), 0, "the orphaned entry stays");
 }

@@ -137,7 +137,19 @@ pub fn lower_arg(lowers: &[PathBuf]) -> String {
 impl Mount {
     /// `unionfs mount` in the background, waiting until the mount is live.
     pub fn unionfs(lowers: &[PathBuf], upper: &Path, mnt: &Path, opts: &[&str]) -> Mount {
+        Mount::unionfs_env(lowers, upper, mnt, opts, &[])
+    }
+
+    /// `unionfs mount` with variables added to its environment.
+    pub fn unionfs_env(
+        lowers: &[PathBuf],
+        upper: &Path,
+        mnt: &Path,
+        opts: &[&str],
+        env: &[(&str, &str)],
+    ) -> Mount {
         let mut cmd = Command::new(bin());
+        cmd.envs(env.iter().copied());
         cmd.arg("mount");
         let extra = test_options();
         for o in extra.iter().map(String::as_str).chain(opts.iter().copied()) {
