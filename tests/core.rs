@@ -1,6 +1,7 @@
-//! The core driven in-process (no FUSE, no root): the node table and the
-//! bookkeeping of names, with lower hard-linked files whose names come and
-//! go. Each step is what the kernel would send; the upper directory is
+//! The core driven in-process (no FUSE; root only for the index, whose
+//! xattrs are trusted ones): the node table and the bookkeeping of names,
+//! with lower hard-linked files whose names come and go, with and without
+//! the index. Each step is what the kernel would send; the upper directory is
 //! checked on disk.
 
 use std::ffi::OsStr;
@@ -17,6 +18,8 @@ use unionfs::superblock::{Tuning, Union};
 struct Core {
     _dir: tempfile::TempDir,
     upper: PathBuf,
+    /// `WORKDIR/index` (used only with the index on).
+    index: PathBuf,
     union: Union,
 }
 
@@ -29,8 +32,23 @@ fn name(s: &str) -> &OsStr {
 }
 
 impl Core {
-    /// One lower layer made by `fill`, an empty upper.
+    /// One lower layer made by `fill`, an empty upper, without the index.
     fn new(fill: impl FnOnce(&Path)) -> Core {
+        Core::make(fill, false)
+    }
+
+    /// The same with the index on (which needs trusted xattrs: root).
+    fn with_index(fill: impl FnOnce(&Path)) -> Option<Core> {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("the index needs root (trusted xattrs): not tested here");
+            return None;
+        }
+        let c = Core::make(fill, true);
+        assert!(c.union.index_is_on());
+        Some(c)
+    }
+
+    fn make(fill: impl FnOnce(&Path), index: bool) -> Core {
         let dir = tempfile::tempdir().unwrap();
         let (lower, upper, work) = (
             dir.path().join("lower"),
@@ -41,14 +59,20 @@ impl Core {
             fs::create_dir(d).unwrap();
         }
         fill(&lower);
-        let union = Union::new(
+        let mut union = Union::new(
             Some((open_dir(&upper), open_dir(&work))),
             vec![open_dir(&lower)],
             Tuning { volatile: true },
         );
+        let index_dir = dir.path().join("index");
+        if index {
+            fs::create_dir(&index_dir).unwrap();
+            union.enable_index(open_dir(&index_dir)).unwrap();
+        }
         Core {
             _dir: dir,
             upper,
+            index: index_dir,
             union,
         }
     }
@@ -90,6 +114,14 @@ impl Core {
 
     fn upper_has(&self, path: &str) -> bool {
         fs::symlink_metadata(self.upper.join(path)).is_ok()
+    }
+
+    fn nlink(&self, node: &Node) -> u64 {
+        self.union.getattr(node.id, None).unwrap().st_nlink
+    }
+
+    fn index_entries(&self) -> usize {
+        fs::read_dir(&self.index).unwrap().count()
     }
 }
 
@@ -216,6 +248,62 @@ fn renaming_one_name_over_another_of_the_same_lower_file_moves_it() {
     assert!(c.union.lookup(ROOT_ID, name("a")).is_err());
     assert!(c.upper_has("c"));
     assert_eq!(c.read(&c.lookup("c"), NOFOLLOW).unwrap(), "old\n");
+}
+
+#[test]
+fn with_the_index_every_name_is_one_inode_through_copy_up_and_unlinks() {
+    let Some(c) = Core::with_index(linked_triple) else {
+        return;
+    };
+    let (a, b, cn) = (c.lookup("a"), c.lookup("d/b"), c.lookup("c"));
+    assert!(a.id != b.id && b.id != cn.id, "each name its own node");
+    let ino = c.st_ino("a");
+    // A write through `b` copies the file once, into the index, and links
+    // `d/b` to it; the other names show the copy at once.
+    c.write(
+        &b, "new
+",
+    );
+    assert_eq!(c.index_entries(), 1);
+    assert!(c.upper_has("d/b") && !c.upper_has("a") && !c.upper_has("c"));
+    assert_eq!(
+        fs::metadata(c.upper.join("d/b")).unwrap().nlink(),
+        2,
+        "the name and the entry"
+    );
+    for (n, path) in [(&a, "a"), (&b, "d/b"), (&cn, "c")] {
+        assert_eq!(
+            c.read(n, NOFOLLOW).unwrap(),
+            "new
+",
+            "{path}"
+        );
+        assert_eq!(c.nlink(n), 3, "{path}");
+        assert_eq!(c.st_ino(path), ino, "{path}");
+    }
+    // A lower name removed: linked up, then whited out; two names left.
+    c.union.unlink(ROOT_ID, name("a")).unwrap();
+    assert_eq!(fs::symlink_metadata(c.upper.join("a")).unwrap().rdev(), 0);
+    assert_eq!(c.nlink(&b), 2);
+    assert_eq!(c.nlink(&cn), 2);
+    // Renaming one name over another of the same inode does nothing.
+    c.union
+        .rename(ROOT_ID, name("c"), c.lookup("d").id, name("b"), 0)
+        .unwrap();
+    assert_eq!(
+        c.read(&c.lookup("c"), NOFOLLOW).unwrap(),
+        "new
+"
+    );
+    // A link through the union counts too.
+    let (l, _) = c.union.link(b.id, ROOT_ID, name("l")).unwrap();
+    assert_eq!(c.nlink(&l), 3);
+    assert_eq!(c.st_ino("l"), ino);
+    // The last names go: so does the entry.
+    for (dir, n) in [(c.lookup("d").id, "b"), (ROOT_ID, "c"), (ROOT_ID, "l")] {
+        c.union.unlink(dir, name(n)).unwrap();
+    }
+    assert_eq!(c.index_entries(), 0, "the entry outlived its names");
 }
 
 fn no_groups() -> Vec<u32> {
