@@ -8,6 +8,9 @@
 //! magic 0xfb, length, flags, handle type, a null uuid as the kernel writes
 //! without the index, the handle bytes); `overlay.impure=y` on an upper
 //! directory holding such objects, so that listings look their numbers up.
+//! With the index (see `index`): `overlay.nlink` (the union's link count,
+//! `U+N`), `overlay.upper` on the index directory, and index entries named
+//! by the hex of an origin.
 //! Read as well: the OCI/AUFS `.wh.NAME` and `.wh..wh..opq` files, and the
 //! kernel's xattr whiteouts (a zero-size file with `overlay.whiteout` inside a
 //! directory whose `overlay.opaque` is `x`).

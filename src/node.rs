@@ -15,7 +15,11 @@
 //! name is a node of its own (an alias, with an id allocated per name), as
 //! kernel overlayfs gives each its own inode without the index, so that a
 //! write through one name copies up that name and no other, while all of them
-//! show the lower inode's number.
+//! show the lower inode's number. With the index the kernel makes them one
+//! inode; here they stay nodes of their own, so that the name written to is
+//! the one linked up, but share the file's index entry (`NodeState::index`),
+//! and the upper links of an indexed file are one node of an allocated id.
+//! Nodes whose id is not their `st_ino` are never cached by the kernel.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
