@@ -298,7 +298,7 @@ pub fn plan(o: CompatOptions, mountpoint: Option<&Path>) -> Result<MountPlan, St
         upper,
         mountpoint,
         volatile: o.volatile,
-        index: o.index.unwrap_or(true),
+        index: o.index,
         file_io: o.file_io,
         presentation: o.presentation,
         mount_flags: flags,

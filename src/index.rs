@@ -54,11 +54,18 @@ impl Union {
     /// Turns the index on over `dir` (`WORKDIR/index`): checks that the
     /// upper root was made over these lowers and that the index belongs to
     /// it (recording both on first use), then removes orphaned entries.
-    /// Off, with a warning, where the kernel would not index either: user
-    /// xattrs, or layers that give no file handles.
-    pub fn enable_index(&mut self, dir: OwnedFd) -> std::result::Result<(), Refusal> {
+    /// Off where the kernel would not index either: user xattrs, or layers
+    /// that give no file handles; with a warning if the user `asked` for it.
+    pub fn enable_index(&mut self, dir: OwnedFd, asked: bool) -> std::result::Result<(), Refusal> {
+        let why_not = |why: &str| {
+            if asked {
+                warn!("index=off: {why}");
+            } else {
+                debug!("index=off: {why}");
+            }
+        };
         if self.ns == format::XattrNamespace::User {
-            warn!("index=off: the index needs trusted xattrs, which this user cannot set");
+            why_not("the index needs trusted xattrs, which this user cannot set");
             return Ok(());
         }
         let upper_root = self.table.get(crate::node::ROOT_ID).and_then(|r| r.upper());
@@ -69,7 +76,7 @@ impl Union {
             origin_of_fd(lower_root.dir()),
             origin_of_fd(upper_root.dir()),
         ) else {
-            warn!("index=off: a layer's filesystem gives no file handles");
+            why_not("a layer's filesystem gives no file handles");
             return Ok(());
         };
         self.check_recorded(upper_root.dir(), self.ns.origin(), &lower_origin, 0)

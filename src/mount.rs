@@ -332,9 +332,10 @@ fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
         volatile: plan.volatile,
     };
     let mut union = Union::new(upper, lowers, tuning);
-    if let (Some(u), Some(top), true) = (&plan.upper, &lock, plan.index) {
+    if let (Some(u), Some(top), true) = (&plan.upper, &lock, plan.index != Some(false)) {
         let dir = open_index_dir(top.as_fd(), &u.workdir)?;
-        union.enable_index(dir).map_err(|r| match r {
+        let asked = plan.index == Some(true);
+        union.enable_index(dir, asked).map_err(|r| match r {
             Refusal::OtherLowers => {
                 format!("upper directory {} {}", u.upper.display(), describe(&r))
             }
@@ -364,6 +365,7 @@ fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
             mountpoint = %plan.mountpoint.display(),
             workdir = %u.workdir.display(),
             xattrs = ?union.ns,
+            index = union.index_is_on(),
             "mounted"
         ),
         None => info!(mountpoint = %plan.mountpoint.display(), "mounted read-only"),

@@ -41,9 +41,9 @@ pub struct MountPlan {
     pub upper: Option<UpperPlan>,
     pub mountpoint: PathBuf,
     pub volatile: bool,
-    /// The inode index (`index=on`, the default): lower hard links stay
-    /// linked through copy-up, as with the kernel's `index=on`.
-    pub index: bool,
+    /// The inode index (`index=on`, the default when None): lower hard
+    /// links stay linked through copy-up, as with the kernel's `index=on`.
+    pub index: Option<bool>,
     pub file_io: FileIo,
     pub presentation: Presentation,
     pub mount_flags: MountFlags,
@@ -265,7 +265,7 @@ pub fn plan(req: &MountRequest) -> Result<MountPlan, String> {
         upper,
         mountpoint,
         volatile: opts.volatile,
-        index: opts.index.unwrap_or(true),
+        index: opts.index,
         file_io: opts.file_io,
         presentation: Presentation::default(),
         mount_flags: MountFlags::default(),

@@ -67,7 +67,7 @@ impl Core {
         let index_dir = dir.path().join("index");
         if index {
             fs::create_dir(&index_dir).unwrap();
-            union.enable_index(open_dir(&index_dir)).unwrap();
+            union.enable_index(open_dir(&index_dir), true).unwrap();
         }
         Core {
             _dir: dir,
