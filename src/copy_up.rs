@@ -99,10 +99,8 @@ impl Union {
         let obj = self.link_up(parent_upper.dir(), &name, lower, entry)?;
         let upper_ino = sys::stat_fd(obj.as_fd())?.st_ino;
         if !self.table.knows_origin(upper_ino) {
-            // Every upper name of the file is one node, apart from the
-            // lower names' own (see `node`); all show the lower's number.
-            let id = self.table.allocate();
-            self.table.record_origin(upper_ino, id, node.ino());
+            // Each name of the file is a node of its own (see `node`).
+            self.table.record_per_name(upper_ino, node.ino());
         }
         if let Some((shown, _)) = self.index_entry(entry) {
             for other in self.table.other_names_of(node.id) {

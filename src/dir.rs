@@ -147,13 +147,21 @@ impl Union {
         } else {
             Real::At(slot.dir.dir_arc(), shared_name.clone())
         };
-        let id = self.table.id_for(UPPER, stat.st_ino);
         let ino = self.table.ino_for(UPPER, stat.st_ino);
+        // A new link of a file of the index is a node of its own (see `node`).
+        let alias = self
+            .table
+            .is_per_name(stat.st_ino)
+            .then(|| (parent.id, shared_name.clone()));
+        let id = match &alias {
+            Some(key) => self.table.alias_id(key.clone(), ino),
+            None => self.table.id_for(UPPER, stat.st_ino),
+        };
         let node = self.table.acquire(id, || {
             Node::with_ino(
                 id,
                 ino,
-                None,
+                alias,
                 sys::file_type(stat.st_mode),
                 NodeState {
                     parent: Some(parent.clone()),
@@ -449,6 +457,10 @@ impl Union {
         };
         if flags & libc::RENAME_EXCHANGE != 0 {
             let dst = dst.ok_or(Errno::ENOENT)?;
+            if self.one_inode(&src.found, &dst.found) {
+                self.follow_entries(&src, name, &dst, new_name, true);
+                return Ok(());
+            }
             return self.rename_exchange(src, name, dst, new_name);
         }
         if let Some(d) = &dst {
@@ -460,6 +472,7 @@ impl Union {
             // index, and without it each such name is an inode of its own,
             // as in the kernel.
             if self.one_inode(&src.found, &d.found) {
+                self.follow_entries(&src, name, d, new_name, false);
                 return Ok(());
             }
             match (src.found.is_dir(), d.found.is_dir()) {
@@ -485,6 +498,51 @@ impl Union {
             None => None,
         };
         self.rename_replace(src, name, new_parent, dst, new_name)
+    }
+
+    /// A rename(2) between two names of one file changes nothing on disk,
+    /// but the kernel moves its entries as after any rename: the node of the
+    /// old name stands for the new one from now on (and, for an exchange,
+    /// the other way round), so that a later change through a name links up
+    /// that name, as the kernel's would.
+    fn follow_entries(
+        &self,
+        src: &Side,
+        name: &OsStr,
+        dst: &Side,
+        new_name: &OsStr,
+        exchange: bool,
+    ) {
+        let moved = self.existing_node(&src.parent, name, &src.found);
+        let other = self.existing_node(&dst.parent, new_name, &dst.found);
+        if let Some(n) = &moved {
+            if !exchange {
+                self.table
+                    .drop_alias(&(src.parent.id, Arc::from(name)), n.id);
+            }
+            self.stand_for(n, &dst.parent, new_name, &dst.found);
+        }
+        if let (Some(n), true) = (&other, exchange) {
+            self.stand_for(n, &src.parent, name, &src.found);
+        }
+    }
+
+    /// `node` stands for `name` in `parent`, resolved as `found`.
+    fn stand_for(&self, node: &Node, parent: &Arc<Node>, name: &OsStr, found: &Found) {
+        let key: crate::node::AliasKey = (parent.id, Arc::from(name));
+        if let Some(file) = self.per_name_file(found) {
+            self.table.move_alias(key.clone(), file, node.id);
+            node.set_alias(key.clone());
+        }
+        let mut st = node.state.write();
+        st.parent = Some(parent.clone());
+        st.name = key.1;
+        st.upper = found.upper.clone();
+        st.index = found.index.clone();
+        st.lowers = found.lowers.clone();
+        let shows_upper = st.upper.is_some() || st.index.is_some();
+        node.copied_up
+            .store(shows_upper, std::sync::atomic::Ordering::Release);
     }
 
     /// True when two resolved non-directories are names of one union inode.

@@ -223,12 +223,11 @@ impl Union {
             match upper {
                 Real::At(dir, n) => match format::origin_of(dir.as_fd(), n, self.ns) {
                     Some(o) if self.is_indexed(&o, &found.stat) => {
-                        // One inode of many names, each its own node (see
-                        // `node`), all showing the lower's number.
+                        // One file of many names, each a node of its own
+                        // (see `node`), all showing the lower's number.
                         let ino = self.origin_id(lower_dirs, name, &o, true).unwrap_or(0);
                         if ino != 0 {
-                            let id = self.table.allocate();
-                            self.table.record_origin(upper_ino, id, ino);
+                            self.table.record_per_name(upper_ino, ino);
                             return;
                         }
                         Some(0)
@@ -304,11 +303,22 @@ impl Union {
         Ok(lookup_lowers(&dirs, name, false)?.1.is_some())
     }
 
+    /// The `st_ino` of the file whose names are nodes of their own, if the
+    /// name resolved as `found` is one: a lower hard-linked file without an
+    /// upper copy, or a file of the index (see `node`).
+    pub fn per_name_file(&self, found: &Found) -> Option<u64> {
+        if found.is_lower_hard_link() {
+            return Some(self.ino_of(found));
+        }
+        let upper_file = found.upper.is_some() && !found.is_dir();
+        (upper_file && self.table.is_per_name(found.stat.st_ino)).then(|| self.ino_of(found))
+    }
+
     /// The id `name` in `parent`, resolved as `found`, has in the union.
     fn id_of(&self, parent: &Node, name: &OsStr, found: &Found) -> u64 {
-        if found.is_lower_hard_link() {
+        if let Some(file) = self.per_name_file(found) {
             let key = (parent.id, Arc::from(name));
-            return self.table.alias_id(key, found.top_layer, found.stat.st_ino);
+            return self.table.alias_id(key, file);
         }
         self.table.id_for(found.top_layer, found.stat.st_ino)
     }
@@ -321,12 +331,12 @@ impl Union {
     /// The node of `name` in `parent`, resolved as `found`, if the kernel
     /// holds it.
     pub fn existing_node(&self, parent: &Node, name: &OsStr, found: &Found) -> Option<Arc<Node>> {
-        let id = if found.is_lower_hard_link() {
-            let key = (parent.id, Arc::from(name));
-            self.table
-                .existing_alias(&key, found.top_layer, found.stat.st_ino)?
-        } else {
-            self.table.id_for(found.top_layer, found.stat.st_ino)
+        let id = match self.per_name_file(found) {
+            Some(file) => {
+                let key = (parent.id, Arc::from(name));
+                self.table.existing_alias(&key, file)?
+            }
+            None => self.table.id_for(found.top_layer, found.stat.st_ino),
         };
         self.table.get(id)
     }
@@ -350,9 +360,9 @@ impl Union {
                 _ => None,
             });
         let name = held.unwrap_or_else(|| Arc::from(name));
-        let alias = found
-            .is_lower_hard_link()
-            .then(|| (parent.id, name.clone()));
+        let alias = self
+            .per_name_file(&found)
+            .map(|_| (parent.id, name.clone()));
         Node::with_ino(
             id,
             self.ino_of(&found),
@@ -385,7 +395,7 @@ impl Union {
     ) -> Result<(Arc<Node>, Stat)> {
         let id = self.id_of(parent, name, &found);
         let stat = found.stat;
-        let alias = found.is_lower_hard_link().then_some(found.top_layer);
+        let alias = self.per_name_file(&found);
         let index = found.index.clone();
         let from_lower = found.upper.is_none();
         let mut made = false;
@@ -397,9 +407,9 @@ impl Union {
             self.table.forget(id, 1);
             return Err(Errno(libc::ESTALE));
         }
-        if let Some(layer) = alias {
+        if let Some(file) = alias {
             let key = (parent.id, Arc::from(name));
-            self.table.keep_alias(key, layer, stat.st_ino, id);
+            self.table.keep_alias(key, file, id);
         }
         if !made {
             node.set_location(parent.clone(), name, None);

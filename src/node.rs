@@ -177,7 +177,7 @@ pub struct Node {
     /// The `st_ino` shown (equal to `id` except for aliases).
     ino: AtomicU64,
     /// For an alias: the name it stands for (parent id and name).
-    alias: Option<AliasKey>,
+    alias: Mutex<Option<AliasKey>>,
     /// `S_IFMT` bits of the object.
     pub kind: u32,
     /// Made for a readdirplus entry the kernel may not cache (see
@@ -213,7 +213,7 @@ impl Node {
         Node {
             id,
             ino: AtomicU64::new(ino),
-            alias,
+            alias: Mutex::new(alias),
             kind,
             listed_only: false,
             lookups: AtomicU64::new(0),
@@ -234,6 +234,11 @@ impl Node {
             listed_only: true,
             ..Node::new(id, kind, state)
         }
+    }
+
+    /// The node stands for the name `key` from now on.
+    pub fn set_alias(&self, key: AliasKey) {
+        *self.alias.lock() = Some(key);
     }
 
     /// The `st_ino` the node shows.
@@ -362,10 +367,13 @@ pub type AliasKey = (u64, Arc<OsStr>);
 
 /// What a copied-up object continues: the node id it had, and the `st_ino`
 /// it shows (the lower's, or for a broken hard link the upper's own).
+/// `per_name`: a file of the index, each name of which is a node of its own
+/// (`id` unused).
 #[derive(Clone, Copy, Debug)]
 struct Origin {
     id: u64,
     ino: u64,
+    per_name: bool,
 }
 
 /// All nodes the kernel currently holds.
@@ -374,8 +382,8 @@ pub struct NodeTable {
     nodes: DashMap<u64, Arc<Node>>,
     /// Upper inode number of a copied-up object -> what it continues.
     origins: DashMap<u64, Origin>,
-    /// The names of lower hard-linked files -> (layer, lower inode, id).
-    aliases: DashMap<AliasKey, (u16, u64, u64)>,
+    /// Each name that is a node of its own -> (the file's `st_ino`, id).
+    aliases: DashMap<AliasKey, (u64, u64)>,
     /// Layer -> the slot of its filesystem (upper first).
     slots: Vec<u16>,
     /// Inode numbers too large to pack -> an allocated id.
@@ -411,6 +419,7 @@ impl NodeTable {
     pub fn id_for(&self, layer: u16, ino: u64) -> u64 {
         if layer == UPPER
             && let Some(o) = self.origins.get(&ino)
+            && !o.per_name
         {
             return o.id;
         }
@@ -427,44 +436,55 @@ impl NodeTable {
         self.packed(layer, ino)
     }
 
-    /// The id of the name `key` of the lower hard-linked file `ino` in
-    /// `layer`; allocated at the first lookup of that name.
-    pub fn alias_id(&self, key: AliasKey, layer: u16, ino: u64) -> u64 {
-        let mut e = self.aliases.entry(key).or_insert((layer, ino, 0));
-        if *e != (layer, ino, e.2) || e.2 == 0 {
-            *e = (layer, ino, self.allocate());
+    /// The id of the name `key` of the file shown as `file` (its `st_ino`);
+    /// allocated at the first lookup of that name.
+    pub fn alias_id(&self, key: AliasKey, file: u64) -> u64 {
+        let mut e = self.aliases.entry(key).or_insert((file, 0));
+        if e.0 != file || e.1 == 0 {
+            *e = (file, self.allocate());
         }
-        e.2
+        e.1
     }
 
-    /// Keeps the name `key` pointing at the alias `id` the kernel now holds
+    /// Keeps the name `key` pointing at the node `id` the kernel now holds
     /// (a concurrent forget may have dropped the entry).
-    pub fn keep_alias(&self, key: AliasKey, layer: u16, ino: u64, id: u64) {
-        self.aliases.entry(key).or_insert((layer, ino, id));
+    pub fn keep_alias(&self, key: AliasKey, file: u64, id: u64) {
+        self.aliases.entry(key).or_insert((file, id));
+    }
+
+    /// The name `key` of the file `file` is node `id` from now on (the
+    /// kernel moved its entry there).
+    pub fn move_alias(&self, key: AliasKey, file: u64, id: u64) {
+        self.aliases.insert(key, (file, id));
+    }
+
+    /// The name `key` has no node of its own any more, if it was `id`'s.
+    pub fn drop_alias(&self, key: &AliasKey, id: u64) {
+        self.aliases.remove_if(key, |_, v| v.1 == id);
     }
 
     /// The id of the name `key` if it has one.
-    pub fn existing_alias(&self, key: &AliasKey, layer: u16, ino: u64) -> Option<u64> {
+    pub fn existing_alias(&self, key: &AliasKey, file: u64) -> Option<u64> {
         let e = self.aliases.get(key)?;
-        (e.0 == layer && e.1 == ino).then_some(e.2)
+        (e.0 == file).then_some(e.1)
     }
 
-    /// The nodes the kernel holds for the other names of the lower file
-    /// whose name `id` is (none if `id` is not such a name).
+    /// The nodes the kernel holds for the other names of the file whose
+    /// name `id` is (none if `id` is not such a name).
     pub fn other_names_of(&self, id: u64) -> Vec<Arc<Node>> {
         let Some(file) = self
             .aliases
             .iter()
-            .find(|e| e.value().2 == id)
-            .map(|e| (e.value().0, e.value().1))
+            .find(|e| e.value().1 == id)
+            .map(|e| e.value().0)
         else {
             return Vec::new();
         };
         let ids: Vec<u64> = self
             .aliases
             .iter()
-            .filter(|e| (e.value().0, e.value().1) == file && e.value().2 != id)
-            .map(|e| e.value().2)
+            .filter(|e| e.value().0 == file && e.value().1 != id)
+            .map(|e| e.value().1)
             .collect();
         ids.into_iter().filter_map(|i| self.get(i)).collect()
     }
@@ -489,7 +509,20 @@ impl NodeTable {
     /// Remembers that the upper inode `upper_ino` continues node `id` and
     /// shows `st_ino` `ino`.
     pub fn record_origin(&self, upper_ino: u64, id: u64, ino: u64) {
-        self.origins.insert(upper_ino, Origin { id, ino });
+        let per_name = false;
+        self.origins.insert(upper_ino, Origin { id, ino, per_name });
+    }
+
+    /// Remembers that the upper inode `upper_ino` is a file of the index,
+    /// shown as `ino`, each name of which is a node of its own.
+    pub fn record_per_name(&self, upper_ino: u64, ino: u64) {
+        let (id, per_name) = (0, true);
+        self.origins.insert(upper_ino, Origin { id, ino, per_name });
+    }
+
+    /// True for an upper inode whose names are nodes of their own.
+    pub fn is_per_name(&self, upper_ino: u64) -> bool {
+        self.origins.get(&upper_ino).is_some_and(|o| o.per_name)
     }
 
     /// True when what the upper inode `upper_ino` continues is known.
@@ -536,8 +569,8 @@ impl NodeTable {
                 .saturating_sub(n);
             if left == 0 {
                 let node = e.remove();
-                if let Some(key) = &node.alias {
-                    self.aliases.remove_if(key, |_, v| v.2 == id);
+                if let Some(key) = &*node.alias.lock() {
+                    self.drop_alias(key, id);
                 }
             }
         }

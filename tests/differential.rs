@@ -720,6 +720,23 @@ fn scenarios() -> Vec<(&'static str, Vec<Op>)> {
             ],
         ),
         (
+            "names of one lower file renamed and exchanged among themselves",
+            vec![
+                Rename(s("hl1"), s("merged/hl2"), 0),
+                Rename(s("merged/hl2"), s("dir/sub/hl3"), libc::RENAME_EXCHANGE),
+                Append(s("dir/sub/hl3"), s("x")),
+                Rename(s("hl1"), s("dir/sub/hl3"), libc::RENAME_EXCHANGE),
+                Rename(s("dir/sub/hl3"), s("hl1"), 0),
+                SameInode(s("hl1"), s("merged/hl2")),
+                Stat(s("hl1")),
+                Unlink(s("merged/hl2")),
+                Stat(s("dir/sub/hl3")),
+                Link(s("tl1"), s("merged/tl3")),
+                Rename(s("merged/tl3"), s("merged/tl2"), 0),
+                Stat(s("tl1")),
+            ],
+        ),
+        (
             "errors",
             vec![
                 Rmdir(s("top-only")),
