@@ -103,7 +103,7 @@ impl Union {
             self.table.record_per_name(upper_ino, node.ino());
         }
         if let Some((shown, _)) = self.index_entry(entry) {
-            for other in self.table.other_names_of(node.id) {
+            for other in self.table.other_names_of(node) {
                 other.show_index_entry(shown.clone());
             }
         }

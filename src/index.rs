@@ -138,6 +138,9 @@ impl Union {
     /// of: named by its recorded origin, the same inode.
     pub fn index_entry_of_upper(&self, obj: &Real, st: &Stat) -> Option<OsString> {
         self.index.as_ref()?;
+        if st.st_nlink <= 1 {
+            return None; // a linked name has the entry as a second link
+        }
         let v = obj.xattrs().ok()?.get(OsStr::new(self.ns.origin())).ok()?;
         let origin = Origin::decode(&v)?;
         self.is_indexed(&origin, st)

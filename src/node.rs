@@ -469,24 +469,15 @@ impl NodeTable {
         (e.0 == file).then_some(e.1)
     }
 
-    /// The nodes the kernel holds for the other names of the file whose
-    /// name `id` is (none if `id` is not such a name).
-    pub fn other_names_of(&self, id: u64) -> Vec<Arc<Node>> {
-        let Some(file) = self
-            .aliases
+    /// The other nodes the kernel holds of the file `node` is a name of
+    /// (nodes that show its `st_ino`), also those of names since moved
+    /// over. A walk of the table: asked only at a file's first copy-up.
+    pub fn other_names_of(&self, node: &Node) -> Vec<Arc<Node>> {
+        self.nodes
             .iter()
-            .find(|e| e.value().1 == id)
-            .map(|e| e.value().0)
-        else {
-            return Vec::new();
-        };
-        let ids: Vec<u64> = self
-            .aliases
-            .iter()
-            .filter(|e| e.value().0 == file && e.value().1 != id)
-            .map(|e| e.value().1)
-            .collect();
-        ids.into_iter().filter_map(|i| self.get(i)).collect()
+            .filter(|e| e.key() != &node.id && e.value().ino() == node.ino() && !e.value().is_dir())
+            .map(|e| e.value().clone())
+            .collect()
     }
 
     /// A fresh id that no packed inode number can take.

@@ -306,6 +306,57 @@ fn with_the_index_every_name_is_one_inode_through_copy_up_and_unlinks() {
     assert_eq!(c.index_entries(), 0, "the entry outlived its names");
 }
 
+#[test]
+fn with_the_index_a_rename_between_names_moves_the_node_to_the_new_name() {
+    let Some(c) = Core::with_index(linked_triple) else {
+        return;
+    };
+    let (a, cn) = (c.lookup("a"), c.lookup("c"));
+    // Nothing changes on disk, but the kernel now holds `a`'s node under
+    // the name `c`: a write through it is a write through `c`.
+    c.union
+        .rename(ROOT_ID, name("a"), ROOT_ID, name("c"), 0)
+        .unwrap();
+    assert_eq!(c.index_entries(), 0);
+    assert_eq!(c.lookup("c").id, a.id, "the name `c` is the moved node");
+    assert_ne!(c.lookup("a").id, a.id, "`a` gets a node again");
+    c.write(&a, "new\n");
+    assert!(
+        c.upper_has("c") && !c.upper_has("a"),
+        "the written name is linked up"
+    );
+    assert_eq!(
+        c.read(&cn, NOFOLLOW).unwrap(),
+        "new\n",
+        "the old node of `c`"
+    );
+    // An exchange swaps them: `a`'s node stands for `d/b`, which it links up.
+    let b = c.lookup("d/b");
+    c.union
+        .rename(
+            ROOT_ID,
+            name("c"),
+            c.lookup("d").id,
+            name("b"),
+            libc::RENAME_EXCHANGE,
+        )
+        .unwrap();
+    assert_eq!(c.lookup("d/b").id, a.id);
+    assert_eq!(c.lookup("c").id, b.id);
+    c.union
+        .setattr(
+            a.id,
+            unionfs::inode::AttrChange {
+                mode: Some(0o600),
+                ..Default::default()
+            },
+            caller(),
+        )
+        .unwrap();
+    assert!(c.upper_has("d/b"));
+    assert_eq!(c.nlink(&a), 3);
+}
+
 fn no_groups() -> Vec<u32> {
     Vec::new()
 }
