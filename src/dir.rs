@@ -272,6 +272,14 @@ impl Union {
             make: &mut make,
         };
         let (linked, stat, _) = self.create_object(&parent, new_name, Caller::DAEMON, new)?;
+        // A link of an object with an origin makes its new parent impure,
+        // as the kernel marks it, so that listings look its number up.
+        if let Some(dir) = parent.upper()
+            && format::origin_of(dir.dir(), new_name, self.ns).is_some()
+            && !format::is_impure(dir.dir(), self.ns)
+        {
+            let _ = format::set_impure(dir.dir(), self.ns);
+        }
         Ok((linked, stat))
     }
 
