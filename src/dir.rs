@@ -535,6 +535,18 @@ impl Union {
         }
     }
 
+    /// A renamed node now lives at `name` in `parent` (whose upper directory
+    /// is `parent_upper`); a node of its own name stands for the new name.
+    fn move_node(&self, node: &Node, parent: Arc<Node>, name: &OsStr, parent_upper: Option<&Real>) {
+        if let Some(old) = node.alias_key() {
+            let key: crate::node::AliasKey = (parent.id, Arc::from(name));
+            self.table.drop_alias(&old, node.id);
+            self.table.move_alias(key.clone(), node.ino(), node.id);
+            node.set_alias(key);
+        }
+        node.set_location(parent, name, parent_upper);
+    }
+
     /// `node` stands for `name` in `parent`, resolved as `found`.
     fn stand_for(&self, node: &Node, parent: &Arc<Node>, name: &OsStr, found: &Found) {
         let key: crate::node::AliasKey = (parent.id, Arc::from(name));
@@ -593,8 +605,8 @@ impl Union {
         sys::rename_at(from.dir(), name, to.dir(), new_name, libc::RENAME_EXCHANGE)?;
         self.mark_impure_if_moved_in(&to, new_name, &src.found);
         self.mark_impure_if_moved_in(&from, name, &dst.found);
-        src_node.set_location(dst.parent.clone(), new_name, Some(&to));
-        dst_node.set_location(src.parent.clone(), name, Some(&from));
+        self.move_node(&src_node, dst.parent.clone(), new_name, Some(&to));
+        self.move_node(&dst_node, src.parent.clone(), name, Some(&from));
         Ok(())
     }
 
@@ -695,7 +707,7 @@ impl Union {
         {
             self.table.drop_origin(st.st_ino); // replaced: its inode number is free
         }
-        src_node.set_location(new_parent, new_name, Some(&to));
+        self.move_node(&src_node, new_parent, new_name, Some(&to));
         Ok(())
     }
 }

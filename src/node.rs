@@ -236,6 +236,11 @@ impl Node {
         }
     }
 
+    /// The name a node of its own name stands for.
+    pub fn alias_key(&self) -> Option<AliasKey> {
+        self.alias.lock().clone()
+    }
+
     /// The node stands for the name `key` from now on.
     pub fn set_alias(&self, key: AliasKey) {
         *self.alias.lock() = Some(key);
