@@ -206,12 +206,15 @@ const LINKED: &[&str] = &["hl1", "merged/hl2", "dir/sub/hl3", "tl1", "merged/tl2
 
 /// How the non-directories of a tree share inodes: each group of names of
 /// one inode (with each name's link count), sorted; whiteouts left out (the
-/// kernel links all of its whiteouts to one inode). Also checks that every
-/// directory entry's `d_ino` is its `st_ino`.
-fn link_structure(label: &str, root: &Path) -> Vec<Vec<(String, u64)>> {
+/// kernel links all of its whiteouts to one inode). With `d_ino`, also
+/// checks that every directory entry's `d_ino` is its `st_ino`: not asked
+/// of the kernel's merged view, whose listing was seen (Linux 6.18, index on,
+/// random seed 203) to give a name just linked into an upper directory its
+/// upper number while `stat` gives its origin's.
+fn link_structure(label: &str, root: &Path, d_ino: bool) -> Vec<Vec<(String, u64)>> {
     let mut by_ino: std::collections::BTreeMap<(u64, u64), Vec<(String, u64)>> = Default::default();
     fn rec(
-        label: &str,
+        (label, d_ino): (&str, bool),
         root: &Path,
         dir: &Path,
         out: &mut std::collections::BTreeMap<(u64, u64), Vec<(String, u64)>>,
@@ -220,14 +223,16 @@ fn link_structure(label: &str, root: &Path) -> Vec<Vec<(String, u64)>> {
             let e = e.unwrap();
             let m = fs::symlink_metadata(e.path()).unwrap();
             let rel = e.path().strip_prefix(root).unwrap().display().to_string();
-            assert_eq!(
-                std::os::unix::fs::DirEntryExt::ino(&e),
-                m.ino(),
-                "{label}: d_ino of {rel} is not its st_ino in {}",
-                root.display()
-            );
+            if d_ino {
+                assert_eq!(
+                    std::os::unix::fs::DirEntryExt::ino(&e),
+                    m.ino(),
+                    "{label}: d_ino of {rel} is not its st_ino in {}",
+                    root.display()
+                );
+            }
             if m.is_dir() {
-                rec(label, root, &e.path(), out);
+                rec((label, d_ino), root, &e.path(), out);
             } else if !(m.file_type().is_char_device() && m.rdev() == 0) {
                 out.entry((m.dev(), m.ino()))
                     .or_default()
@@ -235,7 +240,7 @@ fn link_structure(label: &str, root: &Path) -> Vec<Vec<(String, u64)>> {
             }
         }
     }
-    rec(label, root, root, &mut by_ino);
+    rec((label, d_ino), root, root, &mut by_ino);
     let mut groups: Vec<Vec<(String, u64)>> = by_ino
         .into_values()
         .map(|mut g| {
@@ -389,13 +394,13 @@ impl Pair {
         let u = snapshot(&self.uupper, View::Upper);
         let d = diff("kernel", &k, "unionfs", &u);
         assert!(d.is_empty(), "{label}: upper directories differ:\n{d}");
-        for (what, k, u) in [
-            ("merged views", &self.kernel.mnt, &self.ours.mnt),
-            ("upper directories", &self.kupper, &self.uupper),
+        for (what, k, u, kernel_d_ino) in [
+            ("merged views", &self.kernel.mnt, &self.ours.mnt, false),
+            ("upper directories", &self.kupper, &self.uupper, true),
         ] {
             assert_eq!(
-                link_structure(label, u),
-                link_structure(label, k),
+                link_structure(label, u, true),
+                link_structure(label, k, kernel_d_ino),
                 "{label}: the hard links of the {what} differ (unionfs, kernel)"
             );
         }
@@ -427,8 +432,8 @@ impl Pair {
         );
         assert!(d.is_empty(), "{label}: cp -a copies differ:\n{d}");
         assert_eq!(
-            link_structure(label, &uc),
-            link_structure(label, &kc),
+            link_structure(label, &uc, true),
+            link_structure(label, &kc, true),
             "{label}: hard links of the cp -a copies differ"
         );
     }
