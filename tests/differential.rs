@@ -208,9 +208,9 @@ const LINKED: &[&str] = &["hl1", "merged/hl2", "dir/sub/hl3", "tl1", "merged/tl2
 /// one inode (with each name's link count), sorted; whiteouts left out (the
 /// kernel links all of its whiteouts to one inode). With `d_ino`, also
 /// checks that every directory entry's `d_ino` is its `st_ino`: not asked
-/// of the kernel's merged view, whose listing was seen (Linux 6.18, index on,
-/// random seed 203) to give a name just linked into an upper directory its
-/// upper number while `stat` gives its origin's.
+/// of the kernel's merged view, whose listing was seen (Linux 6.18, with and
+/// without the index, random seed 203) to give a name linked into an upper
+/// directory its upper number while `stat` gives its origin's.
 fn link_structure(label: &str, root: &Path, d_ino: bool) -> Vec<Vec<(String, u64)>> {
     let mut by_ino: std::collections::BTreeMap<(u64, u64), Vec<(String, u64)>> = Default::default();
     fn rec(
