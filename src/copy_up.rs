@@ -190,7 +190,7 @@ impl Union {
             copy_data(from.as_fd(), dst.as_fd(), st.st_size as u64)?;
         }
         let obj = sys::open_path(work, tmp)?;
-        copy_metadata(src, obj.as_fd(), st)?;
+        copy_metadata(src, obj.as_fd(), st, self.ns)?;
         if let Some(dst) = &data
             && !self.tuning.volatile
         {
@@ -214,27 +214,32 @@ fn recorded_origin(src: BorrowedFd<'_>, st: &Stat) -> Option<format::Origin> {
 }
 
 /// Owner, mode, xattrs and times of `src` onto `dst`.
-fn copy_metadata(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, st: &Stat) -> Result<()> {
+fn copy_metadata(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    st: &Stat,
+    ns: format::XattrNamespace,
+) -> Result<()> {
     let is_link = sys::file_type(st.st_mode) == libc::S_IFLNK;
     sys::chown_fd(dst, Some(st.st_uid), Some(st.st_gid))?;
     if !is_link {
         sys::chmod_fd(dst, st.st_mode)?;
     }
-    copy_xattrs(src, dst)?;
+    copy_xattrs(src, dst, ns)?;
     let (atime, mtime) = sys::stat_times(st);
     sys::set_times_fd(dst, atime, mtime)
 }
 
-/// Every xattr but the overlay-private ones.
-fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
+/// Every xattr but the union's own markers.
+fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, ns: format::XattrNamespace) -> Result<()> {
     let names = match sys::list_xattr(src) {
         Ok(n) => n,
         Err(e) if e == Errno::ENOTSUP => return Ok(()),
         Err(e) => return Err(e),
     };
     for name in names {
-        if format::is_private_xattr(&name) {
-            continue;
+        if format::shown_xattr_name(&name, ns).is_none() {
+            continue; // the union's own markers (escaped ones are copied)
         }
         let value = match sys::get_xattr(src, &name) {
             Ok(v) => v,

@@ -191,8 +191,48 @@ pub fn set_impure(dir: BorrowedFd<'_>, ns: XattrNamespace) -> Result<()> {
 const OPAQUE_NAMES: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
 const WHITEOUT_NAMES: [&str; 2] = ["trusted.overlay.whiteout", "user.overlay.whiteout"];
 
+impl XattrNamespace {
+    /// `trusted.overlay.` or `user.overlay.`: where the markers live.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            XattrNamespace::Trusted => "trusted.overlay.",
+            XattrNamespace::User => "user.overlay.",
+        }
+    }
+}
+
+/// The name an xattr given through the mount is stored under. An
+/// overlay-private name of the union's own namespace is escaped as the
+/// kernel (6.7+) escapes it for nested overlays: `trusted.overlay.X` is
+/// stored as `trusted.overlay.overlay.X`, so an overlay stacked on this one
+/// keeps its markers apart from the union's. None for a private name of
+/// the other namespace (refused, as ever).
+pub fn stored_xattr_name(name: &OsStr, ns: XattrNamespace) -> Option<OsString> {
+    if !is_private_xattr(name) {
+        return Some(name.to_os_string());
+    }
+    let rest = name.as_bytes().strip_prefix(ns.prefix().as_bytes())?;
+    let mut v = ns.prefix().as_bytes().to_vec();
+    v.extend_from_slice(b"overlay.");
+    v.extend_from_slice(rest);
+    Some(std::os::unix::ffi::OsStringExt::from_vec(v))
+}
+
+/// The name a stored xattr is shown under through the mount: an escaped
+/// name unescaped; None for the union's own markers (hidden).
+pub fn shown_xattr_name(stored: &OsStr, ns: XattrNamespace) -> Option<OsString> {
+    if !is_private_xattr(stored) {
+        return Some(stored.to_os_string());
+    }
+    let rest = stored.as_bytes().strip_prefix(ns.prefix().as_bytes())?;
+    let rest = rest.strip_prefix(b"overlay.")?;
+    let mut v = ns.prefix().as_bytes().to_vec();
+    v.extend_from_slice(rest);
+    Some(std::os::unix::ffi::OsStringExt::from_vec(v))
+}
+
 /// True for names in the overlay-private xattr namespaces, which the union
-/// hides from and refuses to its users.
+/// hides from and refuses to its users (but see `stored_xattr_name`).
 pub fn is_private_xattr(name: &OsStr) -> bool {
     let b = name.as_bytes();
     b.starts_with(b"trusted.overlay.") || b.starts_with(b"user.overlay.")
@@ -292,6 +332,36 @@ mod tests {
         assert_eq!(Origin::decode(&v[..v.len() - 1]), None);
         assert_eq!(Origin::decode(b"y"), None);
         assert_eq!(index_entry_name(&o).unwrap(), OsStr::new(kernel));
+    }
+
+    #[test]
+    fn nested_overlay_names_are_escaped_as_the_kernel_escapes_them() {
+        let t = XattrNamespace::Trusted;
+        let stored = |n: &str| stored_xattr_name(OsStr::new(n), t);
+        let shown = |n: &str| shown_xattr_name(OsStr::new(n), t);
+        assert_eq!(stored("user.a").unwrap(), "user.a");
+        assert_eq!(
+            stored("trusted.overlay.opaque").unwrap(),
+            "trusted.overlay.overlay.opaque"
+        );
+        assert_eq!(
+            stored("trusted.overlay.overlay.x").unwrap(),
+            "trusted.overlay.overlay.overlay.x"
+        );
+        assert_eq!(stored("user.overlay.opaque"), None);
+        assert_eq!(
+            shown("trusted.overlay.overlay.opaque").unwrap(),
+            "trusted.overlay.opaque"
+        );
+        assert_eq!(shown("trusted.overlay.opaque"), None);
+        assert_eq!(shown("trusted.overlay.origin"), None);
+        assert_eq!(shown("security.selinux").unwrap(), "security.selinux");
+        let u = XattrNamespace::User;
+        assert_eq!(
+            stored_xattr_name(OsStr::new("user.overlay.x"), u).unwrap(),
+            "user.overlay.overlay.x"
+        );
+        assert_eq!(stored_xattr_name(OsStr::new("trusted.overlay.x"), u), None);
     }
 
     #[test]

@@ -207,15 +207,13 @@ impl Union {
     }
 
     pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
-        if format::is_private_xattr(name) {
-            return Err(Errno::ENODATA);
-        }
+        let name = format::stored_xattr_name(name, self.ns).ok_or(Errno::ENODATA)?;
         let node = self.node(id)?;
         if node.no_xattrs.load(Ordering::Relaxed) {
             return Err(Errno::ENODATA);
         }
         let target = node.real().0.xattrs()?;
-        let r = target.get(name);
+        let r = target.get(&name);
         if r == Err(Errno::ENODATA) && target.list().is_ok_and(|l| l.is_empty()) {
             node.no_xattrs.store(true, Ordering::Relaxed);
         }
@@ -233,7 +231,7 @@ impl Union {
         }
         Ok(names
             .into_iter()
-            .filter(|n| !format::is_private_xattr(n))
+            .filter_map(|n| format::shown_xattr_name(&n, self.ns))
             .collect())
     }
 
@@ -245,9 +243,7 @@ impl Union {
         flags: i32,
         caller: Caller<'_>,
     ) -> Result<()> {
-        if format::is_private_xattr(name) {
-            return Err(Errno::EPERM);
-        }
+        let stored = format::stored_xattr_name(name, self.ns).ok_or(Errno::EPERM)?;
         let node = self.node(id)?;
         let upper = if name.as_bytes().starts_with(b"system.posix_acl_") {
             self.ensure_upper(&node)?
@@ -255,7 +251,7 @@ impl Union {
             self.upper_for_xattrs(&node)?
         };
         node.no_xattrs.store(false, Ordering::Relaxed);
-        upper.xattrs()?.set(name, value, flags)?;
+        upper.xattrs()?.set(&stored, value, flags)?;
         if name.as_bytes() == ACCESS_ACL && !caller.privileged && node.kind != libc::S_IFLNK {
             // The upper filesystem applied the ACL's mode with the daemon's
             // privileges; the caller's would have cost set-group-id.
@@ -267,14 +263,12 @@ impl Union {
     }
 
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
-        if format::is_private_xattr(name) {
-            return Err(Errno::EPERM);
-        }
+        let stored = format::stored_xattr_name(name, self.ns).ok_or(Errno::EPERM)?;
         let node = self.node(id)?;
         // A missing attribute is ENODATA and must not copy anything up.
         self.getxattr(id, name)?;
         let upper = self.upper_for_xattrs(&node)?;
-        upper.xattrs()?.remove(name)
+        upper.xattrs()?.remove(&stored)
     }
 
     /// Where an xattr change of `node` goes: its upper object, copied up

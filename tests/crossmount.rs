@@ -157,3 +157,97 @@ fn the_index_is_shared_with_the_kernel_both_ways() {
         .collect::<Vec<_>>();
     assert!(entries.is_empty(), "index entries left: {entries:?}");
 }
+
+/// The names of an xattr listing, sorted.
+fn xattr_names(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = lxattrs(p).into_iter().map(|(n, _)| n).collect();
+    v.sort();
+    v
+}
+
+/// Nested overlays (Linux 6.7+): `trusted.overlay.*` set through the union
+/// is stored escaped as `trusted.overlay.overlay.*` and shown back
+/// unescaped, exactly as through the kernel's overlayfs; an overlay stacked
+/// on the union sees its own markers.
+#[test]
+fn overlay_xattrs_nest_as_in_the_kernel() {
+    let s = Scratch::new("nested");
+    let lowers = standard_lowers(&s);
+    // A lower file that already carries an escaped name (as a nested
+    // overlay's upper would).
+    set_xattr(
+        &lowers[1].join("bottom-only"),
+        "trusted.overlay.overlay.mark",
+        b"low",
+    );
+    let (kupper, kwork, kmnt) = (s.dir("kupper"), s.dir("kwork"), s.dir("kmnt"));
+    let (uupper, umnt) = (s.dir("uupper"), s.dir("umnt"));
+    let k = Mount::kernel(&lowers, &kupper, &kwork, &kmnt);
+    let ours = Mount::unionfs(&lowers, &uupper, &umnt, &[]);
+    for root in [&kmnt, &umnt] {
+        fs::create_dir(root.join("nested")).unwrap();
+        set_xattr(&root.join("nested"), "trusted.overlay.opaque", b"y");
+        set_xattr(&root.join("bottom-only"), "user.note", b"copied up");
+    }
+    for (what, root, upper) in [("kernel", &kmnt, &kupper), ("unionfs", &umnt, &uupper)] {
+        assert_eq!(
+            lgetxattr(&root.join("nested"), "trusted.overlay.opaque").as_deref(),
+            Some(&b"y"[..]),
+            "{what}: read back through the mount"
+        );
+        assert_eq!(
+            lgetxattr(&upper.join("nested"), "trusted.overlay.overlay.opaque").as_deref(),
+            Some(&b"y"[..]),
+            "{what}: stored escaped"
+        );
+        assert_eq!(
+            lgetxattr(&upper.join("bottom-only"), "trusted.overlay.overlay.mark").as_deref(),
+            Some(&b"low"[..]),
+            "{what}: an escaped name is copied up"
+        );
+        assert!(
+            xattr_names(&root.join("bottom-only")).contains(&"trusted.overlay.mark".to_string()),
+            "{what}: shown unescaped"
+        );
+    }
+    assert_eq!(
+        xattr_names(&umnt.join("nested")),
+        xattr_names(&kmnt.join("nested"))
+    );
+    assert_eq!(
+        xattr_names(&umnt.join("bottom-only")),
+        xattr_names(&kmnt.join("bottom-only"))
+    );
+    // A kernel overlay over the union: the directory marked opaque through
+    // the union hides what a layer below it has.
+    let below = s.dir("below");
+    write(
+        &below.join("nested/hidden"),
+        "hidden by the opaque marker\n",
+    );
+    let nested = s.dir("nestedmnt");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!("lowerdir={}:{}", umnt.display(), below.display()))
+        .arg(&nested)
+        .status()
+        .unwrap();
+    assert!(st.success(), "a kernel overlay over the union");
+    let hidden = nested.join("nested/hidden").exists();
+    umount_lazy(&nested);
+    assert!(
+        !hidden,
+        "the opaque marker set through the union was not honoured"
+    );
+    // The union's own markers (origin and impure on the root) stay hidden.
+    let root_names = xattr_names(&umnt);
+    assert!(
+        root_names
+            .iter()
+            .all(|n| !n.starts_with("trusted.overlay.")),
+        "{root_names:?}"
+    );
+    assert!(lgetxattr(&uupper, "trusted.overlay.origin").is_some());
+    drop(ours);
+    drop(k);
+}
