@@ -105,6 +105,8 @@ impl Union {
         if let Some((shown, _)) = self.index_entry(entry) {
             for other in self.table.other_names_of(node) {
                 other.show_index_entry(shown.clone());
+                // Pages it cached of the lower file are stale now.
+                self.contents_changed(other.id);
             }
         }
         let upper = Real::At(parent_upper.dir_arc(), name.clone());

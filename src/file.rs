@@ -51,7 +51,7 @@ impl OpenFile {
     }
 
     /// The descriptor to read from: the upper copy once there is one.
-    fn read_fd(&self) -> Result<Arc<OwnedFd>> {
+    pub fn read_fd(&self) -> Result<Arc<OwnedFd>> {
         if !self.on_upper.load(Ordering::Acquire)
             && self.node.copied_up.load(Ordering::Acquire)
             && let Some(upper) = self.node.upper_or_index()

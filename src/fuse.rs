@@ -862,4 +862,10 @@ impl crate::superblock::KernelCache for FuseKernelCache {
             tracing::debug!(dir, "listing invalidation: {e}");
         }
     }
+
+    fn contents_changed(&self, file: u64) {
+        if let Err(e) = self.0.inval_inode(INodeNo(file), 0, 0) {
+            tracing::debug!(file, "page cache invalidation: {e}");
+        }
+    }
 }

@@ -117,8 +117,9 @@ impl Union {
     pub fn getattr(&self, id: u64, fh: Option<u64>) -> Result<Stat> {
         let node = self.node(id)?;
         if let Some(file) = fh.and_then(|fh| self.files.get(&fh).map(|f| f.clone())) {
-            // The open file itself: right for unlinked files (nlink 0).
-            let st = sys::stat_fd(file.fd().as_fd())?;
+            // The open file itself: right for unlinked files (nlink 0); the
+            // upper copy once there is one (another name may have made it).
+            let st = sys::stat_fd(file.read_fd()?.as_fd())?;
             return Ok(self.present(&node, st));
         }
         self.attrs(&node)

@@ -79,6 +79,10 @@ pub trait KernelCache: Send + Sync {
     /// The listing the kernel keeps of directory `dir` is stale although no
     /// name in it changed (an entry's `d_ino` did).
     fn listing_changed(&self, dir: u64);
+
+    /// What the kernel caches of file `file` (pages, attributes) is stale:
+    /// another name of it was copied up.
+    fn contents_changed(&self, file: u64);
 }
 
 pub struct Union {
@@ -117,6 +121,13 @@ impl Union {
     /// The lower layers' root directories, top first.
     pub fn lower_roots(&self) -> &[LowerObj] {
         &self.lower_roots
+    }
+
+    /// The kernel's cached pages and attributes of `file` are stale.
+    pub fn contents_changed(&self, file: u64) {
+        if let Some(c) = self.kernel_cache.get() {
+            c.contents_changed(file);
+        }
     }
 
     /// The kernel's listing of directory `dir` is stale.

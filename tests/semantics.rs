@@ -1215,3 +1215,31 @@ fn writeback_cache_gives_the_kernels_results() {
         assert_eq!(kernel.2, ours.2, "{}: in the upper directory", ours.0);
     }
 }
+
+/// With the index, a name of a lower hard-linked file that is open for
+/// reading shows what is written through another name, as in the kernel
+/// (where both are one inode): data and size, at once.
+#[test]
+fn an_open_name_sees_a_write_through_another_name() {
+    use std::os::unix::fs::FileExt;
+    let s = Scratch::new("hl-open");
+    let l = s.dir("l");
+    write(&l.join("a"), "old data\n");
+    fs::hard_link(l.join("a"), l.join("b")).unwrap();
+    let (ku, kw, km) = (s.dir("ku"), s.dir("kw"), s.dir("km"));
+    let (uu, um) = (s.dir("uu"), s.dir("um"));
+    let k = Mount::kernel(std::slice::from_ref(&l), &ku, &kw, &km);
+    let u = Mount::unionfs(std::slice::from_ref(&l), &uu, &um, &[]);
+    for (what, m) in [("kernel", &km), ("unionfs", &um)] {
+        let b = fs::File::open(m.join("b")).unwrap();
+        let mut buf = vec![0; 64];
+        let n = b.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"old data\n", "{what}");
+        fs::write(m.join("a"), "new data!\n").unwrap();
+        let n = b.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"new data!\n", "{what}: the open name");
+        assert_eq!(b.metadata().unwrap().len(), 10, "{what}: its size");
+    }
+    drop(u);
+    drop(k);
+}
