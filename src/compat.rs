@@ -298,7 +298,7 @@ pub fn plan(o: CompatOptions, mountpoint: Option<&Path>) -> Result<MountPlan, St
         upper,
         mountpoint,
         volatile: o.volatile,
-        index: o.index,
+        index: crate::options::index_with(o.index, o.file_io.writeback)?,
         file_io: o.file_io,
         presentation: o.presentation,
         mount_flags: flags,

@@ -98,6 +98,23 @@ pub struct MountFlags {
     pub fsname: Option<String>,
 }
 
+/// Whether the index is on, given what was asked (None: the default) and
+/// whether the writeback cache is. With the writeback cache the kernel keeps
+/// the size of each name's inode itself and never takes it from the daemon,
+/// so the names of one file (each its own inode here) would disagree after a
+/// write: the index is then off, and asking for both is refused.
+pub fn index_with(index: Option<bool>, writeback: bool) -> Result<Option<bool>, String> {
+    match (index, writeback) {
+        (Some(true), true) => Err(
+            "index=on and writeback=on cannot be used together (with the \
+             writeback cache the names of one file would show different sizes); drop one of them"
+                .into(),
+        ),
+        (_, true) => Ok(Some(false)),
+        (asked, false) => Ok(asked),
+    }
+}
+
 /// Splits `L1:L2:...`, where `\:` is a colon inside a path and `\\` a backslash.
 pub fn split_lowers(s: &str) -> Result<Vec<PathBuf>, String> {
     let mut out = Vec::new();
@@ -265,7 +282,7 @@ pub fn plan(req: &MountRequest) -> Result<MountPlan, String> {
         upper,
         mountpoint,
         volatile: opts.volatile,
-        index: opts.index,
+        index: index_with(opts.index, opts.file_io.writeback)?,
         file_io: opts.file_io,
         presentation: Presentation::default(),
         mount_flags: MountFlags::default(),

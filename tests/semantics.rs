@@ -1221,6 +1221,9 @@ fn writeback_cache_gives_the_kernels_results() {
 /// (where both are one inode): data and size, at once.
 #[test]
 fn an_open_name_sees_a_write_through_another_name() {
+    if index_unavailable("an_open_name_sees_a_write_through_another_name") {
+        return;
+    }
     use std::os::unix::fs::FileExt;
     let s = Scratch::new("hl-open");
     let l = s.dir("l");

@@ -120,6 +120,22 @@ pub struct Mount {
 /// Extra `-o` options every unionfs mount of the tests gets, from
 /// `UNIONFS_TEST_OPTIONS` (CI runs the suite with `passthrough=off` and with
 /// `passthrough=off,writeback=on` too).
+/// Whether unionfs mounts of this run have the index by default: not with
+/// the writeback cache (`UNIONFS_TEST_OPTIONS` with `writeback=on`).
+pub fn index_by_default() -> bool {
+    !test_options().iter().any(|o| o.contains("writeback=on"))
+}
+
+/// True (with a line saying so) when this run cannot have the index, so a
+/// test of the index has nothing to test: `writeback=on` turns it off.
+pub fn index_unavailable(test: &str) -> bool {
+    let unavailable = !index_by_default();
+    if unavailable {
+        eprintln!("{test}: not run: writeback=on in UNIONFS_TEST_OPTIONS turns the index off");
+    }
+    unavailable
+}
+
 fn test_options() -> Vec<String> {
     std::env::var("UNIONFS_TEST_OPTIONS")
         .map(|v| vec![v])
@@ -205,7 +221,7 @@ impl Mount {
     /// Kernel overlayfs over the same kind of layers, the oracle, with the
     /// options unionfs has by default.
     pub fn kernel(lowers: &[PathBuf], upper: &Path, work: &Path, mnt: &Path) -> Mount {
-        Mount::kernel_with_index(lowers, upper, work, mnt, true)
+        Mount::kernel_with_index(lowers, upper, work, mnt, index_by_default())
     }
 
     /// Kernel overlayfs with `index=on` or `index=off`.
