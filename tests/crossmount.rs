@@ -242,7 +242,8 @@ fn overlay_xattrs_nest_as_in_the_kernel() {
         !hidden,
         "the opaque marker set through the union was not honoured"
     );
-    // The union's own markers (origin and impure on the root) stay hidden.
+    // The union's own markers (impure on the root: bottom-only was copied
+    // up) stay hidden.
     let root_names = xattr_names(&umnt);
     assert!(
         root_names
@@ -250,7 +251,7 @@ fn overlay_xattrs_nest_as_in_the_kernel() {
             .all(|n| !n.starts_with("trusted.overlay.")),
         "{root_names:?}"
     );
-    assert!(lgetxattr(&uupper, "trusted.overlay.origin").is_some());
+    assert!(lgetxattr(&uupper, "trusted.overlay.impure").is_some());
     drop(ours);
     drop(k);
 }
