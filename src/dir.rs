@@ -422,16 +422,9 @@ impl Union {
     }
 
     fn node_for(&self, side: &Side, name: &OsStr) -> Arc<Node> {
-        let found = Found {
-            upper: side.found.upper.clone(),
-            lowers: side.found.lowers.clone(),
-            stat: side.found.stat,
-            top_layer: side.found.top_layer,
-            index: side.found.index.clone(),
-        };
-        match self.existing_node(&side.parent, name, &found) {
+        match self.existing_node(&side.parent, name, &side.found) {
             Some(n) => n,
-            None => Arc::new(self.unheld_node(&side.parent, name, found)),
+            None => Arc::new(self.unheld_node(&side.parent, name, side.found.clone())),
         }
     }
 

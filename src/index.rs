@@ -163,10 +163,8 @@ impl Union {
     /// has `st`; the real count where none is recorded.
     pub fn union_nlink(&self, obj: &Real, st: &Stat) -> u64 {
         obj.xattrs()
-            .and_then(|x| x.get(OsStr::new(self.ns.nlink())))
             .ok()
-            .and_then(|v| UnionNlink::parse(&v))
-            .and_then(|n| n.count(st.st_nlink, None))
+            .and_then(|x| recorded_count(&x, self.ns.nlink(), st.st_nlink))
             .unwrap_or(st.st_nlink)
     }
 
@@ -255,10 +253,8 @@ impl Union {
         };
         let counted = held
             .xattrs()
-            .and_then(|x| x.get(OsStr::new(self.ns.nlink())))
             .ok()
-            .and_then(|v| UnionNlink::parse(&v))
-            .and_then(|n| n.count(st.st_nlink, None));
+            .and_then(|x| recorded_count(&x, self.ns.nlink(), st.st_nlink));
         if counted.is_some() {
             return;
         }
@@ -274,6 +270,14 @@ impl Union {
             self.record_nlink(obj.as_fd(), st.st_nlink - 1, st.st_nlink);
         }
     }
+}
+
+/// The union's link count recorded (in `nlink_xattr`) on an indexed file
+/// whose real inode has `real` links; None when none is recorded or it is
+/// not positive.
+fn recorded_count(obj: &sys::XattrTarget, nlink_xattr: &str, real: u64) -> Option<u64> {
+    let v = obj.get(OsStr::new(nlink_xattr)).ok()?;
+    UnionNlink::parse(&v)?.count(real, None)
 }
 
 /// For the crash tests: the daemon kills itself at the point named by
@@ -310,10 +314,8 @@ fn remove_orphans(index: &Index, nlink_xattr: &str) {
             continue;
         }
         let counted = sys::XattrTarget::at(dir, &e.name)
-            .and_then(|x| x.get(OsStr::new(nlink_xattr)))
             .ok()
-            .and_then(|v| UnionNlink::parse(&v))
-            .and_then(|n| n.count(1, None));
+            .and_then(|x| recorded_count(&x, nlink_xattr, 1));
         if counted.is_none() && sys::unlink_at(dir, &e.name, false).is_ok() {
             removed += 1;
         }
