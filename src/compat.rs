@@ -60,7 +60,8 @@ pub const USAGE: &str = "usage: unionfs [-f] [-d] [-o OPTIONS]... [SOURCE] MOUNT
               volatile, fsync=0, uidmapping=C:H:N[:...], gidmapping=C:H:N[:...],
               squash_to_root, squash_to_uid=N, squash_to_gid=N, static_nlink,
               noacl, noxattrs=1, timeout=SECS, passthrough=on|off|auto,
-              writeback=on|off, index=on|off, ro, rw, nosuid, nodev, noexec, noatime,
+              writeback=on|off, index=on|off, redirect_dir=on|off,
+              metacopy=on|off, ro, rw, nosuid, nodev, noexec, noatime,
               allow_other, allow_root";
 
 /// Parses the arguments after the program name.
@@ -148,6 +149,11 @@ pub struct CompatOptions {
     pub volatile: bool,
     /// `index=on|off`; unset means on.
     pub index: Option<bool>,
+    /// `redirect_dir=on|off` (`follow` and `nofollow` write none either);
+    /// unset means on.
+    pub redirect_dir: Option<bool>,
+    /// `metacopy=on|off`; unset means off.
+    pub metacopy: Option<bool>,
     pub file_io: FileIo,
     pub presentation: Presentation,
     pub flags: MountFlags,
@@ -244,12 +250,9 @@ impl CompatOptions {
             ("passthrough", Some(v)) => self.file_io.passthrough = v.parse()?,
             ("writeback", Some(v)) => self.file_io.writeback = on_off(key, v)?,
             ("index", Some(v)) => self.index = Some(on_off(key, v)?),
-            ("redirect_dir", Some("off" | "nofollow")) => {}
-            ("redirect_dir", Some(v)) => {
-                return Err(format!(
-                    "redirect_dir={v} is not supported (directories of lower layers are not renamed: EXDEV)"
-                ));
-            }
+            ("redirect_dir", Some("follow" | "nofollow")) => self.redirect_dir = Some(false),
+            ("redirect_dir", Some(v)) => self.redirect_dir = Some(on_off(key, v)?),
+            ("metacopy", Some(v)) => self.metacopy = Some(on_off(key, v)?),
             ("ro", None) => self.flags.read_only = true,
             ("nosuid", None) => self.flags.nosuid = true,
             ("nodev", None) => self.flags.nodev = true,
@@ -293,7 +296,10 @@ pub fn plan(o: CompatOptions, mountpoint: Option<&Path>) -> Result<MountPlan, St
     let mut flags = o.flags;
     // Without an upper directory the union is read-only, as fuse-overlayfs's.
     flags.read_only |= upper.is_none();
+    let (redirect_dir, metacopy) = crate::options::layout_with(o.redirect_dir, o.metacopy)?;
     Ok(MountPlan {
+        redirect_dir,
+        metacopy,
         lowers,
         upper,
         mountpoint,
@@ -490,8 +496,15 @@ mod tests {
         assert_eq!(o.presentation.ids.gids.shown(1), 100001);
         assert_eq!(o.unknown, vec!["bogus=1"]);
         assert_eq!(o.ignored.len(), 2);
-        assert!(CompatOptions::parse(&["redirect_dir=on".into()]).is_err());
         assert_eq!(o.index, None);
+        let moved = CompatOptions::parse(&["redirect_dir=on,metacopy=on".into()]).unwrap();
+        assert_eq!(
+            (moved.redirect_dir, moved.metacopy),
+            (Some(true), Some(true))
+        );
+        let follow = CompatOptions::parse(&["redirect_dir=nofollow".into()]).unwrap();
+        assert_eq!(follow.redirect_dir, Some(false));
+        assert!(CompatOptions::parse(&["redirect_dir=sometimes".into()]).is_err());
         let off = CompatOptions::parse(&["lowerdir=/l,index=off".into()]).unwrap();
         assert_eq!(off.index, Some(false));
         assert!(CompatOptions::parse(&["index=maybe".into()]).is_err());

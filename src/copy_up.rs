@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use tracing::debug;
 
 use crate::format;
+use crate::namei::is_metadata_only;
 use crate::node::{Node, Real, UPPER};
 use crate::superblock::{Union, remove_tree};
 use crate::sys::{self, Errno, Result, Stat};
@@ -44,6 +45,8 @@ impl Union {
             }
             let lower = node.lower().ok_or(Errno::EIO)?.path_fd()?;
             let lower_stat = sys::stat_fd(lower.as_fd())?;
+            let metadata_only =
+                self.tuning.metacopy && sys::file_type(lower_stat.st_mode) == libc::S_IFREG;
             if let Some(entry) = self.index_name_of(lower.as_fd(), &lower_stat) {
                 return self.link_up_node(
                     node,
@@ -54,10 +57,17 @@ impl Union {
                 );
             }
             let origin = recorded_origin(lower.as_fd(), &lower_stat);
+            // The data: the lower file's, or where a metadata-only lower
+            // copy has it; none for a metadata-only copy.
+            let data = match metadata_only {
+                true => None,
+                false => Some(node.data().0.path_fd()?),
+            };
             let obj = self.copy_up_object(
                 parent_upper.dir(),
                 &name,
                 (lower.as_fd(), &lower_stat),
+                data.as_ref().map(|d| d.as_fd()),
                 origin.as_ref(),
             )?;
             let upper_stat = sys::stat_fd(obj.as_fd())?;
@@ -77,9 +87,15 @@ impl Union {
             } else {
                 Real::At(parent_upper.dir_arc(), name.clone())
             };
-            node.state.write().upper = Some(upper.clone());
-            node.copied_up.store(true, Ordering::Release);
-            debug!(name = ?name, id = node.id, "copied up");
+            {
+                let mut st = node.state.write();
+                st.upper = Some(upper.clone());
+                st.metacopy = metadata_only;
+            }
+            if !metadata_only {
+                node.copied_up.store(true, Ordering::Release);
+            }
+            debug!(name = ?name, id = node.id, metadata_only, "copied up");
             return Ok(upper);
         }
     }
@@ -102,34 +118,81 @@ impl Union {
             // Each name of the file is a node of its own (see `node`).
             self.table.record_per_name(upper_ino, node.ino());
         }
-        if let Some((shown, _)) = self.index_entry(entry) {
+        let mut metacopy = false;
+        if let Some((shown, st)) = self.index_entry(entry) {
+            metacopy = is_metadata_only(&shown, &st);
             for other in self.table.other_names_of(node) {
-                other.show_index_entry(shown.clone());
+                other.show_index_entry(shown.clone(), metacopy);
                 // Pages it cached of the lower file are stale now.
                 self.contents_changed(other.id);
             }
         }
         let upper = Real::At(parent_upper.dir_arc(), name.clone());
-        node.state.write().upper = Some(upper.clone());
-        node.copied_up.store(true, Ordering::Release);
+        {
+            let mut st = node.state.write();
+            st.upper = Some(upper.clone());
+            st.metacopy = metacopy;
+        }
+        node.copied_up.store(!metacopy, Ordering::Release);
         self.listing_changed(parent.id);
         debug!(name = ?name, id = node.id, "copied up through the index");
         Ok(upper)
     }
 
+    /// The upper object of `node` with its data: a metadata-only copy gets
+    /// its data now (see `copy_up_data`).
+    pub fn ensure_data(&self, node: &Arc<Node>) -> Result<Real> {
+        let upper = self.ensure_upper(node)?;
+        if node.is_metacopy() {
+            let _guard = node.copy_up_lock.lock();
+            if node.is_metacopy() {
+                self.copy_up_data(node, &upper)?;
+            }
+        }
+        Ok(upper)
+    }
+
+    /// Fills the metadata-only copy `upper` of `node` with the lower data,
+    /// in place as the kernel does (so every link of it sees the data), and
+    /// only then drops its metadata-only mark: a crash before leaves a
+    /// metadata-only copy that still reads the lower data.
+    fn copy_up_data(&self, node: &Arc<Node>, upper: &Real) -> Result<()> {
+        let (data, _) = node.data();
+        let st = upper.stat()?;
+        let src = data.open(libc::O_RDONLY)?;
+        let dst = upper.open(libc::O_WRONLY)?;
+        copy_data(src.as_fd(), dst.as_fd(), st.st_size as u64)?;
+        if !self.tuning.volatile {
+            sys::fsync(dst.as_fd(), true)?;
+        }
+        let (atime, mtime) = sys::stat_times(&st);
+        sys::set_times_fd(dst.as_fd(), atime, mtime)?;
+        format::clear_metacopy(&upper.xattrs()?)?;
+        node.data_copied_up();
+        for other in self.table.other_names_of(node) {
+            // Names of the same file (with the index) read the upper data now.
+            other.data_copied_up();
+            self.contents_changed(other.id);
+        }
+        debug!(id = node.id, "data copied up");
+        Ok(())
+    }
+
     /// Copies the lower object `src` (with its `stat`) to `name` in the
-    /// upper directory `dir`, recording `origin` on the copy.
+    /// upper directory `dir`, recording `origin` on the copy. `data`: where
+    /// a regular file's data comes from (None: a metadata-only copy).
     fn copy_up_object(
         &self,
         dir: BorrowedFd<'_>,
         name: &OsStr,
         (src, st): (BorrowedFd<'_>, &Stat),
+        data: Option<BorrowedFd<'_>>,
         origin: Option<&format::Origin>,
     ) -> Result<OwnedFd> {
         let dir_times = sys::stat_fd(dir)?;
         let tmp = self.temp_name();
         let work = self.work_fd()?;
-        let built = self.build_copy(&tmp, src, st).and_then(|obj| {
+        let built = self.build_copy(&tmp, src, st, data).and_then(|obj| {
             if let Some(o) = origin {
                 self.record_origin(dir, obj.as_fd(), o);
             }
@@ -162,16 +225,19 @@ impl Union {
         }
     }
 
-    /// Builds the full copy of `src` as `tmp` in the work directory.
+    /// Builds the copy of `src` as `tmp` in the work directory, a regular
+    /// file with the data of `data`, or (None) sized but marked
+    /// metadata-only.
     pub(crate) fn build_copy(
         &self,
         tmp: &OsStr,
         src: BorrowedFd<'_>,
         st: &Stat,
+        data: Option<BorrowedFd<'_>>,
     ) -> Result<OwnedFd> {
         let work = self.work_fd()?;
         let kind = sys::file_type(st.st_mode);
-        let data = match kind {
+        let file = match kind {
             libc::S_IFREG => Some(sys::create_file(work, tmp, libc::O_WRONLY, 0o600)?),
             libc::S_IFDIR => {
                 sys::mkdir_at(work, tmp, 0o700)?;
@@ -187,13 +253,20 @@ impl Union {
                 None
             }
         };
-        if let Some(dst) = &data {
-            let from = sys::reopen(src, libc::O_RDONLY)?;
-            copy_data(from.as_fd(), dst.as_fd(), st.st_size as u64)?;
+        match (&file, data) {
+            (Some(dst), Some(data)) => {
+                let from = sys::reopen(data, libc::O_RDONLY)?;
+                copy_data(from.as_fd(), dst.as_fd(), st.st_size as u64)?;
+            }
+            (Some(dst), None) => sys::ftruncate(dst.as_fd(), st.st_size as u64)?,
+            (None, _) => {}
         }
         let obj = sys::open_path(work, tmp)?;
         copy_metadata(src, obj.as_fd(), st, self.ns)?;
-        if let Some(dst) = &data
+        if let (Some(_), None) = (&file, data) {
+            format::set_metacopy(obj.as_fd(), self.ns)?;
+        }
+        if let Some(dst) = &file
             && !self.tuning.volatile
         {
             sys::fsync(dst.as_fd(), true)?;

@@ -9,11 +9,14 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use crate::format;
+use crate::format::{self, LowerPath};
 use crate::namei::Found;
 use crate::node::{Node, NodeState, Real, UPPER};
 use crate::superblock::{Caller, Union, remove_tree};
 use crate::sys::{self, Errno, Result, Stat};
+
+/// The longest redirect recorded, as the kernel's default `redirect_max`.
+const REDIRECT_MAX: usize = 256;
 
 /// Where a new object goes: the parent's upper directory, and whether a
 /// whiteout is there now.
@@ -170,6 +173,7 @@ impl Union {
                     index: None,
                     lowers: vec![],
                     unlinked: false,
+                    metacopy: false,
                 },
             )
         });
@@ -264,7 +268,12 @@ impl Union {
     pub fn link(&self, id: u64, new_parent: u64, new_name: &OsStr) -> Result<(Arc<Node>, Stat)> {
         let node = self.node(id)?;
         let parent = self.node(new_parent)?;
-        let src = self.ensure_upper(&node)?.path_fd()?;
+        let upper = self.ensure_upper(&node)?;
+        if node.is_metacopy() {
+            // Every name of it must find the data: where it is now.
+            self.record_redirect(&node, &upper, false)?;
+        }
+        let src = upper.path_fd()?;
         let mut make = |d: BorrowedFd<'_>, n: &OsStr| sys::link_fd(src.as_fd(), d, n).map(|_| None);
         let new = NewObject {
             mode: node.kind,
@@ -272,6 +281,9 @@ impl Union {
             make: &mut make,
         };
         let (linked, stat, _) = self.create_object(&parent, new_name, Caller::DAEMON, new)?;
+        if node.is_metacopy() && !Arc::ptr_eq(&node, &linked) {
+            linked.reads_data_of(&node);
+        }
         // A link of an object with an origin makes its new parent impure,
         // as the kernel marks it, so that listings look its number up.
         if let Some(dir) = parent.upper()
@@ -407,14 +419,90 @@ impl Union {
         self.remove_name(&parent, name, &found)
     }
 
-    /// A lower or merged directory cannot be moved (EXDEV), as with the
-    /// kernel's default `redirect_dir=off`; an upper one (opaque or new) can.
-    fn check_movable(side: &Side) -> Result<()> {
-        let f = &side.found;
-        if f.is_dir() && (f.upper.is_none() || !f.lowers.is_empty()) {
+    /// Without `redirect_dir` a lower or merged directory cannot be moved
+    /// (EXDEV, as the kernel's `redirect_dir=off`); an upper one (opaque or
+    /// new) can.
+    fn check_movable(&self, side: &Side) -> Result<()> {
+        if !self.tuning.redirect_dir && Self::has_lower_dirs(&side.found) {
             return Err(Errno::EXDEV);
         }
         Ok(())
+    }
+
+    /// Prepares the upper object `upper` of `node` (resolved as `found`) to
+    /// move into `new_parent` (`samedir`: its own parent), as the kernel
+    /// does: a directory with lower directories, or a metadata-only copy,
+    /// records where its lower objects are; an upper directory moving into
+    /// a merged one becomes opaque.
+    fn prepare_move(
+        &self,
+        node: &Node,
+        found: &Found,
+        upper: &Real,
+        new_parent: &Node,
+        samedir: bool,
+    ) -> Result<()> {
+        if Self::has_lower_dirs(found) || node.is_metacopy() {
+            return self.record_redirect(node, upper, samedir);
+        }
+        if found.is_dir() {
+            self.opaque_if_moved_into_merged(upper, new_parent)?;
+        }
+        Ok(())
+    }
+
+    /// Records on the upper object of `node` where its lower objects are,
+    /// before it moves: its present name for a move within its directory,
+    /// else its absolute path in the lower layers (also for a file of
+    /// several lower links, whose names may be in other directories). A
+    /// redirect already there that still holds is kept. A path longer than
+    /// the kernel takes is EXDEV, for the caller to copy instead.
+    fn record_redirect(&self, node: &Node, upper: &Real, samedir: bool) -> Result<()> {
+        let xattrs = upper.xattrs()?;
+        let present = format::redirect_of(&xattrs)?;
+        if matches!(present, Some(LowerPath::Absolute(_))) || (present.is_some() && samedir) {
+            return Ok(());
+        }
+        let linked = !node.is_dir()
+            && node
+                .lower()
+                .and_then(|l| l.stat().ok())
+                .is_some_and(|st| st.st_nlink > 1);
+        let to = if samedir && !linked {
+            LowerPath::Name(node.parent_and_name().1.to_os_string())
+        } else {
+            self.lower_path_of(node)?
+        };
+        if to.encode().len() > REDIRECT_MAX {
+            return Err(Errno::EXDEV);
+        }
+        xattrs.set(OsStr::new(self.ns.redirect()), &to.encode(), 0)
+    }
+
+    /// The absolute path in the lower layers of what `node` shows: its
+    /// name under its parent's, each name replaced by a redirect found on
+    /// the way up, up to the root or an absolute redirect.
+    fn lower_path_of(&self, node: &Node) -> Result<LowerPath> {
+        let mut parts: Vec<std::ffi::OsString> = Vec::new();
+        let mut cur = node.parent_and_name();
+        let mut at: Option<Real> = node.upper();
+        while let (Some(parent), name) = cur {
+            let redirect = match &at {
+                Some(u) => format::redirect_of(&u.xattrs()?)?,
+                None => None,
+            };
+            match redirect {
+                Some(LowerPath::Absolute(p)) => {
+                    parts.splice(0..0, p);
+                    return Ok(LowerPath::Absolute(parts));
+                }
+                Some(LowerPath::Name(n)) => parts.insert(0, n),
+                None => parts.insert(0, name.to_os_string()),
+            }
+            at = parent.upper();
+            cur = parent.parent_and_name();
+        }
+        Ok(LowerPath::Absolute(parts))
     }
 
     fn has_lower_dirs(found: &Found) -> bool {
@@ -447,7 +535,7 @@ impl Union {
             found: self.resolve(&parent, name)?,
             parent: parent.clone(),
         };
-        Self::check_movable(&src)?;
+        self.check_movable(&src)?;
         let dst = match self.resolve(&new_parent, new_name) {
             Ok(found) => Some(Side {
                 found,
@@ -553,7 +641,8 @@ impl Union {
         st.upper = found.upper.clone();
         st.index = found.index.clone();
         st.lowers = found.lowers.clone();
-        let shows_upper = st.upper.is_some() || st.index.is_some();
+        st.metacopy = found.metacopy;
+        let shows_upper = (st.upper.is_some() || st.index.is_some()) && !st.metacopy;
         node.copied_up
             .store(shows_upper, std::sync::atomic::Ordering::Release);
     }
@@ -582,19 +671,16 @@ impl Union {
     }
 
     fn rename_exchange(&self, src: Side, name: &OsStr, dst: Side, new_name: &OsStr) -> Result<()> {
-        Self::check_movable(&dst)?;
+        self.check_movable(&dst)?;
         let src_node = self.node_for(&src, name);
         let dst_node = self.node_for(&dst, new_name);
-        self.ensure_upper(&src_node)?;
-        self.ensure_upper(&dst_node)?;
+        let src_upper = self.ensure_upper(&src_node)?;
+        let dst_upper = self.ensure_upper(&dst_node)?;
         let from = self.ensure_upper(&src.parent)?;
         let to = self.ensure_upper(&dst.parent)?;
-        if let (true, Some(u)) = (src.found.is_dir(), &src.found.upper) {
-            self.opaque_if_moved_into_merged(u, &dst.parent)?;
-        }
-        if let (true, Some(u)) = (dst.found.is_dir(), &dst.found.upper) {
-            self.opaque_if_moved_into_merged(u, &src.parent)?;
-        }
+        let samedir = src.parent.id == dst.parent.id;
+        self.prepare_move(&src_node, &src.found, &src_upper, &dst.parent, samedir)?;
+        self.prepare_move(&dst_node, &dst.found, &dst_upper, &src.parent, samedir)?;
         sys::rename_at(from.dir(), name, to.dir(), new_name, libc::RENAME_EXCHANGE)?;
         self.mark_impure_if_moved_in(&to, new_name, &src.found);
         self.mark_impure_if_moved_in(&from, name, &dst.found);
@@ -663,9 +749,8 @@ impl Union {
             node.pin()?; // the kernel may still use it (an open file)
         }
         let dst_is_dir = dst_upper.as_ref().is_some_and(sys::is_dir);
-        if src_is_dir {
-            self.opaque_if_moved_into_merged(&src_upper, &new_parent)?;
-        }
+        let samedir = src.parent.id == new_parent.id;
+        self.prepare_move(&src_node, &src.found, &src_upper, &new_parent, samedir)?;
         // An empty merged directory may still hold whiteouts in its upper.
         let dst_holds_whiteouts = dst_is_dir
             && dst.as_ref().is_some_and(|d| Self::has_lower_dirs(&d.found))

@@ -81,9 +81,9 @@ impl Union {
     pub fn open(&self, id: u64, flags: i32) -> Result<Opened> {
         let node = self.node(id)?;
         if wants_write(flags) {
-            self.ensure_upper(&node)?;
+            self.ensure_data(&node)?;
         }
-        let (real, on_upper) = node.real();
+        let (real, on_upper) = node.data();
         let fd = Arc::new(real.open(real_flags(flags))?);
         let fh = self.register_file(node, fd.clone(), on_upper, flags);
         Ok(Opened { fh, fd, on_upper })

@@ -70,6 +70,145 @@ impl XattrNamespace {
             XattrNamespace::User => "user.overlay.upper",
         }
     }
+
+    /// Where a moved directory (or a metadata-only copy) finds its lower
+    /// objects.
+    pub fn redirect(self) -> &'static str {
+        match self {
+            XattrNamespace::Trusted => "trusted.overlay.redirect",
+            XattrNamespace::User => "user.overlay.redirect",
+        }
+    }
+
+    /// A metadata-only copy: the data is still the lower file's.
+    pub fn metacopy(self) -> &'static str {
+        match self {
+            XattrNamespace::Trusted => "trusted.overlay.metacopy",
+            XattrNamespace::User => "user.overlay.metacopy",
+        }
+    }
+}
+
+/// Where the lower objects of a name are looked for: a name in the parent's
+/// lower directories, or (an absolute redirect) a path from the lower
+/// layers' roots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LowerPath {
+    Name(OsString),
+    Absolute(Vec<OsString>),
+}
+
+impl LowerPath {
+    /// Reads an `overlay.redirect` value as the kernel checks it: an
+    /// absolute path of non-empty components, or one name; `.` and `..`
+    /// never (they would leave the layer). None if malformed.
+    pub fn parse(v: &[u8]) -> Option<LowerPath> {
+        let valid = |c: &[u8]| !c.is_empty() && c != b"." && c != b".." && !c.contains(&0);
+        let os = |c: &[u8]| std::os::unix::ffi::OsStringExt::from_vec(c.to_vec());
+        match v.strip_prefix(b"/") {
+            Some(rest) => {
+                let parts: Vec<&[u8]> = rest.split(|&b| b == b'/').collect();
+                parts
+                    .iter()
+                    .all(|c| valid(c))
+                    .then(|| LowerPath::Absolute(parts.into_iter().map(os).collect()))
+            }
+            None => (valid(v) && !v.contains(&b'/')).then(|| LowerPath::Name(os(v))),
+        }
+    }
+
+    /// The `overlay.redirect` value.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            LowerPath::Name(n) => n.as_bytes().to_vec(),
+            LowerPath::Absolute(parts) => parts.iter().fold(Vec::new(), |mut v, p| {
+                v.push(b'/');
+                v.extend_from_slice(p.as_bytes());
+                v
+            }),
+        }
+    }
+
+    /// This path with its component `at` (counted from the end: 0 is the
+    /// last) replaced by `redirect`, as the kernel rewrites the path it
+    /// looks up when an element of it has a redirect of its own.
+    pub fn redirected(&self, from_end: usize, redirect: &LowerPath) -> LowerPath {
+        let parts = match self {
+            LowerPath::Name(n) => vec![n.clone()],
+            LowerPath::Absolute(p) => p.clone(),
+        };
+        let keep = parts.len() - 1 - from_end;
+        let post = &parts[keep + 1..];
+        match redirect {
+            LowerPath::Absolute(r) => LowerPath::Absolute(r.iter().chain(post).cloned().collect()),
+            LowerPath::Name(r) => match self {
+                LowerPath::Name(_) => LowerPath::Name(r.clone()),
+                LowerPath::Absolute(_) => LowerPath::Absolute(
+                    parts[..keep]
+                        .iter()
+                        .chain(std::iter::once(r))
+                        .chain(post)
+                        .cloned()
+                        .collect(),
+                ),
+            },
+        }
+    }
+}
+
+const REDIRECT_NAMES: [&str; 2] = ["trusted.overlay.redirect", "user.overlay.redirect"];
+const METACOPY_NAMES: [&str; 2] = ["trusted.overlay.metacopy", "user.overlay.metacopy"];
+
+/// The redirect recorded on the object behind `obj`: Ok(None) without one,
+/// EINVAL when it is malformed (as the kernel refuses it).
+pub fn redirect_of(obj: &sys::XattrTarget) -> Result<Option<LowerPath>> {
+    for name in REDIRECT_NAMES {
+        if let Ok(v) = obj.get(OsStr::new(name)) {
+            return LowerPath::parse(&v).map(Some).ok_or(Errno::EINVAL);
+        }
+    }
+    Ok(None)
+}
+
+/// Records where a moved object's lower objects are.
+pub fn set_redirect(obj: BorrowedFd<'_>, to: &LowerPath, ns: XattrNamespace) -> Result<()> {
+    sys::set_xattr(obj, OsStr::new(ns.redirect()), &to.encode(), 0)
+}
+
+/// False when the object `st` cannot be a metadata-only copy, which is a
+/// non-empty regular file with no data blocks (its size set by truncate):
+/// its blocks are at most one block of xattrs. A larger file that holds its
+/// data needs no xattr read to know.
+pub fn may_be_metacopy(st: &Stat) -> bool {
+    let held = st.st_blocks * 512;
+    sys::file_type(st.st_mode) == libc::S_IFREG
+        && st.st_size > 0
+        && (held < st.st_size || held <= 4096)
+}
+
+/// Marks the regular file behind `obj` a metadata-only copy (an empty
+/// value, as the kernel writes without fs-verity).
+pub fn set_metacopy(obj: BorrowedFd<'_>, ns: XattrNamespace) -> Result<()> {
+    sys::set_xattr(obj, OsStr::new(ns.metacopy()), b"", 0)
+}
+
+/// Drops the metadata-only mark of `obj` (in either namespace).
+pub fn clear_metacopy(obj: &sys::XattrTarget) -> Result<()> {
+    for n in METACOPY_NAMES {
+        match obj.remove(OsStr::new(n)) {
+            // Absent, or a namespace this process may not touch.
+            Ok(()) | Err(Errno::ENODATA) | Err(Errno::EPERM) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// True when the regular file `obj` is a metadata-only copy.
+pub fn is_metacopy(obj: &sys::XattrTarget) -> bool {
+    METACOPY_NAMES
+        .iter()
+        .any(|n| obj.get(OsStr::new(n)).is_ok())
 }
 
 /// `ovl_fb`: version, magic, length, flags, type, then the 16-byte uuid.
@@ -378,5 +517,36 @@ mod tests {
         assert_eq!(UnionNlink::Upper(-1).count(2, None), Some(1));
         assert_eq!(UnionNlink::Upper(-1).count(1, None), None);
         assert_eq!(UnionNlink::Lower(1).count(1, Some(3)), Some(4));
+    }
+
+    #[test]
+    fn redirects_parse_and_rewrite_as_the_kernels() {
+        let abs = |p: &[&str]| LowerPath::Absolute(p.iter().map(OsString::from).collect());
+        let name = |n: &str| LowerPath::Name(n.into());
+        assert_eq!(LowerPath::parse(b"a"), Some(name("a")));
+        assert_eq!(LowerPath::parse(b"/a/b"), Some(abs(&["a", "b"])));
+        for bad in [
+            &b""[..],
+            b"/",
+            b"//a",
+            b"/a/",
+            b"a/b",
+            b"..",
+            b"/a/../b",
+            b"/.",
+        ] {
+            assert_eq!(LowerPath::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(abs(&["a", "b"]).encode(), b"/a/b");
+        assert_eq!(name("x").encode(), b"x");
+        let p = abs(&["a", "b", "c"]);
+        assert_eq!(p.redirected(1, &name("x")), abs(&["a", "x", "c"]));
+        assert_eq!(
+            p.redirected(2, &abs(&["y", "z"])),
+            abs(&["y", "z", "b", "c"])
+        );
+        assert_eq!(p.redirected(0, &name("x")), abs(&["a", "b", "x"]));
+        assert_eq!(name("a").redirected(0, &name("x")), name("x"));
+        assert_eq!(name("a").redirected(0, &abs(&["q"])), abs(&["q"]));
     }
 }

@@ -217,7 +217,12 @@ impl Union {
         let origin = origin_of_fd(lower).ok_or(Errno::EIO)?;
         let work = self.work_fd()?;
         let tmp = self.temp_name();
-        let made = self.build_copy(&tmp, lower, st).and_then(|obj| {
+        // Metadata only with `metacopy=on`, as the kernel makes it.
+        let data = match self.tuning.metacopy && sys::file_type(st.st_mode) == libc::S_IFREG {
+            true => None,
+            false => Some(lower),
+        };
+        let made = self.build_copy(&tmp, lower, st, data).and_then(|obj| {
             format::set_origin(obj.as_fd(), &origin, self.ns)?;
             self.record_nlink(obj.as_fd(), st.st_nlink, 1);
             sys::rename_at(work, &tmp, index.dir.as_fd(), entry, libc::RENAME_NOREPLACE)?;

@@ -98,6 +98,12 @@ impl Union {
     /// shows the link count recorded for it (see `index`).
     pub fn present(&self, node: &Node, st: Stat) -> Stat {
         let mut shown = node.present(st);
+        if node.is_metacopy() {
+            // A metadata-only copy holds no data blocks: its data's count.
+            if let Ok(data) = node.data().0.stat() {
+                shown.st_blocks = data.st_blocks;
+            }
+        }
         if self.index_is_on() && !node.is_dir() {
             let (real, on_upper) = node.real();
             let has_entry = node.state.read().index.is_some();
@@ -116,7 +122,9 @@ impl Union {
 
     pub fn getattr(&self, id: u64, fh: Option<u64>) -> Result<Stat> {
         let node = self.node(id)?;
-        if let Some(file) = fh.and_then(|fh| self.files.get(&fh).map(|f| f.clone())) {
+        if let Some(file) = fh.and_then(|fh| self.files.get(&fh).map(|f| f.clone()))
+            && !node.is_metacopy()
+        {
             // The open file itself: right for unlinked files (nlink 0); the
             // upper copy once there is one (another name may have made it).
             let st = sys::stat_fd(file.read_fd()?.as_fd())?;
@@ -144,7 +152,10 @@ impl Union {
             // unlinked; a lower file without a name has nowhere to be copied.
             return self.attrs(&node);
         }
-        let upper = self.ensure_upper(&node)?;
+        let upper = match ch.size {
+            Some(_) => self.ensure_data(&node)?,
+            None => self.ensure_upper(&node)?,
+        };
         if let Some(size) = ch.size {
             self.truncate(&node, ch.fh, size)?;
         }
@@ -195,7 +206,7 @@ impl Union {
                 Errno::EINVAL
             });
         }
-        let f = self.ensure_upper(node)?.open(libc::O_WRONLY)?;
+        let f = self.ensure_data(node)?.open(libc::O_WRONLY)?;
         sys::ftruncate(f.as_fd(), size)
     }
 

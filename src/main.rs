@@ -31,7 +31,7 @@ struct Cli {
 enum Command {
     /// Mount LOWER1[:LOWER2...] under the writable UPPER at MNT (foreground).
     Mount {
-        /// Options, comma separated: workdir=DIR, volatile, passthrough=on|off|auto, writeback=on|off, index=on|off.
+        /// Options, comma separated: workdir=DIR, volatile, passthrough=on|off|auto, writeback=on|off, index=on|off, redirect_dir=on|off, metacopy=on|off.
         #[arg(short = 'o', value_name = "OPTS")]
         options: Vec<String>,
         /// Lower directories, top-most first, separated by ':' (write '\:' for a colon in a path).

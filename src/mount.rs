@@ -330,6 +330,8 @@ fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
     };
     let tuning = Tuning {
         volatile: plan.volatile,
+        redirect_dir: plan.redirect_dir,
+        metacopy: plan.metacopy,
     };
     let mut union = Union::new(upper, lowers, tuning);
     if let (Some(u), Some(top), true) = (&plan.upper, &lock, plan.index != Some(false)) {

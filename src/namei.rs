@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use crate::format::{self, Opacity};
+use crate::format::{self, LowerPath, Opacity};
 use crate::node::{LowerObj, Node, NodeState, Real, UPPER};
 use crate::superblock::Union;
 use crate::sys::{self, Errno, Result, Stat};
@@ -27,6 +27,9 @@ pub struct Found {
     /// With the index: the entry that shows a lower hard-linked file some
     /// other name of which was copied up.
     pub index: Option<Real>,
+    /// The top object (upper, or first lower) is a metadata-only copy: the
+    /// data is the last lower object's.
+    pub metacopy: bool,
 }
 
 impl Found {
@@ -78,53 +81,216 @@ fn probe(dir: &LowerObj, name: &OsStr) -> Result<InLayer> {
     }
 }
 
-/// Resolves `name` in the lower directories `dirs`. `below_dir`: an upper
-/// directory already stands above, so only directories merge in.
-/// Returns the lower objects (several only for directories) with the
-/// `stat` of the first.
-pub fn lookup_lowers(
-    dirs: &[LowerObj],
-    name: &OsStr,
-    below_dir: bool,
-) -> Result<(Vec<LowerObj>, Option<Stat>)> {
-    let mut found: Vec<LowerObj> = Vec::new();
-    let mut first: Option<Stat> = None;
-    for dir in dirs {
-        match probe(dir, name)? {
-            InLayer::Absent => continue,
-            InLayer::Whiteout => break,
-            InLayer::Object(real, st) => {
-                let merging = below_dir || !found.is_empty();
-                if !sys::is_dir(&st) {
-                    if !merging {
-                        found.push(LowerObj {
-                            layer: dir.layer,
-                            real,
-                            xwhiteouts: false,
-                        });
-                        first = Some(st);
-                    }
-                    break;
-                }
-                let opacity = format::dir_opacity(real.dir(), true);
-                found.push(LowerObj {
-                    layer: dir.layer,
-                    real,
-                    xwhiteouts: opacity == Opacity::HasXattrWhiteouts,
-                });
-                if first.is_none() {
-                    first = Some(st);
-                }
-                if opacity == Opacity::Opaque {
-                    break;
-                }
-            }
+/// True when the regular file `real` (stat `st`) is a metadata-only copy.
+pub fn is_metadata_only(real: &Real, st: &Stat) -> bool {
+    format::may_be_metacopy(st) && real.xattrs().is_ok_and(|x| format::is_metacopy(&x))
+}
+
+/// What stands above a lookup in the lower layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Above {
+    Nothing,
+    /// An upper directory: only directories merge in.
+    Dir,
+    /// A metadata-only copy: its data is looked for.
+    Metacopy,
+}
+
+/// What the lower layers add under an upper object.
+#[derive(Default)]
+pub struct Below {
+    pub objs: Vec<LowerObj>,
+    /// The upper object is a metadata-only copy of the last of `objs`.
+    pub metacopy: bool,
+}
+
+/// What the lookup of a path in one lower layer found.
+struct LayerHit {
+    /// What the layer holds at the path's last element.
+    hit: InLayer,
+    /// An element on the way ends the search in the layers below (a
+    /// whiteout, a non-directory or an opaque directory).
+    stop: bool,
+    /// The path to look up in the layers below (changed by redirects on
+    /// the way).
+    path: LowerPath,
+}
+
+/// Looks `path` up in one lower layer: a name in `dir` (the parent's
+/// directory in that layer), or an absolute path from `dir` (the layer's
+/// root), element by element as the kernel walks it.
+fn lookup_in_layer(dir: &LowerObj, path: &LowerPath) -> Result<LayerHit> {
+    let parts = match path {
+        LowerPath::Name(n) => {
+            return Ok(LayerHit {
+                hit: probe(dir, n)?,
+                stop: false,
+                path: path.clone(),
+            });
         }
+        LowerPath::Absolute(parts) => parts,
+    };
+    let mut next = path.clone();
+    let mut stop = false;
+    let mut cur = dir.clone();
+    for (k, part) in parts.iter().enumerate() {
+        let from_end = parts.len() - 1 - k;
+        let hit = probe(&cur, part)?;
+        if from_end == 0 {
+            return Ok(LayerHit {
+                hit,
+                stop,
+                path: next,
+            });
+        }
+        let real = match hit {
+            InLayer::Object(real, st) if sys::is_dir(&st) => real,
+            InLayer::Absent => break,
+            _ => {
+                stop = true; // a whiteout or a non-directory on the way
+                break;
+            }
+        };
+        let opacity = format::dir_opacity(real.dir(), true);
+        if opacity == Opacity::Opaque {
+            stop = true;
+        } else if let Some(r) = format::redirect_of(&real.xattrs()?)? {
+            stop &= !matches!(r, LowerPath::Absolute(_));
+            next = next.redirected(from_end, &r);
+        }
+        cur = LowerObj {
+            layer: dir.layer,
+            real,
+            xwhiteouts: opacity == Opacity::HasXattrWhiteouts,
+        };
     }
-    Ok((found, first))
+    Ok(LayerHit {
+        hit: InLayer::Absent,
+        stop,
+        path: next,
+    })
+}
+
+/// What the lower layers hold under a name.
+#[derive(Default)]
+pub struct LowerStack {
+    /// Directories: the lower directories merged, top first. Others: the
+    /// object shown, then (when that one is a metadata-only copy) the one
+    /// holding the data.
+    pub objs: Vec<LowerObj>,
+    /// `stat` of the first object.
+    pub stat: Option<Stat>,
 }
 
 impl Union {
+    /// Resolves `name` in the lower directories `dirs` (of a parent).
+    /// `below_dir`: an upper directory already stands above, so only
+    /// directories merge in.
+    pub fn lookup_lowers(
+        &self,
+        dirs: &[LowerObj],
+        name: &OsStr,
+        below_dir: bool,
+    ) -> Result<LowerStack> {
+        let above = if below_dir {
+            Above::Dir
+        } else {
+            Above::Nothing
+        };
+        self.lookup_lower_path(dirs, LowerPath::Name(name.to_os_string()), above)
+    }
+
+    /// Resolves `path` through the lower layers as the kernel does: a name
+    /// in `dirs`, an absolute path from the layers' roots. A redirect found
+    /// on the way changes the path looked up in the layers below; an
+    /// absolute one goes on from the roots, at the next layer. `above`: what
+    /// the upper layer holds there.
+    pub fn lookup_lower_path(
+        &self,
+        dirs: &[LowerObj],
+        mut path: LowerPath,
+        above: Above,
+    ) -> Result<LowerStack> {
+        let roots = self.lower_roots();
+        let from_roots = |p: &LowerPath| matches!(p, LowerPath::Absolute(_));
+        let mut stack = if from_roots(&path) { roots } else { dirs };
+        let mut out = LowerStack::default();
+        let mut merging = above == Above::Dir;
+        let mut wants_data = above == Above::Metacopy;
+        let mut i = 0;
+        while i < stack.len() {
+            let layer = &stack[i];
+            let step = lookup_in_layer(layer, &path)?;
+            let mut stop = step.stop;
+            path = step.path;
+            match step.hit {
+                InLayer::Absent => {}
+                InLayer::Whiteout => break,
+                InLayer::Object(real, st) if !sys::is_dir(&st) => {
+                    if merging || (wants_data && sys::file_type(st.st_mode) != libc::S_IFREG) {
+                        break;
+                    }
+                    let xattrs = real.xattrs()?;
+                    let metacopy = format::may_be_metacopy(&st) && format::is_metacopy(&xattrs);
+                    // Of a chain of metadata-only copies, only the top one
+                    // and the data count.
+                    if out.objs.is_empty() || !metacopy {
+                        out.objs.push(LowerObj {
+                            layer: layer.layer,
+                            real: real.clone(),
+                            xwhiteouts: false,
+                        });
+                        out.stat.get_or_insert(st);
+                    }
+                    wants_data = metacopy;
+                    if !metacopy {
+                        break;
+                    }
+                    if let Some(r) = format::redirect_of(&xattrs)? {
+                        path = path.redirected(0, &r);
+                    }
+                }
+                InLayer::Object(real, st) => {
+                    if wants_data {
+                        break;
+                    }
+                    merging = true;
+                    let opacity = format::dir_opacity(real.dir(), true);
+                    let redirect = match opacity {
+                        Opacity::Opaque => None,
+                        _ => format::redirect_of(&real.xattrs()?)?,
+                    };
+                    out.objs.push(LowerObj {
+                        layer: layer.layer,
+                        real,
+                        xwhiteouts: opacity == Opacity::HasXattrWhiteouts,
+                    });
+                    out.stat.get_or_insert(st);
+                    stop |= opacity == Opacity::Opaque;
+                    if let Some(r) = redirect {
+                        stop &= !from_roots(&r);
+                        path = path.redirected(0, &r);
+                    }
+                }
+            }
+            if stop {
+                break;
+            }
+            if from_roots(&path) && !std::ptr::eq(stack, roots) {
+                // Go on from the roots, below the layer just searched.
+                stack = roots;
+                i = layer.layer as usize;
+            } else {
+                i += 1;
+            }
+        }
+        if wants_data {
+            // A metadata-only copy whose data is nowhere: as the kernel.
+            return Err(Errno::EIO);
+        }
+        Ok(out)
+    }
+
     /// Resolves `name` in the directory `parent`, without touching the
     /// kernel's reference counts.
     pub fn resolve(&self, parent: &Node, name: &OsStr) -> Result<Found> {
@@ -135,57 +301,88 @@ impl Union {
             let st = parent.state.read();
             (st.upper.clone(), st.lowers.clone())
         };
-        let mut upper = None;
-        if let Some(dir) = &upper_dir {
-            match sys::stat_at(dir.dir(), name) {
+        let upper = match &upper_dir {
+            Some(dir) => match sys::stat_at(dir.dir(), name) {
                 Ok(st) if format::is_whiteout_dev(&st) => return Err(Errno::ENOENT),
-                Ok(st) => {
-                    let real = dir.child(name, &st)?;
-                    let ends_here = !sys::is_dir(&st)
-                        || format::dir_opacity(real.dir(), false) == Opacity::Opaque;
-                    if ends_here {
-                        let found = Found {
-                            upper: Some(real),
-                            lowers: vec![],
-                            stat: st,
-                            top_layer: UPPER,
-                            index: None,
-                        };
-                        self.identify(&lower_dirs, name, &found);
-                        return Ok(found);
-                    }
-                    upper = Some((real, st));
-                }
-                Err(Errno::ENOENT) => {}
+                Ok(st) => Some((dir.child(name, &st)?, st)),
+                Err(Errno::ENOENT) => None,
                 Err(e) => return Err(e),
-            }
+            },
+            None => None,
+        };
+        if let Some((real, st)) = upper {
+            let below = self.lowers_below_upper(&lower_dirs, name, &real, &st)?;
+            let found = Found {
+                upper: Some(real),
+                lowers: below.objs,
+                stat: st,
+                top_layer: UPPER,
+                index: None,
+                metacopy: below.metacopy,
+            };
+            self.identify(&lower_dirs, name, &found);
+            return Ok(found);
         }
-        let (lowers, lower_stat) = lookup_lowers(&lower_dirs, name, upper.is_some())?;
-        match (upper, lower_stat) {
-            (Some((fd, st)), _) => {
-                let found = Found {
-                    upper: Some(fd),
-                    lowers,
-                    stat: st,
-                    top_layer: UPPER,
-                    index: None,
-                };
-                self.identify(&lower_dirs, name, &found);
-                Ok(found)
+        let lowers = self.lookup_lowers(&lower_dirs, name, false)?;
+        let st = lowers.stat.ok_or(Errno::ENOENT)?;
+        let top_layer = lowers.objs[0].layer;
+        let index = self.index_entry_of_lower(&lowers.objs[0].real, &st);
+        let metacopy = match &index {
+            Some(entry) => entry.stat().is_ok_and(|st| is_metadata_only(entry, &st)),
+            None => lowers.objs.len() > 1 && !sys::is_dir(&st),
+        };
+        Ok(Found {
+            upper: None,
+            lowers: lowers.objs,
+            stat: st,
+            top_layer,
+            index,
+            metacopy,
+        })
+    }
+
+    /// What the lower layers add under the upper object `real` (stat `st`)
+    /// named `name` in a directory whose lower directories are `lower_dirs`:
+    /// the directories merged under a directory that is not opaque (found
+    /// where its redirect says, if it has one), the data of a metadata-only
+    /// copy; nothing for anything else.
+    pub fn lowers_below_upper(
+        &self,
+        lower_dirs: &[LowerObj],
+        name: &OsStr,
+        real: &Real,
+        st: &Stat,
+    ) -> Result<Below> {
+        let own_name = || LowerPath::Name(name.to_os_string());
+        if sys::is_dir(st) {
+            if format::dir_opacity(real.dir(), false) == Opacity::Opaque {
+                return Ok(Below::default());
             }
-            (None, Some(st)) => {
-                let top_layer = lowers[0].layer;
-                let index = self.index_entry_of_lower(&lowers[0].real, &st);
-                Ok(Found {
-                    upper: None,
-                    lowers,
-                    stat: st,
-                    top_layer,
-                    index,
-                })
-            }
-            (None, None) => Err(Errno::ENOENT),
+            let path = format::redirect_of(&real.xattrs()?)?.unwrap_or_else(own_name);
+            let objs = self.lookup_lower_path(lower_dirs, path, Above::Dir)?.objs;
+            return Ok(Below {
+                objs,
+                metacopy: false,
+            });
         }
+        if !format::may_be_metacopy(st) {
+            return Ok(Below::default());
+        }
+        let xattrs = real.xattrs()?;
+        if !format::is_metacopy(&xattrs) {
+            return Ok(Below::default());
+        }
+        let path = format::redirect_of(&xattrs)?.unwrap_or_else(own_name);
+        let objs = self
+            .lookup_lower_path(lower_dirs, path, Above::Metacopy)?
+            .objs;
+        if objs.is_empty() {
+            return Err(Errno::EIO); // no data anywhere, as the kernel says
+        }
+        Ok(Below {
+            objs,
+            metacopy: true,
+        })
     }
 
     /// The index entry showing the lower object `real` (stat `st`), if
@@ -262,7 +459,10 @@ impl Union {
         origin: &format::Origin,
         linked: bool,
     ) -> Option<u64> {
-        if let Ok((objs, Some(st))) = lookup_lowers(lower_dirs, name, false)
+        if let Ok(LowerStack {
+            objs,
+            stat: Some(st),
+        }) = self.lookup_lowers(lower_dirs, name, false)
             && let Some(l) = objs.first()
             && !sys::is_dir(&st)
             && let Ok(fd) = l.real.path_fd()
@@ -300,7 +500,7 @@ impl Union {
         if dirs.is_empty() {
             return Ok(false);
         }
-        Ok(lookup_lowers(&dirs, name, false)?.1.is_some())
+        Ok(self.lookup_lowers(&dirs, name, false)?.stat.is_some())
     }
 
     /// The `st_ino` of the file whose names are nodes of their own, if the
@@ -375,6 +575,7 @@ impl Union {
                 index: found.index,
                 lowers: found.lowers,
                 unlinked: false,
+                metacopy: found.metacopy,
             },
         )
     }
@@ -397,6 +598,7 @@ impl Union {
         let stat = found.stat;
         let alias = self.per_name_file(&found);
         let index = found.index.clone();
+        let metacopy = found.metacopy;
         let from_lower = found.upper.is_none();
         let mut made = false;
         let node = self.table.acquire(id, || {
@@ -415,7 +617,7 @@ impl Union {
             node.set_location(parent.clone(), name, None);
         }
         if let Some(entry) = index {
-            node.show_index_entry(entry);
+            node.show_index_entry(entry, metacopy);
         }
         let stat = match node.upper_or_index() {
             // A lower name shown by the index entry (or linked up meanwhile).

@@ -169,6 +169,9 @@ pub struct NodeState {
     pub lowers: Vec<LowerObj>,
     /// A lower-only object whose name was removed (its real nlink stays 1).
     pub unlinked: bool,
+    /// A regular file whose top object (upper, or first lower) is a
+    /// metadata-only copy: the data is the last lower object's.
+    pub metacopy: bool,
 }
 
 #[derive(Debug)]
@@ -209,7 +212,7 @@ impl Node {
         kind: u32,
         state: NodeState,
     ) -> Node {
-        let copied_up = state.upper.is_some();
+        let copied_up = state.upper.is_some() && !state.metacopy;
         Node {
             id,
             ino: AtomicU64::new(ino),
@@ -270,6 +273,24 @@ impl Node {
         }
     }
 
+    /// The object holding the data and whether it is on the upper
+    /// filesystem: the lower data of a metadata-only copy, else `real()`.
+    pub fn data(&self) -> (Real, bool) {
+        let st = self.state.read();
+        match (st.metacopy, st.lowers.last()) {
+            (true, Some(l)) => (l.real.clone(), false),
+            _ => {
+                drop(st);
+                self.real()
+            }
+        }
+    }
+
+    /// True for a metadata-only copy (see `NodeState::metacopy`).
+    pub fn is_metacopy(&self) -> bool {
+        self.state.read().metacopy
+    }
+
     /// The upper object, or the index entry shown in its place.
     pub fn upper_or_index(&self) -> Option<Real> {
         let st = self.state.read();
@@ -282,11 +303,33 @@ impl Node {
     }
 
     /// Shows the index entry `entry` from now on, if the node has no upper
-    /// object (another name of its file was copied up).
-    pub fn show_index_entry(&self, entry: Real) {
+    /// object (another name of its file was copied up). `metacopy`: the
+    /// entry holds metadata only; the data stays the lower file's.
+    pub fn show_index_entry(&self, entry: Real, metacopy: bool) {
         let mut st = self.state.write();
         if st.upper.is_none() {
             st.index = Some(entry);
+            st.metacopy = metacopy;
+            self.copied_up.store(!metacopy, Ordering::Release);
+        }
+    }
+
+    /// The node, a new link of `other`'s metadata-only copy, reads the
+    /// data `other` reads.
+    pub fn reads_data_of(&self, other: &Node) {
+        let lowers = other.state.read().lowers.clone();
+        let mut st = self.state.write();
+        st.lowers = lowers;
+        st.metacopy = true;
+        self.copied_up.store(false, Ordering::Release);
+    }
+
+    /// The node's upper object now holds the data (a metadata-only copy
+    /// got it, through this name or another).
+    pub fn data_copied_up(&self) {
+        let mut st = self.state.write();
+        st.metacopy = false;
+        if st.upper.is_some() || st.index.is_some() {
             self.copied_up.store(true, Ordering::Release);
         }
     }

@@ -44,6 +44,10 @@ pub struct MountPlan {
     /// The inode index (`index=on`, the default when None): lower hard
     /// links stay linked through copy-up, as with the kernel's `index=on`.
     pub index: Option<bool>,
+    /// Lower and merged directories can be renamed (`redirect_dir=on`).
+    pub redirect_dir: bool,
+    /// Metadata changes copy up metadata only (`metacopy=on`).
+    pub metacopy: bool,
     pub file_io: FileIo,
     pub presentation: Presentation,
     pub mount_flags: MountFlags,
@@ -115,6 +119,23 @@ pub fn index_with(index: Option<bool>, writeback: bool) -> Result<Option<bool>, 
     }
 }
 
+/// What the union writes, from `redirect_dir` and `metacopy` as asked (None:
+/// the default, on and off): a metadata-only copy that is renamed records
+/// where its data is, so `metacopy=on` needs redirects, as the kernel's does.
+pub fn layout_with(
+    redirect_dir: Option<bool>,
+    metacopy: Option<bool>,
+) -> Result<(bool, bool), String> {
+    match (redirect_dir, metacopy) {
+        (Some(false), Some(true)) => Err(
+            "metacopy=on needs redirect_dir=on (a renamed metadata-only copy records where its \
+             data is); drop redirect_dir=off"
+                .into(),
+        ),
+        (r, m) => Ok((r.unwrap_or(true) || m == Some(true), m.unwrap_or(false))),
+    }
+}
+
 /// Splits `L1:L2:...`, where `\:` is a colon inside a path and `\\` a backslash.
 pub fn split_lowers(s: &str) -> Result<Vec<PathBuf>, String> {
     let mut out = Vec::new();
@@ -146,6 +167,8 @@ struct Options {
     workdir: Option<PathBuf>,
     volatile: bool,
     index: Option<bool>,
+    redirect_dir: Option<bool>,
+    metacopy: Option<bool>,
     file_io: FileIo,
 }
 
@@ -161,6 +184,8 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
             Some(("passthrough", mode)) => o.file_io.passthrough = mode.parse()?,
             Some(("writeback", v)) => o.file_io.writeback = on_off("writeback", v)?,
             Some(("index", v)) => o.index = Some(on_off("index", v)?),
+            Some(("redirect_dir", v)) => o.redirect_dir = Some(on_off("redirect_dir", v)?),
+            Some(("metacopy", v)) => o.metacopy = Some(on_off("metacopy", v)?),
             None if opt == "volatile" => o.volatile = true,
             _ => return Err(format!("unknown mount option '{opt}'")),
         }
@@ -277,12 +302,15 @@ pub fn plan(req: &MountRequest) -> Result<MountPlan, String> {
         mountpoint: &req.mountpoint,
     };
     let (lowers, upper, mountpoint) = check_layers(&layers)?;
+    let (redirect_dir, metacopy) = layout_with(opts.redirect_dir, opts.metacopy)?;
     Ok(MountPlan {
         lowers,
         upper,
         mountpoint,
         volatile: opts.volatile,
         index: index_with(opts.index, opts.file_io.writeback)?,
+        redirect_dir,
+        metacopy,
         file_io: opts.file_io,
         presentation: Presentation::default(),
         mount_flags: MountFlags::default(),
@@ -422,6 +450,14 @@ mod tests {
         assert!(parse_options(&["passthrough=maybe".into()]).is_err());
         assert!(parse_options(&["writeback=maybe".into()]).is_err());
         assert_eq!(parse_options(&[]).unwrap().index, None);
+        assert_eq!(layout_with(None, None), Ok((true, false)));
+        assert_eq!(layout_with(Some(false), None), Ok((false, false)));
+        assert_eq!(layout_with(None, Some(true)), Ok((true, true)));
+        assert!(
+            layout_with(Some(false), Some(true))
+                .unwrap_err()
+                .contains("redirect_dir=off")
+        );
         assert_eq!(
             parse_options(&["index=off".into()]).unwrap().index,
             Some(false)

@@ -164,17 +164,16 @@ impl Union {
                 Err(_) => continue,
             };
             let found = if sys::is_dir(&st) {
-                let below = match crate::namei::lookup_lowers(lowers, &e.name, true) {
-                    Ok((objs, _)) => objs,
-                    Err(_) => continue,
+                let Ok(below) = self.lowers_below_upper(lowers, &e.name, &real, &st) else {
+                    continue;
                 };
-                let opaque = format::dir_opacity(real.dir(), false) == format::Opacity::Opaque;
                 Found {
                     upper: Some(real),
-                    lowers: if opaque { vec![] } else { below },
+                    lowers: below.objs,
                     stat: st,
                     top_layer: UPPER,
                     index: None,
+                    metacopy: false,
                 }
             } else {
                 Found {
@@ -183,6 +182,7 @@ impl Union {
                     stat: st,
                     top_layer: UPPER,
                     index: None,
+                    metacopy: false,
                 }
             };
             self.identify(lowers, &e.name, &found);
@@ -336,6 +336,9 @@ impl Union {
         if e.layer != UPPER && stat.st_nlink > 1 && self.index_is_on() {
             return self.lookup(dir.id, &e.name); // may be shown by an index entry
         }
+        if format::may_be_metacopy(&stat) {
+            return self.lookup(dir.id, &e.name); // its data may be elsewhere
+        }
         let real = Real::At(layer_dir.dir_arc(), Arc::from(e.name.as_os_str()));
         let found = if e.layer == UPPER {
             Found {
@@ -344,6 +347,7 @@ impl Union {
                 stat,
                 top_layer: UPPER,
                 index: None,
+                metacopy: false,
             }
         } else {
             let lower = LowerObj {
@@ -357,6 +361,7 @@ impl Union {
                 stat,
                 top_layer: e.layer,
                 index: None,
+                metacopy: false,
             }
         };
         self.acquire_found(dir, &e.name, found)
@@ -377,6 +382,7 @@ impl Union {
                 index: st.index.clone(),
                 lowers: st.lowers.clone(),
                 unlinked: false,
+                metacopy: false,
             };
             Node::listed(stat.st_ino, named.kind, state)
         })

@@ -71,6 +71,23 @@ impl Caller<'_> {
 pub struct Tuning {
     /// fsync becomes a no-op (for throwaway containers).
     pub volatile: bool,
+    /// Lower and merged directories can be renamed, recording where their
+    /// lower directories are (`redirect_dir=on`).
+    pub redirect_dir: bool,
+    /// A change of metadata only copies up metadata only
+    /// (`metacopy=on`).
+    pub metacopy: bool,
+}
+
+impl Tuning {
+    /// The defaults of `unionfs mount`.
+    pub fn new(volatile: bool) -> Tuning {
+        Tuning {
+            volatile,
+            redirect_dir: true,
+            metacopy: false,
+        }
+    }
 }
 
 /// What the kernel caches that the core must sometimes drop itself: told by
@@ -180,6 +197,7 @@ impl Union {
                 index: None,
                 lowers,
                 unlinked: false,
+                metacopy: false,
             },
         );
         Union {

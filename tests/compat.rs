@@ -362,8 +362,12 @@ fn bad_input_is_one_line_exit_1_and_nothing_mounted() {
             "timeout",
         ),
         (
-            vec!["-o".into(), format!("{good},redirect_dir=on"), mnt.into()],
-            "redirect_dir=on",
+            vec![
+                "-o".into(),
+                format!("{good},redirect_dir=sometimes"),
+                mnt.into(),
+            ],
+            "redirect_dir=sometimes",
         ),
         (
             vec!["-o".into(), format!("{good},passthrough=maybe"), mnt.into()],

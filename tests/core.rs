@@ -62,7 +62,7 @@ impl Core {
         let mut union = Union::new(
             Some((open_dir(&upper), open_dir(&work))),
             vec![open_dir(&lower)],
-            Tuning { volatile: true },
+            Tuning::new(true),
         );
         let index_dir = dir.path().join("index");
         if index {

@@ -310,40 +310,77 @@ fn tar_listing(root: &Path) -> String {
 }
 
 /// A pair of unions over the same lowers: the kernel's and ours, both with
-/// `index=on` or both with `index=off`.
+/// the same features.
 struct Pair {
     kernel: Mount,
     ours: Mount,
-    index: bool,
+    features: Features,
     lowers: Vec<PathBuf>,
     kupper: PathBuf,
     kwork: PathBuf,
     uupper: PathBuf,
+    uwork: PathBuf,
     _scratch: Scratch,
 }
 
 impl Pair {
-    fn new(tag: &str, index: bool) -> Pair {
+    fn new(tag: &str, features: Features) -> Pair {
         let s = Scratch::new(tag);
         let lowers = linked_lowers(&s);
         let (kupper, kwork, kmnt) = (s.dir("kupper"), s.dir("kwork"), s.dir("kmnt"));
-        let (uupper, umnt) = (s.dir("uupper"), s.dir("umnt"));
-        let kernel = Mount::kernel_with_index(&lowers, &kupper, &kwork, &kmnt, index);
-        let ours = Mount::unionfs(&lowers, &uupper, &umnt, &[index_option(index)]);
+        let (uupper, uwork, umnt) = (s.dir("uupper"), s.dir("uwork"), s.dir("umnt"));
+        let kernel = Mount::kernel_with(&lowers, &kupper, &kwork, &kmnt, features);
+        let ours = mount_ours(&lowers, &uupper, &uwork, &umnt, features);
         Pair {
             kernel,
             ours,
-            index,
+            features,
             lowers,
             kupper,
             kwork,
             uupper,
+            uwork,
             _scratch: s,
         }
     }
 
     /// Unmounts both unions and mounts them again over the same layers.
     fn remount(&mut self) {
+        self.mount_uppers(false);
+    }
+
+    /// Each side mounts the other's upper and work directories and must
+    /// show what the other showed; then each gets its own back.
+    fn exchange_uppers(&mut self, label: &str) {
+        let kernel_view = snapshot(&self.kernel.mnt, View::Merged);
+        let our_view = snapshot(&self.ours.mnt, View::Merged);
+        self.mount_uppers(true);
+        let d = diff(
+            "kernel",
+            &kernel_view,
+            "unionfs over the kernel's upper",
+            &snapshot(&self.ours.mnt, View::Merged),
+        );
+        assert!(
+            d.is_empty(),
+            "{label}: unionfs reads the kernel's upper differently:\n{d}"
+        );
+        let d = diff(
+            "unionfs",
+            &our_view,
+            "the kernel over unionfs's upper",
+            &snapshot(&self.kernel.mnt, View::Merged),
+        );
+        assert!(
+            d.is_empty(),
+            "{label}: the kernel reads unionfs's upper differently:\n{d}"
+        );
+        self.mount_uppers(false);
+    }
+
+    /// Unmounts both unions and mounts them again, each over its own upper
+    /// directory, or (`swapped`) over the other's.
+    fn mount_uppers(&mut self, swapped: bool) {
         let placeholder = |kind| Mount {
             kind,
             mnt: PathBuf::from("/nonexistent/unionfs-test-placeholder"),
@@ -356,14 +393,13 @@ impl Pair {
         kernel.unmount();
         let status = ours.unmount();
         assert!(status.is_some_and(|s| s.success()), "unionfs: {status:?}");
-        self.kernel =
-            Mount::kernel_with_index(&self.lowers, &self.kupper, &self.kwork, &kmnt, self.index);
-        self.ours = Mount::unionfs(
-            &self.lowers,
-            &self.uupper,
-            &umnt,
-            &[index_option(self.index)],
-        );
+        let mut k = (&self.kupper, &self.kwork);
+        let mut u = (&self.uupper, &self.uwork);
+        if swapped {
+            std::mem::swap(&mut k, &mut u);
+        }
+        self.kernel = Mount::kernel_with(&self.lowers, k.0, k.1, &kmnt, self.features);
+        self.ours = mount_ours(&self.lowers, u.0, u.1, &umnt, self.features);
     }
 
     /// Runs `ops` on both; panics on the first different outcome.
@@ -439,8 +475,10 @@ impl Pair {
     }
 }
 
-fn index_option(on: bool) -> &'static str {
-    if on { "index=on" } else { "index=off" }
+/// unionfs with `features` over `upper` and its work directory `work`.
+fn mount_ours(lowers: &[PathBuf], upper: &Path, work: &Path, mnt: &Path, f: Features) -> Mount {
+    let work = format!("workdir={}", work.display());
+    Mount::unionfs(lowers, upper, mnt, &[&f.options(), &work])
 }
 
 fn s(x: &str) -> String {
@@ -620,6 +658,142 @@ fn scenarios() -> Vec<(&'static str, Vec<Op>)> {
             ],
         ),
         (
+            // rustup: the toolchain directory is moved aside, a new one made
+            // and filled (part of it moved over from the old), the old one
+            // removed.
+            "program class: a lower tree replaced by a new one (rustup)",
+            vec![
+                Rename(s("dir"), s("dir.old"), 0),
+                Mkdir(s("dir"), 0o755),
+                Write(s("dir/new"), s("v2")),
+                Rename(s("dir.old/sub"), s("dir/sub"), 0),
+                Append(s("dir/sub/leaf"), s("more")),
+                RemoveAll(s("dir.old")),
+                List(s("dir")),
+                List(s("dir/sub")),
+                Remount,
+                Read(s("dir/sub/leaf")),
+                Rename(s("dir"), s("dir2"), 0),
+                Rename(s("dir2"), s("dir"), 0),
+                Stat(s("dir/sub/hl3")),
+                SameInode(s("dir/sub/hl3"), s("hl1")),
+                RemoveAll(s("dir")),
+                List(String::new()),
+            ],
+        ),
+        (
+            // pip: the installed package is moved into a temporary directory
+            // elsewhere, the new one installed, the old one removed.
+            "program class: a package moved aside into another directory (pip, conda)",
+            vec![
+                Mkdir(s("tmp"), 0o700),
+                Rename(s("merged"), s("tmp/merged-backup"), 0),
+                Mkdir(s("merged"), 0o755),
+                Write(s("merged/from-top"), s("new")),
+                Read(s("tmp/merged-backup/deep/file")),
+                Rename(s("tmp/merged-backup/deep"), s("merged/deep"), 0),
+                Write(s("merged/deep/file"), s("changed")),
+                RemoveAll(s("tmp/merged-backup")),
+                List(s("merged")),
+                Remount,
+                List(s("merged/deep")),
+                Read(s("merged/deep/file")),
+                Rename(s("merged"), s("tmp/again"), 0),
+                Remount,
+                List(s("tmp/again/deep")),
+            ],
+        ),
+        (
+            // npm: packages staged under temporary names and moved into
+            // place, nested directories moved on their own.
+            "program class: nested lower directories moved around (npm)",
+            vec![
+                Rename(s("merged/deep"), s("dir/sub/deep"), 0),
+                Rename(s("dir"), s("n"), 0),
+                Rename(s("n/sub"), s("sub2"), 0),
+                Write(s("sub2/deep/file"), s("x")),
+                Rename(s("sub2"), s("dir-again"), 0),
+                Remount,
+                Read(s("dir-again/deep/file")),
+                Read(s("dir-again/leaf")),
+                List(s("n")),
+                Rename(s("dir-again/deep"), s("merged/deep"), 0),
+                List(s("merged/deep")),
+                RemoveAll(s("n")),
+                RemoveAll(s("dir-again")),
+                Remount,
+                List(String::new()),
+                List(s("merged")),
+            ],
+        ),
+        (
+            "directories exchanged: merged with upper, lower with lower",
+            vec![
+                Mkdir(s("new"), 0o755),
+                Write(s("new/x"), s("x")),
+                Rename(s("merged"), s("new"), libc::RENAME_EXCHANGE),
+                List(s("merged")),
+                List(s("new")),
+                Rename(s("dir"), s("new/deep"), libc::RENAME_EXCHANGE),
+                List(s("dir")),
+                List(s("new/deep")),
+                Remount,
+                List(s("merged")),
+                List(s("new")),
+                List(s("new/deep")),
+                Rmdir(s("new/deep")),
+                RemoveAll(s("new")),
+                List(String::new()),
+            ],
+        ),
+        (
+            "directories moved over whiteouts, into opaque ones, and back",
+            vec![
+                Rename(s("dir/sub"), s("merged/gone"), 0),
+                List(s("merged/gone")),
+                Rename(s("merged/gone"), s("dir/sub"), 0),
+                RemoveAll(s("opaque")),
+                Rename(s("dir"), s("opaque"), 0),
+                List(s("opaque/sub")),
+                Mkdir(s("o2"), 0o755),
+                Rename(s("opaque"), s("o2/in"), 0),
+                Rename(s("merged/deep"), s("o2/in/sub/deep"), 0),
+                Remount,
+                List(s("o2/in/sub/deep")),
+                Rename(s("o2/in"), s("dir"), 0),
+                Rmdir(s("dir/sub")),
+                RemoveAll(s("dir/sub")),
+                List(s("dir")),
+            ],
+        ),
+        (
+            "metadata changes of lower files, then data",
+            vec![
+                Chown(s("bottom-only"), 1000, 1000),
+                Read(s("bottom-only")),
+                Stat(s("bottom-only")),
+                Rename(s("bottom-only"), s("merged/moved"), 0),
+                Read(s("merged/moved")),
+                Link(s("merged/moved"), s("dir/l2")),
+                Remount,
+                Read(s("dir/l2")),
+                Append(s("dir/l2"), s("x")),
+                Read(s("merged/moved")),
+                Chmod(s("big"), 0o600),
+                Read(s("big")),
+                Remount,
+                Truncate(s("big"), 5),
+                Read(s("big")),
+                Chmod(s("hl1"), 0o600),
+                Read(s("merged/hl2")),
+                Rename(s("merged/hl2"), s("dir/hl2"), 0),
+                Remount,
+                Append(s("dir/hl2"), s("y")),
+                Read(s("hl1")),
+                Read(s("dir/sub/hl3")),
+            ],
+        ),
+        (
             "names of hard links go while others are opened with O_NOFOLLOW",
             vec![
                 Write(s("f"), s("hello")),
@@ -756,28 +930,29 @@ fn scenarios() -> Vec<(&'static str, Vec<Op>)> {
     ]
 }
 
-fn scenarios_match(index: bool) {
+fn scenarios_match(features: Features) {
     for (name, ops) in scenarios() {
-        let name = format!("{name} ({})", index_option(index));
-        let mut pair = Pair::new("diff", index);
+        let name = format!("{name} ({})", features.options());
+        let mut pair = Pair::new("diff", features);
         pair.run(&name, &ops);
         pair.compare_views(&name);
         pair.run(&name, &[Op::Remount]);
         pair.compare_views(&format!("{name}, after a remount"));
+        pair.exchange_uppers(&name);
     }
 }
 
+/// redirect_dir, index and metacopy on (the index stays off where this run
+/// cannot have it: see `index_unavailable`).
 #[test]
-fn scenarios_match_the_kernel_with_the_index() {
-    if index_unavailable("scenarios_match_the_kernel_with_the_index") {
-        return;
-    }
-    scenarios_match(true);
+fn scenarios_match_the_kernel_with_every_feature() {
+    index_unavailable("scenarios_match_the_kernel_with_every_feature (index part)");
+    scenarios_match(Features::all());
 }
 
 #[test]
-fn scenarios_match_the_kernel_without_the_index() {
-    scenarios_match(false);
+fn scenarios_match_the_kernel_with_no_feature() {
+    scenarios_match(Features::none());
 }
 
 /// A small deterministic generator (xorshift64*).
@@ -841,12 +1016,29 @@ fn random_path(r: &mut Rng) -> String {
     }
 }
 
+/// A directory path: one of the lowers' (merged or not), or a name that
+/// earlier renames may have given one.
+fn random_dir(r: &mut Rng) -> String {
+    let d = r.pick(&DIRS[1..]);
+    if r.next().is_multiple_of(3) {
+        format!(
+            "{}/{}",
+            r.pick(DIRS).trim_start_matches('/'),
+            r.pick(&["sub", "deep", "n", "m"])
+        )
+        .trim_start_matches('/')
+        .to_string()
+    } else {
+        d.to_string()
+    }
+}
+
 fn random_op(r: &mut Rng) -> Op {
     use Op::*;
     let p = random_path(r);
     let q = random_path(r);
     let data = format!("{}", r.next() % 1000);
-    match r.next() % 24 {
+    match r.next() % 30 {
         0 | 1 => Write(p, data),
         2 => Append(p, data),
         3 => Truncate(p, r.next() % 10),
@@ -869,6 +1061,22 @@ fn random_op(r: &mut Rng) -> Op {
         19 | 20 => ReadNoFollow(p),
         21 => SameInode(p, q),
         22 if r.next().is_multiple_of(8) => Remount,
+        // Directories of the lowers, merged ones and ones moved before:
+        // moved, exchanged, removed.
+        24..=26 => {
+            let from = random_dir(r);
+            let to = if r.next().is_multiple_of(2) {
+                p
+            } else {
+                random_dir(r)
+            };
+            let flags = *r.pick(&[0, 0, libc::RENAME_NOREPLACE, libc::RENAME_EXCHANGE]);
+            Rename(from, to, flags)
+        }
+        27 => Rmdir(random_dir(r)),
+        // Metadata changes of lower files (metadata-only copy-up).
+        28 => Chown(p, *r.pick(&[0, 1000]), *r.pick(&[0, 1000])),
+        29 => Chmod(p, *r.pick(&[0o600, 0o755, 0o444])),
         _ => {
             if r.next().is_multiple_of(4) {
                 RemoveAll(p)
@@ -880,19 +1088,17 @@ fn random_op(r: &mut Rng) -> Op {
 }
 
 #[test]
-fn random_operations_match_the_kernel_with_the_index() {
-    if index_unavailable("random_operations_match_the_kernel_with_the_index") {
-        return;
-    }
-    random_operations_match(true);
+fn random_operations_match_the_kernel_with_every_feature() {
+    index_unavailable("random_operations_match_the_kernel_with_every_feature (index part)");
+    random_operations_match(Features::all());
 }
 
 #[test]
-fn random_operations_match_the_kernel_without_the_index() {
-    random_operations_match(false);
+fn random_operations_match_the_kernel_with_no_feature() {
+    random_operations_match(Features::none());
 }
 
-fn random_operations_match(index: bool) {
+fn random_operations_match(features: Features) {
     let seeds: Vec<u64> = match std::env::var("UNIONFS_DIFF_SEEDS") {
         Ok(v) => v.split(',').map(|s| s.parse().unwrap()).collect(),
         Err(_) => (1..=12).collect(),
@@ -903,13 +1109,28 @@ fn random_operations_match(index: bool) {
         .unwrap_or(1000);
     let mut total = 0;
     for seed in seeds {
-        let mut pair = Pair::new("rand", index);
+        let mut pair = Pair::new("rand", features);
         let mut r = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
-        let ops: Vec<Op> = (0..per_seed).map(|_| random_op(&mut r)).collect();
+        let mut ops: Vec<Op> = Vec::new();
+        while ops.len() < per_seed {
+            let op = random_op(&mut r);
+            // A rename is often undone soon after: renames back.
+            let back = match &op {
+                Op::Rename(a, b, 0) if r.next().is_multiple_of(3) => {
+                    Some(Op::Rename(b.clone(), a.clone(), 0))
+                }
+                _ => None,
+            };
+            ops.push(op);
+            if let Some(back) = back {
+                ops.push(random_op(&mut r));
+                ops.push(back);
+            }
+        }
         for (chunk_no, chunk) in ops.chunks(100).enumerate() {
             let label = format!(
                 "{}, seed {seed}, operations {}..",
-                index_option(index),
+                features.options(),
                 chunk_no * 100
             );
             pair.run(&label, chunk);
@@ -919,6 +1140,7 @@ fn random_operations_match(index: bool) {
         pair.run(&format!("seed {seed}"), &[Op::Remount]);
         pair.compare_views(&format!("seed {seed}, remounted"));
         pair.compare_copies(&format!("seed {seed}, remounted"));
+        pair.exchange_uppers(&format!("seed {seed}"));
         // Finally `rm -rf` of everything that is left.
         let everything: Vec<Op> = fs::read_dir(&pair.kernel.mnt)
             .unwrap()
@@ -935,6 +1157,6 @@ fn random_operations_match(index: bool) {
     }
     eprintln!(
         "random differential ({}): {total} operations matched the kernel",
-        index_option(index)
+        features.options()
     );
 }

@@ -383,9 +383,21 @@ fn rename_rules() {
             .file_type()
             .is_char_device()
     );
-    // Lower and merged directories: EXDEV, as the kernel's default.
-    assert_eq!(renameat2(&f.p("merged"), &f.p("m2"), 0), libc::EXDEV);
-    assert_eq!(renameat2(&f.p("dir"), &f.p("d2"), 0), libc::EXDEV);
+    // Lower and merged directories move, recording where their lower
+    // directories are (redirect_dir=on, the default).
+    fs::rename(f.p("merged"), f.p("m2")).unwrap();
+    assert_eq!(read(&f.p("m2/deep/file")), "deep\n");
+    assert_eq!(
+        lgetxattr(&f.up("m2"), "trusted.overlay.redirect").as_deref(),
+        Some(&b"merged"[..])
+    );
+    fs::create_dir(f.p("elsewhere")).unwrap();
+    fs::rename(f.p("dir"), f.p("elsewhere/d2")).unwrap();
+    assert_eq!(read(&f.p("elsewhere/d2/sub/leaf")), "leaf\n");
+    assert_eq!(
+        lgetxattr(&f.up("elsewhere/d2"), "trusted.overlay.redirect").as_deref(),
+        Some(&b"/dir"[..])
+    );
     // Upper-only directories move natively.
     fs::create_dir(f.p("newdir")).unwrap();
     fs::write(f.p("newdir/x"), "x").unwrap();
@@ -414,6 +426,34 @@ fn rename_rules() {
     fs::rename(f.p("opaque"), f.p("bottom-only")).unwrap();
     assert_eq!(names(&f.p("bottom-only")), ["x"]);
     f.assert_lowers_untouched();
+}
+
+/// `redirect_dir=off` keeps the layout of old kernels and of other FUSE
+/// unions: lower and merged directories cannot move (EXDEV, for the program
+/// to copy instead); upper ones can.
+#[test]
+fn without_redirects_lower_directories_do_not_move() {
+    let s = Scratch::new("noredirect");
+    let lowers = standard_lowers(&s);
+    let (upper, mnt) = (s.dir("upper"), s.dir("mnt"));
+    let _m = Mount::unionfs(&lowers, &upper, &mnt, &["redirect_dir=off"]);
+    assert_eq!(
+        renameat2(&mnt.join("merged"), &mnt.join("m2"), 0),
+        libc::EXDEV
+    );
+    assert_eq!(renameat2(&mnt.join("dir"), &mnt.join("d2"), 0), libc::EXDEV);
+    assert_eq!(
+        renameat2(
+            &mnt.join("dir/sub"),
+            &mnt.join("merged"),
+            libc::RENAME_EXCHANGE
+        ),
+        libc::EXDEV
+    );
+    fs::create_dir(mnt.join("new")).unwrap();
+    fs::rename(mnt.join("new"), mnt.join("merged/new2")).unwrap();
+    assert!(mnt.join("merged/new2").is_dir());
+    assert!(lgetxattr(&upper.join("merged/new2"), "trusted.overlay.redirect").is_none());
 }
 
 #[test]

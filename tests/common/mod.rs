@@ -122,6 +122,55 @@ pub struct Mount {
 /// `passthrough=off,writeback=on` too).
 /// Whether unionfs mounts of this run have the index by default: not with
 /// the writeback cache (`UNIONFS_TEST_OPTIONS` with `writeback=on`).
+/// The overlay features a union is mounted with, as the kernel names them:
+/// the same on both sides of a comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    pub redirect_dir: bool,
+    pub index: bool,
+    pub metacopy: bool,
+}
+
+impl Features {
+    /// unionfs's defaults in this run (the index is off with writeback=on).
+    pub fn defaults() -> Features {
+        Features {
+            redirect_dir: true,
+            index: index_by_default(),
+            metacopy: false,
+        }
+    }
+
+    /// Every feature this run can have on.
+    pub fn all() -> Features {
+        Features {
+            metacopy: true,
+            ..Features::defaults()
+        }
+    }
+
+    /// Every feature off: the layout of the oldest kernels and of
+    /// fuse-overlayfs.
+    pub fn none() -> Features {
+        Features {
+            redirect_dir: false,
+            index: false,
+            metacopy: false,
+        }
+    }
+
+    /// The `-o` options, for the kernel's mount and for ours.
+    pub fn options(&self) -> String {
+        let on = |b: bool| if b { "on" } else { "off" };
+        format!(
+            "redirect_dir={},index={},metacopy={}",
+            on(self.redirect_dir),
+            on(self.index),
+            on(self.metacopy)
+        )
+    }
+}
+
 pub fn index_by_default() -> bool {
     !test_options().iter().any(|o| o.contains("writeback=on"))
 }
@@ -221,23 +270,23 @@ impl Mount {
     /// Kernel overlayfs over the same kind of layers, the oracle, with the
     /// options unionfs has by default.
     pub fn kernel(lowers: &[PathBuf], upper: &Path, work: &Path, mnt: &Path) -> Mount {
-        Mount::kernel_with_index(lowers, upper, work, mnt, index_by_default())
+        Mount::kernel_with(lowers, upper, work, mnt, Features::defaults())
     }
 
-    /// Kernel overlayfs with `index=on` or `index=off`.
-    pub fn kernel_with_index(
+    /// Kernel overlayfs with the features `f`.
+    pub fn kernel_with(
         lowers: &[PathBuf],
         upper: &Path,
         work: &Path,
         mnt: &Path,
-        index: bool,
+        f: Features,
     ) -> Mount {
         let opts = format!(
-            "lowerdir={},upperdir={},workdir={},redirect_dir=off,index={},metacopy=off",
+            "lowerdir={},upperdir={},workdir={},{}",
             lower_arg(lowers),
             upper.display(),
             work.display(),
-            if index { "on" } else { "off" }
+            f.options()
         );
         let st = Command::new("mount")
             .args(["-t", "overlay", "overlay", "-o", &opts])
