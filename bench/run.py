@@ -59,6 +59,8 @@ WORKLOADS = [
     ("find_cold", "find of the lower tree, cold", "ms", LOWER),
     ("untar", "untar the rootfs-like tarball", "ms", LOWER),
     ("rmrf", "rm -rf of the lower tree (whiteouts)", "ms", LOWER),
+    ("chown", "chown -R of the lower tree", "ms", LOWER),
+    ("chown_meta", "chown -R of the lower tree, metacopy=on", "ms", LOWER),
     ("rw_extract", "real world: extract a tarball", "ms", LOWER),
     ("rw_du", "real world: du -s of the rootfs", "ms", LOWER),
     ("rw_find", "real world: find of the rootfs", "ms", LOWER),
@@ -193,12 +195,14 @@ def make_data(base, prof):
 
 class Variant:
     name = ""
+    # Can copy up metadata only (the kernel's metacopy=on).
+    has_metacopy = False
 
     def missing(self):
         """None when usable, else why not."""
         return None
 
-    def mount(self, lowers, upper, work, mnt):
+    def mount(self, lowers, upper, work, mnt, metacopy=False):
         raise NotImplementedError
 
     def unmount(self, mnt):
@@ -219,7 +223,7 @@ class Bare(Variant):
 
     name = "bare"
 
-    def mount(self, lowers, upper, work, mnt):
+    def mount(self, lowers, upper, work, mnt, metacopy=False):
         for layer in reversed(lowers):
             run(["cp", "-a", f"{layer}/.", str(mnt)])
 
@@ -229,12 +233,15 @@ class Bare(Variant):
 
 class Kernel(Variant):
     name = "kernel"
+    has_metacopy = True
 
     def missing(self):
         return None if "overlay" in Path("/proc/filesystems").read_text() else "no overlay in /proc/filesystems"
 
-    def mount(self, lowers, upper, work, mnt):
+    def mount(self, lowers, upper, work, mnt, metacopy=False):
         opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}"
+        if metacopy:
+            opts += ",metacopy=on"
         run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)])
 
 
@@ -244,7 +251,7 @@ class FuseOverlayfs(Variant):
     def missing(self):
         return None if shutil.which("fuse-overlayfs") else "fuse-overlayfs not installed (apt-get install fuse-overlayfs)"
 
-    def mount(self, lowers, upper, work, mnt):
+    def mount(self, lowers, upper, work, mnt, metacopy=False):
         opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}"
         run(["fuse-overlayfs", "-o", opts, str(mnt)], stderr=subprocess.DEVNULL)
 
@@ -255,15 +262,16 @@ class FuseOverlayfs(Variant):
 
 class Unionfs(Variant):
     name = "unionfs"
+    has_metacopy = True
 
     def __init__(self, binary, opts):
         self.binary = binary
         self.opts = opts
         self.proc = None
 
-    def mount(self, lowers, upper, work, mnt):
+    def mount(self, lowers, upper, work, mnt, metacopy=False):
         cmd = [str(self.binary), "mount", "-o", f"workdir={work}"]
-        for o in self.opts:
+        for o in self.opts + (["metacopy=on"] if metacopy else []):
             cmd += ["-o", o]
         cmd += [":".join(map(str, lowers)), str(upper), str(mnt)]
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
@@ -405,6 +413,24 @@ def union_round(variant, data, scratch, prof):
     finally:
         variant.unmount(mnt)
     return r
+
+
+def chown_round(variant, data, scratch, metacopy):
+    """chown -R of the lower tree on a fresh union (every file copied up:
+    whole, or metadata only with metacopy=on); None where the variant has
+    no metacopy."""
+    if metacopy and not variant.has_metacopy:
+        return None
+    lowers = [data / "lower1", data / "lower2"]
+    upper, work, mnt = scratch / "upper", scratch / "work", scratch / "mnt"
+    for p in (upper, work, mnt):
+        p.mkdir(parents=True)
+    variant.mount(lowers, upper, work, mnt, metacopy=metacopy)
+    try:
+        drop_caches()
+        return sh_timed(["chown", "-R", "1234:1234", str(mnt / "tree")])
+    finally:
+        variant.unmount(mnt)
 
 
 def real_world_round(variant, data, scratch):
@@ -583,6 +609,8 @@ def main():
             try:
                 res = union_round(v, data, scratch / "u", prof)
                 res.update(real_world_round(v, data, scratch / "r"))
+                res["chown"] = chown_round(v, data, scratch / "c", False)
+                res["chown_meta"] = chown_round(v, data, scratch / "m", True)
             except (subprocess.CalledProcessError, OSError, RuntimeError) as e:
                 # A variant that breaks is reported, not allowed to stop the others.
                 notes.append(f"{v.name} failed in round {rnd + 1}: {e}")

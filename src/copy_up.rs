@@ -120,7 +120,7 @@ impl Union {
         }
         let mut metacopy = false;
         if let Some((shown, st)) = self.index_entry(entry) {
-            metacopy = is_metadata_only(&shown, &st);
+            metacopy = is_metadata_only(&shown, &st, self.ns);
             for other in self.table.other_names_of(node) {
                 other.show_index_entry(shown.clone(), metacopy);
                 // Pages it cached of the lower file are stale now.
@@ -167,7 +167,7 @@ impl Union {
         }
         let (atime, mtime) = sys::stat_times(&st);
         sys::set_times_fd(dst.as_fd(), atime, mtime)?;
-        format::clear_metacopy(&upper.xattrs()?)?;
+        format::clear_metacopy(&upper.xattrs()?, self.ns)?;
         node.data_copied_up();
         for other in self.table.other_names_of(node) {
             // Names of the same file (with the index) read the upper data now.

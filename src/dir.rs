@@ -459,7 +459,7 @@ impl Union {
     /// the kernel takes is EXDEV, for the caller to copy instead.
     fn record_redirect(&self, node: &Node, upper: &Real, samedir: bool) -> Result<()> {
         let xattrs = upper.xattrs()?;
-        let present = format::redirect_of(&xattrs)?;
+        let present = format::redirect_of(&xattrs, self.ns)?;
         if matches!(present, Some(LowerPath::Absolute(_))) || (present.is_some() && samedir) {
             return Ok(());
         }
@@ -488,7 +488,7 @@ impl Union {
         let mut at: Option<Real> = node.upper();
         while let (Some(parent), name) = cur {
             let redirect = match &at {
-                Some(u) => format::redirect_of(&u.xattrs()?)?,
+                Some(u) => format::redirect_of(&u.xattrs()?, self.ns)?,
                 None => None,
             };
             match redirect {
@@ -709,7 +709,7 @@ impl Union {
         if new_parent.state.read().lowers.is_empty() {
             return Ok(());
         }
-        if format::dir_opacity(dir.dir(), false) == format::Opacity::Opaque {
+        if format::upper_dir_opacity(dir.dir(), self.ns) == format::Opacity::Opaque {
             return Ok(());
         }
         format::set_opaque(dir.dir(), self.ns)

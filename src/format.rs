@@ -156,18 +156,15 @@ impl LowerPath {
     }
 }
 
-const REDIRECT_NAMES: [&str; 2] = ["trusted.overlay.redirect", "user.overlay.redirect"];
-const METACOPY_NAMES: [&str; 2] = ["trusted.overlay.metacopy", "user.overlay.metacopy"];
-
-/// The redirect recorded on the object behind `obj`: Ok(None) without one,
-/// EINVAL when it is malformed (as the kernel refuses it).
-pub fn redirect_of(obj: &sys::XattrTarget) -> Result<Option<LowerPath>> {
-    for name in REDIRECT_NAMES {
-        if let Ok(v) = obj.get(OsStr::new(name)) {
-            return LowerPath::parse(&v).map(Some).ok_or(Errno::EINVAL);
-        }
+/// The redirect recorded on the object behind `obj`, in the union's
+/// namespace only (a redirect reads past permission checks, so one that
+/// users may set is never followed): Ok(None) without one, EINVAL when it
+/// is malformed (as the kernel refuses it).
+pub fn redirect_of(obj: &sys::XattrTarget, ns: XattrNamespace) -> Result<Option<LowerPath>> {
+    match obj.get(OsStr::new(ns.redirect())) {
+        Ok(v) => LowerPath::parse(&v).map(Some).ok_or(Errno::EINVAL),
+        Err(_) => Ok(None),
     }
-    Ok(None)
 }
 
 /// Records where a moved object's lower objects are.
@@ -192,23 +189,18 @@ pub fn set_metacopy(obj: BorrowedFd<'_>, ns: XattrNamespace) -> Result<()> {
     sys::set_xattr(obj, OsStr::new(ns.metacopy()), b"", 0)
 }
 
-/// Drops the metadata-only mark of `obj` (in either namespace).
-pub fn clear_metacopy(obj: &sys::XattrTarget) -> Result<()> {
-    for n in METACOPY_NAMES {
-        match obj.remove(OsStr::new(n)) {
-            // Absent, or a namespace this process may not touch.
-            Ok(()) | Err(Errno::ENODATA) | Err(Errno::EPERM) => {}
-            Err(e) => return Err(e),
-        }
+/// Drops the metadata-only mark of `obj`.
+pub fn clear_metacopy(obj: &sys::XattrTarget, ns: XattrNamespace) -> Result<()> {
+    match obj.remove(OsStr::new(ns.metacopy())) {
+        Ok(()) | Err(Errno::ENODATA) => Ok(()),
+        Err(e) => Err(e),
     }
-    Ok(())
 }
 
-/// True when the regular file `obj` is a metadata-only copy.
-pub fn is_metacopy(obj: &sys::XattrTarget) -> bool {
-    METACOPY_NAMES
-        .iter()
-        .any(|n| obj.get(OsStr::new(n)).is_ok())
+/// True when the regular file `obj` is a metadata-only copy (marked in
+/// the union's namespace, as redirects).
+pub fn is_metacopy(obj: &sys::XattrTarget, ns: XattrNamespace) -> bool {
+    obj.get(OsStr::new(ns.metacopy())).is_ok()
 }
 
 /// `ovl_fb`: version, magic, length, flags, type, then the 16-byte uuid.
@@ -341,16 +333,15 @@ impl XattrNamespace {
 }
 
 /// The name an xattr given through the mount is stored under. An
-/// overlay-private name of the union's own namespace is escaped as the
+/// overlay-private name (of the union's own namespace) is escaped as the
 /// kernel (6.7+) escapes it for nested overlays: `trusted.overlay.X` is
 /// stored as `trusted.overlay.overlay.X`, so an overlay stacked on this one
-/// keeps its markers apart from the union's. None for a private name of
-/// the other namespace (refused, as ever).
+/// keeps its markers apart from the union's. The other namespace's overlay
+/// names are ordinary names here, as in the kernel.
 pub fn stored_xattr_name(name: &OsStr, ns: XattrNamespace) -> Option<OsString> {
-    if !is_private_xattr(name) {
+    let Some(rest) = name.as_bytes().strip_prefix(ns.prefix().as_bytes()) else {
         return Some(name.to_os_string());
-    }
-    let rest = name.as_bytes().strip_prefix(ns.prefix().as_bytes())?;
+    };
     let mut v = ns.prefix().as_bytes().to_vec();
     v.extend_from_slice(b"overlay.");
     v.extend_from_slice(rest);
@@ -360,21 +351,13 @@ pub fn stored_xattr_name(name: &OsStr, ns: XattrNamespace) -> Option<OsString> {
 /// The name a stored xattr is shown under through the mount: an escaped
 /// name unescaped; None for the union's own markers (hidden).
 pub fn shown_xattr_name(stored: &OsStr, ns: XattrNamespace) -> Option<OsString> {
-    if !is_private_xattr(stored) {
+    let Some(rest) = stored.as_bytes().strip_prefix(ns.prefix().as_bytes()) else {
         return Some(stored.to_os_string());
-    }
-    let rest = stored.as_bytes().strip_prefix(ns.prefix().as_bytes())?;
+    };
     let rest = rest.strip_prefix(b"overlay.")?;
     let mut v = ns.prefix().as_bytes().to_vec();
     v.extend_from_slice(rest);
     Some(std::os::unix::ffi::OsStringExt::from_vec(v))
-}
-
-/// True for names in the overlay-private xattr namespaces, which the union
-/// hides from and refuses to its users (but see `stored_xattr_name`).
-pub fn is_private_xattr(name: &OsStr) -> bool {
-    let b = name.as_bytes();
-    b.starts_with(b"trusted.overlay.") || b.starts_with(b"user.overlay.")
 }
 
 /// A character device 0/0.
@@ -405,7 +388,19 @@ pub enum Opacity {
     HasXattrWhiteouts,
 }
 
-/// Reads the opaque marker of the directory behind `dir`.
+/// Reads the opaque marker of the upper directory behind `dir`: in the
+/// union's namespace only, as the kernel reads it (the other namespace's
+/// names are ordinary ones there, which a nested overlay may have set).
+pub fn upper_dir_opacity(dir: BorrowedFd<'_>, ns: XattrNamespace) -> Opacity {
+    match sys::get_xattr(dir, OsStr::new(ns.opaque())) {
+        Ok(v) if v == b"y" => Opacity::Opaque,
+        Ok(v) if v == b"x" => Opacity::HasXattrWhiteouts,
+        _ => Opacity::Transparent,
+    }
+}
+
+/// Reads the opaque marker of the lower directory behind `dir` (in
+/// either namespace: layers written by rootless tools use `user.`).
 pub fn dir_opacity(dir: BorrowedFd<'_>, check_aufs: bool) -> Opacity {
     for name in OPAQUE_NAMES {
         match sys::get_xattr(dir, OsStr::new(name)) {
@@ -487,7 +482,12 @@ mod tests {
             stored("trusted.overlay.overlay.x").unwrap(),
             "trusted.overlay.overlay.overlay.x"
         );
-        assert_eq!(stored("user.overlay.opaque"), None);
+        // The other namespace's names are ordinary ones.
+        assert_eq!(
+            stored("user.overlay.opaque").unwrap(),
+            "user.overlay.opaque"
+        );
+        assert_eq!(shown("user.overlay.opaque").unwrap(), "user.overlay.opaque");
         assert_eq!(
             shown("trusted.overlay.overlay.opaque").unwrap(),
             "trusted.overlay.opaque"
@@ -500,7 +500,10 @@ mod tests {
             stored_xattr_name(OsStr::new("user.overlay.x"), u).unwrap(),
             "user.overlay.overlay.x"
         );
-        assert_eq!(stored_xattr_name(OsStr::new("trusted.overlay.x"), u), None);
+        assert_eq!(
+            stored_xattr_name(OsStr::new("trusted.overlay.x"), u).unwrap(),
+            "trusted.overlay.x"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use crate::format::{self, LowerPath, Opacity};
+use crate::format::{self, LowerPath, Opacity, XattrNamespace};
 use crate::node::{LowerObj, Node, NodeState, Real, UPPER};
 use crate::superblock::Union;
 use crate::sys::{self, Errno, Result, Stat};
@@ -82,8 +82,8 @@ fn probe(dir: &LowerObj, name: &OsStr) -> Result<InLayer> {
 }
 
 /// True when the regular file `real` (stat `st`) is a metadata-only copy.
-pub fn is_metadata_only(real: &Real, st: &Stat) -> bool {
-    format::may_be_metacopy(st) && real.xattrs().is_ok_and(|x| format::is_metacopy(&x))
+pub fn is_metadata_only(real: &Real, st: &Stat, ns: XattrNamespace) -> bool {
+    format::may_be_metacopy(st) && real.xattrs().is_ok_and(|x| format::is_metacopy(&x, ns))
 }
 
 /// What stands above a lookup in the lower layers.
@@ -119,7 +119,7 @@ struct LayerHit {
 /// Looks `path` up in one lower layer: a name in `dir` (the parent's
 /// directory in that layer), or an absolute path from `dir` (the layer's
 /// root), element by element as the kernel walks it.
-fn lookup_in_layer(dir: &LowerObj, path: &LowerPath) -> Result<LayerHit> {
+fn lookup_in_layer(dir: &LowerObj, path: &LowerPath, ns: XattrNamespace) -> Result<LayerHit> {
     let parts = match path {
         LowerPath::Name(n) => {
             return Ok(LayerHit {
@@ -154,7 +154,7 @@ fn lookup_in_layer(dir: &LowerObj, path: &LowerPath) -> Result<LayerHit> {
         let opacity = format::dir_opacity(real.dir(), true);
         if opacity == Opacity::Opaque {
             stop = true;
-        } else if let Some(r) = format::redirect_of(&real.xattrs()?)? {
+        } else if let Some(r) = format::redirect_of(&real.xattrs()?, ns)? {
             stop &= !matches!(r, LowerPath::Absolute(_));
             next = next.redirected(from_end, &r);
         }
@@ -212,6 +212,7 @@ impl Union {
         above: Above,
     ) -> Result<LowerStack> {
         let roots = self.lower_roots();
+        let ns = self.ns;
         let from_roots = |p: &LowerPath| matches!(p, LowerPath::Absolute(_));
         let mut stack = if from_roots(&path) { roots } else { dirs };
         let mut out = LowerStack::default();
@@ -220,7 +221,7 @@ impl Union {
         let mut i = 0;
         while i < stack.len() {
             let layer = &stack[i];
-            let step = lookup_in_layer(layer, &path)?;
+            let step = lookup_in_layer(layer, &path, ns)?;
             let mut stop = step.stop;
             path = step.path;
             match step.hit {
@@ -231,7 +232,7 @@ impl Union {
                         break;
                     }
                     let xattrs = real.xattrs()?;
-                    let metacopy = format::may_be_metacopy(&st) && format::is_metacopy(&xattrs);
+                    let metacopy = format::may_be_metacopy(&st) && format::is_metacopy(&xattrs, ns);
                     // Of a chain of metadata-only copies, only the top one
                     // and the data count.
                     if out.objs.is_empty() || !metacopy {
@@ -246,7 +247,7 @@ impl Union {
                     if !metacopy {
                         break;
                     }
-                    if let Some(r) = format::redirect_of(&xattrs)? {
+                    if let Some(r) = format::redirect_of(&xattrs, ns)? {
                         path = path.redirected(0, &r);
                     }
                 }
@@ -258,7 +259,7 @@ impl Union {
                     let opacity = format::dir_opacity(real.dir(), true);
                     let redirect = match opacity {
                         Opacity::Opaque => None,
-                        _ => format::redirect_of(&real.xattrs()?)?,
+                        _ => format::redirect_of(&real.xattrs()?, ns)?,
                     };
                     out.objs.push(LowerObj {
                         layer: layer.layer,
@@ -328,7 +329,9 @@ impl Union {
         let top_layer = lowers.objs[0].layer;
         let index = self.index_entry_of_lower(&lowers.objs[0].real, &st);
         let metacopy = match &index {
-            Some(entry) => entry.stat().is_ok_and(|st| is_metadata_only(entry, &st)),
+            Some(entry) => entry
+                .stat()
+                .is_ok_and(|st| is_metadata_only(entry, &st, self.ns)),
             None => lowers.objs.len() > 1 && !sys::is_dir(&st),
         };
         Ok(Found {
@@ -354,11 +357,12 @@ impl Union {
         st: &Stat,
     ) -> Result<Below> {
         let own_name = || LowerPath::Name(name.to_os_string());
+        let ns = self.ns;
         if sys::is_dir(st) {
-            if format::dir_opacity(real.dir(), false) == Opacity::Opaque {
+            if format::upper_dir_opacity(real.dir(), ns) == Opacity::Opaque {
                 return Ok(Below::default());
             }
-            let path = format::redirect_of(&real.xattrs()?)?.unwrap_or_else(own_name);
+            let path = format::redirect_of(&real.xattrs()?, ns)?.unwrap_or_else(own_name);
             let objs = self.lookup_lower_path(lower_dirs, path, Above::Dir)?.objs;
             return Ok(Below {
                 objs,
@@ -369,10 +373,10 @@ impl Union {
             return Ok(Below::default());
         }
         let xattrs = real.xattrs()?;
-        if !format::is_metacopy(&xattrs) {
+        if !format::is_metacopy(&xattrs, ns) {
             return Ok(Below::default());
         }
-        let path = format::redirect_of(&xattrs)?.unwrap_or_else(own_name);
+        let path = format::redirect_of(&xattrs, ns)?.unwrap_or_else(own_name);
         let objs = self
             .lookup_lower_path(lower_dirs, path, Above::Metacopy)?
             .objs;

@@ -372,3 +372,117 @@ fn caller() -> unionfs::superblock::Caller<'static> {
         groups: &no_groups,
     }
 }
+
+/// A union over `lower`, `upper` and `work` with `tuning`.
+fn union_over(lower: &Path, upper: &Path, work: &Path, tuning: Tuning) -> Union {
+    Union::new(
+        Some((open_dir(upper), open_dir(work))),
+        vec![open_dir(lower)],
+        tuning,
+    )
+}
+
+/// The value of xattr `n` of `p` (not followed), if set.
+fn xattr(p: &Path, n: &str) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(n).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let len = unsafe { libc::lgetxattr(path.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), 4096) };
+    (len >= 0).then(|| buf[..len as usize].to_vec())
+}
+
+/// redirect_dir and metacopy in-process: a lower directory renamed within
+/// its parent and then into another directory records where its lower
+/// directory is, and a new union over the same directories (a remount)
+/// finds its contents there; a chown copies up metadata only, reads go on
+/// to the lower data, and the first open for writing brings the data up.
+#[test]
+fn moved_directories_and_metadata_only_copies() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("redirects and metadata-only marks are trusted xattrs: root only");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let [lower, upper, work] = ["lower", "upper", "work"].map(|n| dir.path().join(n));
+    for d in [&lower, &upper, &work] {
+        fs::create_dir(d).unwrap();
+    }
+    fs::create_dir_all(lower.join("a/sub")).unwrap();
+    fs::write(lower.join("a/sub/f"), "f\n").unwrap();
+    fs::write(lower.join("data"), "lower data\n").unwrap();
+    let tuning = Tuning {
+        metacopy: true,
+        ..Tuning::new(true)
+    };
+    let c = Core {
+        union: union_over(&lower, &upper, &work, tuning),
+        upper: upper.clone(),
+        index: dir.path().join("no-index"),
+        _dir: dir,
+    };
+    c.union
+        .rename(ROOT_ID, name("a"), ROOT_ID, name("b"), 0)
+        .unwrap();
+    assert_eq!(
+        xattr(&upper.join("b"), "trusted.overlay.redirect").as_deref(),
+        Some(&b"a"[..])
+    );
+    let new = c
+        .union
+        .mkdir(ROOT_ID, name("new"), 0o755, caller())
+        .unwrap()
+        .0;
+    c.union
+        .rename(ROOT_ID, name("b"), new.id, name("c"), 0)
+        .unwrap();
+    assert_eq!(
+        xattr(&upper.join("new/c"), "trusted.overlay.redirect").as_deref(),
+        Some(&b"/a"[..]),
+        "moved elsewhere: the absolute path, from the relative redirect"
+    );
+    assert_eq!(
+        c.read(&c.lookup("new/c/sub/f"), libc::O_RDONLY).unwrap(),
+        "f\n"
+    );
+    // chown: metadata only.
+    let data = c.lookup("data");
+    let chown = unionfs::inode::AttrChange {
+        uid: Some(1234),
+        ..Default::default()
+    };
+    c.union.setattr(data.id, chown, caller()).unwrap();
+    let up = upper.join("data");
+    assert!(xattr(&up, "trusted.overlay.metacopy").is_some());
+    assert_eq!(fs::metadata(&up).unwrap().uid(), 1234);
+    assert_eq!(fs::metadata(&up).unwrap().len(), 11);
+    assert_eq!(c.read(&data, libc::O_RDONLY).unwrap(), "lower data\n");
+    let o = c.union.open(data.id, libc::O_WRONLY).unwrap();
+    c.union.release(o.fh);
+    assert!(
+        xattr(&up, "trusted.overlay.metacopy").is_none(),
+        "data copied up"
+    );
+    assert_eq!(fs::read_to_string(&up).unwrap(), "lower data\n");
+    // A remount: the same directories under a new union.
+    let again = Core {
+        union: union_over(&lower, &upper, &work, tuning),
+        upper: upper.clone(),
+        index: c.index.clone(),
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    assert_eq!(
+        again
+            .read(&again.lookup("new/c/sub/f"), libc::O_RDONLY)
+            .unwrap(),
+        "f\n"
+    );
+    assert_eq!(
+        again.read(&again.lookup("data"), libc::O_RDONLY).unwrap(),
+        "lower data\n"
+    );
+    assert!(
+        again.union.lookup(ROOT_ID, name("a")).is_err(),
+        "a whiteout where `a` was"
+    );
+}

@@ -252,6 +252,95 @@ fn overlay_xattrs_nest_as_in_the_kernel() {
         "{root_names:?}"
     );
     assert!(lgetxattr(&uupper, "trusted.overlay.impure").is_some());
+    // The other namespace's overlay names (a rootless overlay, with
+    // `userxattr`, stacked on the union) are ordinary names here, as in the
+    // kernel: stored as they are, and no marker for the union itself.
+    for (what, root, upper) in [("kernel", &kmnt, &kupper), ("unionfs", &umnt, &uupper)] {
+        set_xattr(&root.join("merged"), "user.overlay.opaque", b"y");
+        set_xattr(&root.join("merged"), "user.overlay.redirect", b"/dir");
+        assert_eq!(
+            lgetxattr(&upper.join("merged"), "user.overlay.opaque").as_deref(),
+            Some(&b"y"[..]),
+            "{what}: stored as it is"
+        );
+        assert!(
+            root.join("merged/from-bottom").exists(),
+            "{what}: not opaque"
+        );
+        assert!(
+            !root.join("merged/sub").exists(),
+            "{what}: no redirect followed"
+        );
+    }
+    assert_eq!(
+        xattr_names(&umnt.join("merged")),
+        xattr_names(&kmnt.join("merged"))
+    );
     drop(ours);
     drop(k);
+}
+
+/// A layer the kernel wrote with `redirect_dir=on,metacopy=on` (moved
+/// directories, metadata-only copies) reads the same as a lower layer under
+/// unionfs — whatever unionfs's own `metacopy` — as under the kernel.
+#[test]
+fn kernel_written_redirects_and_metadata_copies_read_the_same_below() {
+    let s = Scratch::new("crosslayer");
+    let lowers = standard_lowers(&s);
+    let (kupper, kwork, kmnt) = (s.dir("kupper"), s.dir("kwork"), s.dir("kmnt"));
+    let all = Features {
+        index: false,
+        ..Features::all()
+    };
+    let k = Mount::kernel_with(&lowers, &kupper, &kwork, &kmnt, all);
+    std::os::unix::fs::chown(kmnt.join("bottom-only"), Some(1000), Some(1000)).unwrap();
+    fs::set_permissions(kmnt.join("big"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::rename(kmnt.join("merged"), kmnt.join("m2")).unwrap();
+    fs::create_dir(kmnt.join("new")).unwrap();
+    fs::rename(kmnt.join("dir/sub"), kmnt.join("new/sub2")).unwrap();
+    fs::rename(kmnt.join("big"), kmnt.join("new/big2")).unwrap();
+    fs::write(kmnt.join("m2/deep/added"), "added\n").unwrap();
+    drop(k);
+    assert!(lgetxattr(&kupper.join("new/big2"), "trusted.overlay.metacopy").is_some());
+    assert!(lgetxattr(&kupper.join("new/sub2"), "trusted.overlay.redirect").is_some());
+    // The kernel's upper as the top lower layer of both.
+    let stack: Vec<PathBuf> = std::iter::once(kupper.clone()).chain(lowers).collect();
+    let kview = s.dir("kview");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!("lowerdir={},metacopy=on", lower_arg(&stack)))
+        .arg(&kview)
+        .status()
+        .unwrap();
+    assert!(st.success(), "a kernel overlay of the layers");
+    let expected = snapshot(&kview, View::Merged);
+    umount_lazy(&kview);
+    assert!(expected.contains_key("new/sub2/leaf"), "{expected:?}");
+    for opts in ["metacopy=off", "metacopy=on"] {
+        let (upper, mnt) = (s.dir(&format!("u-{opts}")), s.dir(&format!("m-{opts}")));
+        let ours = Mount::unionfs(&stack, &upper, &mnt, &[opts]);
+        let d = diff(
+            "kernel",
+            &expected,
+            "unionfs",
+            &snapshot(&mnt, View::Merged),
+        );
+        assert!(
+            d.is_empty(),
+            "{opts}: unionfs reads the layers differently:\n{d}"
+        );
+        // Written through: the data comes up from the bottom layer.
+        fs::OpenOptions::new()
+            .append(true)
+            .open(mnt.join("new/big2"))
+            .unwrap()
+            .write_all(b"!")
+            .unwrap();
+        let data = fs::read(mnt.join("new/big2")).unwrap();
+        assert!(
+            data.starts_with(b"0123456789abcdef") && data.ends_with(b"!"),
+            "{opts}"
+        );
+        drop(ours);
+    }
 }
