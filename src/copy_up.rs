@@ -167,6 +167,7 @@ impl Union {
         }
         let (atime, mtime) = sys::stat_times(&st);
         sys::set_times_fd(dst.as_fd(), atime, mtime)?;
+        crate::index::crash_point("before-data-marked");
         format::clear_metacopy(&upper.xattrs()?, self.ns)?;
         node.data_copied_up();
         for other in self.table.other_names_of(node) {

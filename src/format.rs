@@ -173,14 +173,11 @@ pub fn set_redirect(obj: BorrowedFd<'_>, to: &LowerPath, ns: XattrNamespace) -> 
 }
 
 /// False when the object `st` cannot be a metadata-only copy, which is a
-/// non-empty regular file with no data blocks (its size set by truncate):
-/// its blocks are at most one block of xattrs. A larger file that holds its
-/// data needs no xattr read to know.
+/// non-empty regular file. Its blocks tell nothing: the xattrs of a copy may
+/// take a block, and a copy whose data was written in place keeps its mark
+/// until the data is all there (a crash in between leaves it so).
 pub fn may_be_metacopy(st: &Stat) -> bool {
-    let held = st.st_blocks * 512;
-    sys::file_type(st.st_mode) == libc::S_IFREG
-        && st.st_size > 0
-        && (held < st.st_size || held <= 4096)
+    sys::file_type(st.st_mode) == libc::S_IFREG && st.st_size > 0
 }
 
 /// Marks the regular file behind `obj` a metadata-only copy (an empty

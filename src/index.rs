@@ -287,7 +287,7 @@ fn recorded_count(obj: &sys::XattrTarget, nlink_xattr: &str, real: u64) -> Optio
 
 /// For the crash tests: the daemon kills itself at the point named by
 /// `UNIONFS_CRASH_AT`, to show what a crash right there leaves on disk.
-fn crash_point(name: &str) {
+pub(crate) fn crash_point(name: &str) {
     static AT: OnceLock<Option<String>> = OnceLock::new();
     if AT
         .get_or_init(|| std::env::var("UNIONFS_CRASH_AT").ok())

@@ -336,10 +336,10 @@ impl Union {
         if e.layer != UPPER && stat.st_nlink > 1 && self.index_is_on() {
             return self.lookup(dir.id, &e.name); // may be shown by an index entry
         }
-        if format::may_be_metacopy(&stat) {
-            return self.lookup(dir.id, &e.name); // its data may be elsewhere
-        }
         let real = Real::At(layer_dir.dir_arc(), Arc::from(e.name.as_os_str()));
+        if crate::namei::is_metadata_only(&real, &stat, self.ns) {
+            return self.lookup(dir.id, &e.name); // its data is elsewhere
+        }
         let found = if e.layer == UPPER {
             Found {
                 upper: Some(real),

@@ -708,3 +708,72 @@ fn a_kill_between_the_last_unlink_and_the_index_cleanup_leaves_no_file() {
     assert_eq!(l.agreed_view("killed before the cleanup"), vec![]);
     assert_eq!(l.index_entries(), 0, "the orphaned entry stays");
 }
+
+/// `metacopy=on`: a kill after the data of a metadata-only copy was
+/// written in place but before its mark went leaves a metadata-only copy
+/// that still reads the lower data, under unionfs and under the kernel; the
+/// next write through the union finishes the copy.
+#[test]
+fn a_kill_during_the_data_copy_up_leaves_a_metadata_only_copy() {
+    let s = Scratch::new("crash-metacopy");
+    let lower = s.dir("lower");
+    write(&lower.join("f"), "lower data\n");
+    let lowers = vec![lower];
+    let (upper, work, mnt) = (s.dir("upper"), s.dir("work"), s.dir("mnt"));
+    let wd = format!("workdir={}", work.display());
+    let opts = ["metacopy=on", wd.as_str()];
+    let m = Mount::unionfs(&lowers, &upper, &mnt, &opts);
+    std::os::unix::fs::chown(mnt.join("f"), Some(1234), None).unwrap();
+    drop(m);
+    let marked = || lgetxattr(&upper.join("f"), "trusted.overlay.metacopy").is_some();
+    assert!(marked(), "chown with metacopy=on copies metadata only");
+    let env = [("UNIONFS_CRASH_AT", "before-data-marked")];
+    let m = Mount::unionfs_env(&lowers, &upper, &mnt, &opts, &env);
+    let wrote = Command::new("sh")
+        .arg("-c")
+        .arg("echo new >> f")
+        .current_dir(&mnt)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(!wrote, "the write survived the crash point");
+    umount_lazy(&mnt);
+    assert!(
+        m.unmount().is_some_and(|s| !s.success()),
+        "the daemon did not die"
+    );
+    assert!(marked(), "the mark goes only after the data is in place");
+    let view = |root: &Path| {
+        let m = fs::metadata(root.join("f")).unwrap();
+        (
+            fs::read_to_string(root.join("f")).unwrap(),
+            m.uid(),
+            m.len(),
+        )
+    };
+    let expected = ("lower data\n".to_string(), 1234, 11);
+    let m = Mount::unionfs(&lowers, &upper, &mnt, &opts);
+    assert_eq!(view(&mnt), expected, "unionfs after the kill");
+    drop(m);
+    let all = Features::all();
+    let k = Mount::kernel_with(&lowers, &upper, &work, &mnt, all);
+    assert_eq!(view(&mnt), expected, "the kernel after the kill");
+    drop(k);
+    let m = Mount::unionfs(&lowers, &upper, &mnt, &opts);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(mnt.join("f"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"new\n"))
+        .unwrap();
+    assert_eq!(
+        fs::read_to_string(mnt.join("f")).unwrap(),
+        "lower data\nnew\n"
+    );
+    drop(m);
+    assert!(!marked());
+    assert_eq!(
+        fs::read_to_string(upper.join("f")).unwrap(),
+        "lower data\nnew\n"
+    );
+}
