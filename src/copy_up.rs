@@ -6,6 +6,9 @@
 //! times — synced, then renamed into place, so no reader and no crash ever
 //! sees a half-made copy. The parent's times are restored afterwards, as the
 //! kernel does. One copy-up per node at a time; later callers find it done.
+//! With `metacopy=on` a regular file is copied without its data (marked
+//! metadata-only) unless it is to be written; its data follows in place at
+//! the first write, the mark dropped last.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};

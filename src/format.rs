@@ -10,7 +10,9 @@
 //! directory holding such objects, so that listings look their numbers up.
 //! With the index (see `index`): `overlay.nlink` (the union's link count,
 //! `U+N`), `overlay.upper` on the index directory, and index entries named
-//! by the hex of an origin.
+//! by the hex of an origin. `overlay.redirect` on a moved directory (or
+//! metadata-only copy): where its lower objects are. `overlay.metacopy` on a
+//! regular file whose data is still the lower one's.
 //! Read as well: the OCI/AUFS `.wh.NAME` and `.wh..wh..opq` files, and the
 //! kernel's xattr whiteouts (a zero-size file with `overlay.whiteout` inside a
 //! directory whose `overlay.opaque` is `x`).

@@ -2,7 +2,9 @@
 //!
 //! Upper first, then the lower directories merged under the parent, top to
 //! bottom. A whiteout ends the search; a non-directory hides everything below
-//! it; directories merge until one is opaque.
+//! it; directories merge until one is opaque. A redirect (a moved directory,
+//! or a metadata-only copy) changes the path looked up in the layers below
+//! it; a metadata-only copy looks on for the file holding its data.
 
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
