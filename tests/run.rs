@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Scratch, bin};
+use common::{Scratch, bin, lgetxattr};
 
 /// A busybox rootfs: the static binary, its applet links and a few files.
 fn busybox_rootfs(root: &Path) {
@@ -593,7 +593,7 @@ fn bad_input_gets_one_line_and_nothing_is_left() {
 fn run_rootless(w: &World, user: &str, args: &str) -> Output {
     let node = w.s.path.join("fuse-node");
     let script = format!(
-        "mknod -m 666 {node} c 10 229 && mount --bind {node} /dev/fuse && \
+        "{{ [ -c {node} ] || mknod -m 666 {node} c 10 229; }} && mount --bind {node} /dev/fuse && \
          exec setpriv --reuid={user} --regid=$(id -g {user}) --clear-groups \
          env TMPDIR={tmp} {bin} run --lower {lower} {args}",
         node = node.display(),
@@ -653,6 +653,43 @@ fn rootless_with_subordinate_ids() {
         fs::metadata(upper.join("u/y")).unwrap().uid(),
         start + 65533
     );
+    w.assert_clean();
+}
+
+/// A rootless container renames directories of its image (as package
+/// managers do): the moves are recorded in the upper (in user xattrs) and a
+/// second run over the same upper sees them.
+#[test]
+fn rootless_containers_rename_image_directories() {
+    let w = World::new("run-redirect");
+    let uid = uid_of("tests");
+    let upper = w.s.path.join("upper");
+    fs::create_dir(&upper).unwrap();
+    std::os::unix::fs::chown(&upper, Some(uid), None).unwrap();
+    let up = format!("--upper {}/u", upper.display());
+    let o = run_rootless(
+        &w,
+        "tests",
+        &format!(
+            "{up} -- sh -c 'mv /etc /etc.old && mkdir /etc && mv /etc.old/passwd /etc/ && \
+             mv /usr/bin /usr-bin && echo moved'"
+        ),
+    );
+    assert_eq!(ok(&o), "moved\n");
+    let redirect = lgetxattr(&upper.join("u/usr-bin"), "user.overlay.redirect");
+    assert_eq!(redirect.as_deref(), Some(&b"/usr/bin"[..]));
+    let o = run_rootless(
+        &w,
+        "tests",
+        &format!(
+            "{up} -- sh -c 'ls /etc; ls /etc.old; test -e /usr/bin || ls /usr-bin | grep -c .'"
+        ),
+    );
+    let out = ok(&o);
+    assert!(out.starts_with("passwd\ngroup\nos-release\n"), "{out}");
+    let commands: u32 = out.lines().last().unwrap().parse().unwrap();
+    assert!(commands > 10, "{out}");
+    assert!(w.lower.join("usr/bin").is_dir(), "the image is untouched");
     w.assert_clean();
 }
 
