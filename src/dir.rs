@@ -89,9 +89,12 @@ impl Union {
         let slot = self.prepare_slot(parent, name)?;
         let is_dir = sys::file_type(new.mode) == libc::S_IFDIR;
         // Only a replaced upper whiteout stops hiding: a lower whiteout below a
-        // new directory still does, as in the kernel. With the index, the
-        // kernel also marks every new directory of a merged one opaque.
-        let in_merged = self.index_is_on() && !parent.state.read().lowers.is_empty();
+        // new directory still does, as in the kernel. With the index,
+        // redirects or metadata-only copies (which do not allow the lowers
+        // to change offline), the kernel also marks every new directory of a
+        // merged one opaque.
+        let lowers_fixed = self.index_is_on() || self.tuning.redirect_dir || self.tuning.metacopy;
+        let in_merged = lowers_fixed && !parent.state.read().lowers.is_empty();
         let opaque = is_dir && (slot.over_whiteout || in_merged);
         let (build_dir, build_name) = if slot.over_whiteout {
             (self.work_fd()?, self.temp_name())
