@@ -270,7 +270,10 @@ impl Union {
         if let (Some(_), None) = (&file, data) {
             format::set_metacopy(obj.as_fd(), self.ns)?;
         }
-        if let Some(dst) = &file
+        // Data is synced before the copy appears; a metadata-only copy has
+        // none (its metadata is ordered by the filesystem's journal, as
+        // the kernel relies on).
+        if let (Some(dst), Some(_)) = (&file, data)
             && !self.tuning.volatile
         {
             sys::fsync(dst.as_fd(), true)?;
