@@ -45,7 +45,9 @@ CONTAINER_RUNS = 10
 # key, title, unit, which direction is better
 WORKLOADS = [
     ("mount_ready", "mount ready (command start to mounted)", "ms", LOWER),
+    ("cold_cached", "large file in the page cache before the cold row", "%", LOWER),
     ("seqread_cold", "seq read 1 MiB, cold cache", "MiB/s", HIGHER),
+    ("warm_cached", "large file in the page cache before the warm rows", "%", HIGHER),
     ("seqread_warm", "seq read 1 MiB, warm cache", "MiB/s", HIGHER),
     ("randread1", "rand read 4 KiB warm, 1 job", "IOPS", HIGHER),
     ("randread4", "rand read 4 KiB warm, 4 jobs", "IOPS", HIGHER),
@@ -246,17 +248,26 @@ class Kernel(Variant):
 
 
 class FuseOverlayfs(Variant):
-    name = "fuse-overlayfs"
+    """fuse-overlayfs: the C one (Debian's 1.10, on PATH) or the Rust
+    rewrite 2.0 (`cargo install --locked fuse-overlayfs --root DIR`, kept off
+    PATH so that it does not shadow the other; --fovl2-bin)."""
+
+    def __init__(self, name, binary, install):
+        self.name = name
+        self.binary = binary
+        self.install = install
 
     def missing(self):
-        return None if shutil.which("fuse-overlayfs") else "fuse-overlayfs not installed (apt-get install fuse-overlayfs)"
+        return None if self.binary and Path(self.binary).exists() else f"{self.name} not installed ({self.install})"
 
     def mount(self, lowers, upper, work, mnt, metacopy=False):
         opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}"
-        run(["fuse-overlayfs", "-o", opts, str(mnt)], stderr=subprocess.DEVNULL)
+        run([str(self.binary), "-o", opts, str(mnt)], stderr=subprocess.DEVNULL)
+        while not mounted(mnt):  # 2.0 may return before the mount is live
+            time.sleep(0.0005)
 
     def daemon_pid(self, mnt):
-        out = subprocess.run(["pgrep", "-f", f"fuse-overlayfs.* {mnt}$"], capture_output=True, text=True).stdout
+        out = subprocess.run(["pgrep", "-f", f"^{self.binary} .* {mnt}$"], capture_output=True, text=True).stdout
         return int(out.split()[0]) if out.split() else None
 
 
@@ -328,6 +339,19 @@ def mib_s(r):
     return r["bw_bytes"] / (1 << 20)
 
 
+def cached_percent(path):
+    """How much of the file the page cache holds (fincore), in percent: the
+    check that a cold row starts cold and a warm one warm."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", str(path)],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    if len(out) != 2 or int(out[1]) == 0:
+        return None
+    return 100.0 * int(out[0]) / int(out[1])
+
+
 def warm(path):
     with open(path, "rb") as f:
         while f.read(1 << 20):
@@ -392,12 +416,18 @@ def union_round(variant, data, scratch, prof):
         r["lslr_warm"] = sh_timed(["ls", "-lR", str(mnt / "tree")])
         drop_caches()
         r["find_cold"] = sh_timed(["find", str(mnt / "tree")])
+        large = mnt / "big/large.bin"
         drop_caches()
-        r["seqread_cold"] = mib_s(fio("seqread.fio", env, readonly=True))
-        warm(mnt / "big/large.bin")
+        r["cold_cached"] = cached_percent(large)
+        r["seqread_cold"] = mib_s(fio("seqread-cold.fio", env, readonly=True))
+        warm(large)
+        r["warm_cached"] = cached_percent(large)
         r["seqread_warm"] = mib_s(fio("seqread.fio", env, readonly=True))
         r["randread1"] = fio("randread-1.fio", env, readonly=True)["iops"]
         r["randread4"] = fio("randread-4.fio", env, readonly=True)["iops"]
+        still = cached_percent(large)
+        if still is not None and still < 95:
+            log(f"{variant.name}: only {still:.0f}% of the large file cached after the warm rows")
         r["seqwrite"] = mib_s(fio("seqwrite.fio", env))
         r["randwrite"] = fio("randwrite.fio", env)["iops"]
         drop_caches()
@@ -557,7 +587,12 @@ def main():
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, one round (CI)")
     mode.add_argument("--quick", action="store_true", help="small sizes, within about 3 minutes (default)")
     mode.add_argument("--full", action="store_true", help="the sizes we publish")
-    ap.add_argument("--variants", default="bare,kernel,fuse-overlayfs,unionfs", help="comma-separated subset")
+    ap.add_argument(
+        "--variants", default="bare,kernel,fuse-overlayfs,fuse-overlayfs-2,unionfs", help="comma-separated subset"
+    )
+    ap.add_argument(
+        "--fovl2-bin", default="/opt/fuse-overlayfs-2/bin/fuse-overlayfs", help="the fuse-overlayfs 2.0 binary"
+    )
     ap.add_argument("--rounds", type=int, help="repetitions (median reported)")
     ap.add_argument("--large-size", help="large file size, e.g. 1G")
     ap.add_argument("--small-files", type=int, help="number of small files")
@@ -579,7 +614,14 @@ def main():
     all_variants = {
         "bare": Bare(),
         "kernel": Kernel(),
-        "fuse-overlayfs": FuseOverlayfs(),
+        "fuse-overlayfs": FuseOverlayfs(
+            "fuse-overlayfs", shutil.which("fuse-overlayfs"), "apt-get install fuse-overlayfs"
+        ),
+        "fuse-overlayfs-2": FuseOverlayfs(
+            "fuse-overlayfs-2",
+            a.fovl2_bin,
+            f"cargo install --locked fuse-overlayfs --root {Path(a.fovl2_bin).parent.parent}",
+        ),
         "unionfs": Unionfs(binary, a.unionfs_opt),
     }
     notes, variants = [], []

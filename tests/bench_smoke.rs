@@ -43,6 +43,10 @@ fn bench_smoke_produces_every_figure() {
         "rmrf",
         "rw_rewrite",
         "rss",
+        "chown",
+        "chown_meta",
+        "cold_cached",
+        "warm_cached",
     ] {
         assert!(
             json.contains(&format!("\"{key}\"")),
