@@ -72,6 +72,100 @@ WORKLOADS = [
 ]
 
 
+# The rows whose FUSE requests are counted, and what one operation of each
+# is (the count is divided by the number of those).
+COUNTED = {
+    "copyup": "first write",
+    "create": "file created",
+    "stat": "file",
+    "lslr_cold": "tree entry",
+    "lslr_warm": "tree entry",
+    "find_cold": "tree entry",
+    "untar": "archive member",
+    "rmrf": "tree entry",
+    "chown": "tree entry",
+    "chown_meta": "tree entry",
+    "rw_rewrite": "file",
+}
+
+TRACING = Path("/sys/kernel/tracing")
+
+
+class RequestCounter:
+    """Counts the requests the kernel sends to one FUSE mount, by opcode,
+    with the `fuse_request_send` tracepoint: what a row costs in round trips,
+    for any daemon."""
+
+    def __init__(self):
+        event = TRACING / "events/fuse/fuse_request_send"
+        if not event.exists():
+            subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACING)], capture_output=True)
+        self.event = event if event.exists() else None
+        self.buffer_kb = None
+        if self.event:
+            self.buffer_kb = (TRACING / "buffer_size_kb").read_text().split()[0]
+            (TRACING / "buffer_size_kb").write_text("65536\n")
+
+    def close(self):
+        """Gives the tracing buffer its size back and drops the filter."""
+        if self.event:
+            (self.event / "enable").write_text("0\n")
+            (self.event / "filter").write_text("0\n")
+            (TRACING / "buffer_size_kb").write_text(f"{self.buffer_kb}\n")
+
+    def start(self, mnt):
+        if not self.event:
+            return
+        st = os.stat(mnt)
+        # The tracepoint prints the kernel's dev_t: major << 20 | minor.
+        conn = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
+        (self.event / "filter").write_text(f"connection == {conn}\n")
+        (TRACING / "trace").write_text("")
+        (self.event / "enable").write_text("1\n")
+
+    def stop(self):
+        """opcode -> count since start (None without the tracepoint)."""
+        if not self.event:
+            return None
+        (self.event / "enable").write_text("0\n")
+        counts = {}
+        with open(TRACING / "trace") as f:
+            for line in f:
+                i = line.find("(FUSE_")
+                if i >= 0:
+                    op = line[i + 6 : line.index(")", i)]
+                    counts[op] = counts.get(op, 0) + 1
+        if self.overruns():
+            log("warning: the trace buffer overflowed: request counts are short")
+        return counts
+
+    def overruns(self):
+        total = 0
+        for stats in TRACING.glob("per_cpu/cpu*/stats"):
+            for line in stats.read_text().splitlines():
+                if line.startswith("overrun:"):
+                    total += int(line.split()[1])
+        return total
+
+
+REQUESTS = None
+
+
+def counted(r, key, variant, mnt, fn):
+    """Runs the row `key` (fn returns its figure), counting its FUSE
+    requests when the variant is a FUSE daemon."""
+    if variant.is_fuse and REQUESTS:
+        REQUESTS.start(mnt)
+        try:
+            value = fn()
+        finally:
+            counts = REQUESTS.stop()
+        if counts is not None:
+            r.setdefault("requests", {})[key] = counts
+        return value
+    return fn()
+
+
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -199,6 +293,8 @@ class Variant:
     name = ""
     # Can copy up metadata only (the kernel's metacopy=on).
     has_metacopy = False
+    # A FUSE daemon: its requests are counted.
+    is_fuse = False
 
     def missing(self):
         """None when usable, else why not."""
@@ -252,6 +348,8 @@ class FuseOverlayfs(Variant):
     rewrite 2.0 (`cargo install --locked fuse-overlayfs --root DIR`, kept off
     PATH so that it does not shadow the other; --fovl2-bin)."""
 
+    is_fuse = True
+
     def __init__(self, name, binary, install):
         self.name = name
         self.binary = binary
@@ -274,6 +372,7 @@ class FuseOverlayfs(Variant):
 class Unionfs(Variant):
     name = "unionfs"
     has_metacopy = True
+    is_fuse = True
 
     def __init__(self, binary, opts):
         self.binary = binary
@@ -412,10 +511,10 @@ def union_round(variant, data, scratch, prof):
             "DIR": str(mnt),
         }
         drop_caches()
-        r["lslr_cold"] = sh_timed(["ls", "-lR", str(mnt / "tree")])
-        r["lslr_warm"] = sh_timed(["ls", "-lR", str(mnt / "tree")])
+        r["lslr_cold"] = counted(r, "lslr_cold", variant, mnt, lambda: sh_timed(["ls", "-lR", str(mnt / "tree")]))
+        r["lslr_warm"] = counted(r, "lslr_warm", variant, mnt, lambda: sh_timed(["ls", "-lR", str(mnt / "tree")]))
         drop_caches()
-        r["find_cold"] = sh_timed(["find", str(mnt / "tree")])
+        r["find_cold"] = counted(r, "find_cold", variant, mnt, lambda: sh_timed(["find", str(mnt / "tree")]))
         large = mnt / "big/large.bin"
         drop_caches()
         r["cold_cached"] = cached_percent(large)
@@ -431,12 +530,13 @@ def union_round(variant, data, scratch, prof):
         r["seqwrite"] = mib_s(fio("seqwrite.fio", env))
         r["randwrite"] = fio("randwrite.fio", env)["iops"]
         drop_caches()
-        r["copyup"] = first_write(mnt / "big/copyup.bin")
-        r["create"] = create_files(mnt / "new", prof["small"])
-        r["stat"] = stat_files(mnt / "new", prof["small"])
+        r["copyup"] = counted(r, "copyup", variant, mnt, lambda: first_write(mnt / "big/copyup.bin"))
+        r["create"] = counted(r, "create", variant, mnt, lambda: create_files(mnt / "new", prof["small"]))
+        r["stat"] = counted(r, "stat", variant, mnt, lambda: stat_files(mnt / "new", prof["small"]))
         os.mkdir(mnt / "untar")
-        r["untar"] = sh_timed(["tar", "-xf", str(data / "rootfs.tar"), "-C", str(mnt / "untar")])
-        r["rmrf"] = sh_timed(["rm", "-rf", str(mnt / "tree")])
+        untar = ["tar", "-xf", str(data / "rootfs.tar"), "-C", str(mnt / "untar")]
+        r["untar"] = counted(r, "untar", variant, mnt, lambda: sh_timed(untar))
+        r["rmrf"] = counted(r, "rmrf", variant, mnt, lambda: sh_timed(["rm", "-rf", str(mnt / "tree")]))
         pid = variant.daemon_pid(mnt)
         if pid:
             r["rss"] = peak_rss_mib(pid)
@@ -447,10 +547,12 @@ def union_round(variant, data, scratch, prof):
 
 def chown_round(variant, data, scratch, metacopy):
     """chown -R of the lower tree on a fresh union (every file copied up:
-    whole, or metadata only with metacopy=on); None where the variant has
+    whole, or metadata only with metacopy=on); nothing where the variant has
     no metacopy."""
+    key = "chown_meta" if metacopy else "chown"
     if metacopy and not variant.has_metacopy:
-        return None
+        return {}
+    r = {}
     lowers = [data / "lower1", data / "lower2"]
     upper, work, mnt = scratch / "upper", scratch / "work", scratch / "mnt"
     for p in (upper, work, mnt):
@@ -458,9 +560,11 @@ def chown_round(variant, data, scratch, metacopy):
     variant.mount(lowers, upper, work, mnt, metacopy=metacopy)
     try:
         drop_caches()
-        return sh_timed(["chown", "-R", "1234:1234", str(mnt / "tree")])
+        chown = ["chown", "-R", "1234:1234", str(mnt / "tree")]
+        r[key] = counted(r, key, variant, mnt, lambda: sh_timed(chown))
     finally:
         variant.unmount(mnt)
+    return r
 
 
 def real_world_round(variant, data, scratch):
@@ -475,7 +579,7 @@ def real_world_round(variant, data, scratch):
         r["rw_extract"] = sh_timed(["tar", "-xf", str(data / "rootfs.tar"), "-C", str(mnt / "opt")])
         r["rw_du"] = sh_timed(["du", "-s", str(mnt)])
         r["rw_find"] = sh_timed(["find", str(mnt), "-type", "f"])
-        r["rw_rewrite"] = rewrite_all(mnt / "usr/share/data")
+        r["rw_rewrite"] = counted(r, "rw_rewrite", variant, mnt, lambda: rewrite_all(mnt / "usr/share/data"))
     finally:
         variant.unmount(mnt)
     if (data / "rw-lower/bin/busybox").exists():
@@ -534,6 +638,61 @@ def markdown(medians, variants, notes, meta):
     for n in notes:
         out += f"\n- {n}"
     return out + "\n"
+
+
+def operations_in(key, data, prof):
+    """How many operations the row `key` makes (see COUNTED)."""
+    if key in ("create", "stat"):
+        return prof["small"]
+    if key == "copyup":
+        return 1
+    if key == "untar":
+        with tarfile.open(data / "rootfs.tar") as t:
+            return len(t.getmembers())
+    if key == "rw_rewrite":
+        return sum(len(files) for _, _, files in os.walk(data / "rw-lower/usr/share/data"))
+    names = set()  # the merged tree: each path once
+    for layer in ("lower1", "lower2"):
+        root = data / layer / "tree"
+        for d, dirs, files in os.walk(root):
+            rel = Path(d).relative_to(root)
+            names.update(str(rel / n) for n in dirs + files)
+    return len(names)
+
+
+def requests_markdown(requests, fuse_variants, data, prof):
+    """The FUSE requests per operation of each counted row: the total, then
+    by opcode (median of the rounds)."""
+    if not requests or not fuse_variants:
+        return ""
+    lines = [
+        "",
+        "FUSE requests per operation (kernel-sent, counted with the `fuse_request_send` tracepoint; "
+        "median of the rounds):",
+        "",
+        "| workload | per | " + " | ".join(fuse_variants) + " |",
+        "|---|---|" + "---|" * len(fuse_variants),
+    ]
+    titles = {k: t for k, t, _, _ in WORKLOADS}
+    for key, unit in COUNTED.items():
+        per_variant = requests.get(key, {})
+        if not per_variant:
+            continue
+        n = operations_in(key, data, prof) or 1
+        cells = []
+        for v in fuse_variants:
+            rounds = per_variant.get(v)
+            if not rounds:
+                cells.append("–")
+                continue
+            ops = sorted({op for c in rounds for op in c})
+            med = {op: statistics.median(c.get(op, 0) for c in rounds) for op in ops}
+            total = sum(med.values()) / n
+            parts = sorted(((c / n, op) for op, c in med.items()), reverse=True)
+            detail = ", ".join(f"{op} {c:.2g}" for c, op in parts if c >= 0.01)
+            cells.append(f"{total:.2g} ({detail})")
+        lines.append(f"| {titles[key]} | {unit} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def svg_chart(medians, variants):
@@ -640,6 +799,11 @@ def main():
     make_data(base, prof)
     data = base / "data"
     samples = {}  # key -> variant -> [values]
+    requests = {}  # key -> variant -> [opcode -> count]
+    global REQUESTS
+    REQUESTS = RequestCounter()
+    if not REQUESTS.event:
+        notes.append("FUSE requests not counted: no fuse_request_send tracepoint")
     started = time.time()
     for rnd in range(prof["rounds"]):
         order = variants[rnd % len(variants):] + variants[: rnd % len(variants)]
@@ -650,9 +814,13 @@ def main():
             scratch.mkdir()
             try:
                 res = union_round(v, data, scratch / "u", prof)
-                res.update(real_world_round(v, data, scratch / "r"))
-                res["chown"] = chown_round(v, data, scratch / "c", False)
-                res["chown_meta"] = chown_round(v, data, scratch / "m", True)
+                for part in (
+                    real_world_round(v, data, scratch / "r"),
+                    chown_round(v, data, scratch / "c", False),
+                    chown_round(v, data, scratch / "m", True),
+                ):
+                    res.setdefault("requests", {}).update(part.pop("requests", {}))
+                    res.update(part)
             except (subprocess.CalledProcessError, OSError, RuntimeError) as e:
                 # A variant that breaks is reported, not allowed to stop the others.
                 notes.append(f"{v.name} failed in round {rnd + 1}: {e}")
@@ -661,9 +829,12 @@ def main():
                 res = {}
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
+            for k, counts in res.pop("requests", {}).items():
+                requests.setdefault(k, {}).setdefault(v.name, []).append(counts)
             for k, val in res.items():
                 if val is not None:
                     samples.setdefault(k, {}).setdefault(v.name, []).append(val)
+    REQUESTS.close()
     medians = {k: {n: statistics.median(vals) for n, vals in per.items()} for k, per in samples.items()}
     names = [v.name for v in variants]
     meta = (
@@ -672,13 +843,14 @@ def main():
         f"interleaved round(s); took {time.time() - started:.0f} s."
     )
     md = markdown(medians, names, notes, meta)
+    md += requests_markdown(requests, [v.name for v in variants if v.is_fuse], data, prof)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps(
         {"machine": machine(), "profile": prof, "variants": names, "notes": notes,
          "workloads": [dict(key=k, title=t, unit=u, better=b) for k, t, u, b in WORKLOADS],
-         "samples": samples, "medians": medians}, indent=2))
+         "samples": samples, "medians": medians, "requests": requests}, indent=2))
     (out / "chart.svg").write_text(svg_chart(medians, names))
     print(md)
     log(f"wrote {out}/results.md, results.json, chart.svg")
