@@ -689,7 +689,7 @@ def requests_markdown(requests, fuse_variants, data, prof):
             med = {op: statistics.median(c.get(op, 0) for c in rounds) for op in ops}
             total = sum(med.values()) / n
             parts = sorted(((c / n, op) for op, c in med.items()), reverse=True)
-            detail = ", ".join(f"{op} {c:.2g}" for c, op in parts if c >= 0.01)
+            detail = ", ".join(f"{op} {c:.2g}" for c, op in parts if c >= 0.005)
             cells.append(f"{total:.2g} ({detail})")
         lines.append(f"| {titles[key]} | {unit} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -760,7 +760,10 @@ def main():
     ap.add_argument("--unionfs-bin", help="use this unionfs binary instead of building one")
     ap.add_argument("--dir", default="/var/tmp/unionfs-bench", help="where data and mounts go")
     ap.add_argument("--out", default=str(ROOT / "bench/results"), help="where results go")
+    ap.add_argument("--render", metavar="DIR", help="only write DIR/results.md again from DIR/results.json")
     a = ap.parse_args()
+    if a.render:
+        return render(Path(a.render), Path(a.dir) / "data")
     if os.geteuid() != 0:
         sys.exit("bench: run as root (it mounts filesystems and drops caches)")
     if not shutil.which("fio"):
@@ -854,6 +857,19 @@ def main():
     (out / "chart.svg").write_text(svg_chart(medians, names))
     print(md)
     log(f"wrote {out}/results.md, results.json, chart.svg")
+
+
+def render(out, data):
+    """Writes the tables of an earlier run again from its results.json (the
+    request table needs that run's data directory, for the operation counts)."""
+    j = json.loads((out / "results.json").read_text())
+    names = j["variants"]
+    fuse = [n for n in names if n not in ("bare", "kernel")]
+    meta = (out / "results.md").read_text().split("\n\nMachine: ", 1)[1].split("\n", 1)[0]
+    md = markdown(j["medians"], names, j["notes"], "Machine: " + meta)
+    md += requests_markdown(j.get("requests", {}), fuse, data, j["profile"])
+    (out / "results.md").write_text(md)
+    print(md)
 
 
 def cleanup_mounts(under):
