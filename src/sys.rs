@@ -29,6 +29,7 @@ impl Errno {
     pub const ENOTSUP: Errno = Errno(libc::EOPNOTSUPP);
     pub const EROFS: Errno = Errno(libc::EROFS);
     pub const EACCES: Errno = Errno(libc::EACCES);
+    pub const ENOSYS: Errno = Errno(libc::ENOSYS);
 
     /// The calling thread's `errno`.
     pub fn last() -> Errno {
@@ -444,14 +445,37 @@ pub fn stat_times(st: &Stat) -> (SetTime, SetTime) {
     )
 }
 
-// --- xattrs through /proc: `/proc/self/fd/N` resolves to the very object
-// behind a descriptor (a symlink included: the link is not followed further),
-// and `/proc/self/fd/D/NAME` with the l* calls to NAME in directory D.
+// --- xattrs. On a name in a directory: the `*xattrat` calls of Linux 6.13
+// (no path resolution beyond the name); on an older kernel, and on the object
+// behind a descriptor (mostly `O_PATH`, which `*xattrat` refuses), the l* and
+// plain calls on `/proc/self/fd/D/NAME` and `/proc/self/fd/N`: the magic link
+// resolves to the very object held (a symlink included, not followed).
+
+/// `setxattrat`, `getxattrat`, `listxattrat`, `removexattrat`: the same
+/// numbers on every architecture (they came after the tables were unified).
+const SYS_SETXATTRAT: libc::c_long = 463;
+const SYS_GETXATTRAT: libc::c_long = 464;
+const SYS_LISTXATTRAT: libc::c_long = 465;
+const SYS_REMOVEXATTRAT: libc::c_long = 466;
+
+/// Set once a `*xattrat` call says ENOSYS: the kernel predates them.
+static NO_XATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `struct xattr_args` of the `*xattrat` calls.
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
+}
 
 /// Where an xattr call goes.
 pub struct XattrTarget {
+    /// `/proc/self/fd/N` or `/proc/self/fd/D/NAME`.
     path: CString,
     follow: bool,
+    /// Directory and name, for the `*xattrat` calls.
+    at: Option<(RawFd, CString)>,
 }
 
 impl XattrTarget {
@@ -460,6 +484,7 @@ impl XattrTarget {
         XattrTarget {
             path: proc_path(fd.as_raw_fd()),
             follow: true,
+            at: None,
         }
     }
 
@@ -470,10 +495,51 @@ impl XattrTarget {
         Ok(XattrTarget {
             path: CString::new(p).map_err(|_| Errno::EINVAL)?,
             follow: false,
+            // (An empty name, the directory itself, keeps the /proc path.)
+            at: match name.is_empty() {
+                true => None,
+                false => Some((dir.as_raw_fd(), cstr(name)?)),
+            },
         })
     }
 
+    /// Runs `call` with the directory and name when the `*xattrat` calls
+    /// serve this target; None to take the `/proc` path instead.
+    fn try_at(&self, call: impl FnOnce(RawFd, &CStr) -> libc::c_long) -> Option<Result<usize>> {
+        let (dir, name) = self.at.as_ref()?;
+        if NO_XATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        match check_size(call(*dir, name) as isize) {
+            Err(Errno::ENOSYS) => {
+                NO_XATTRAT.store(true, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+            r => Some(r),
+        }
+    }
+
     fn get_raw(&self, name: &CStr, buf: &mut [u8]) -> Result<usize> {
+        let mut args = XattrArgs {
+            value: buf.as_mut_ptr() as u64,
+            size: buf.len() as u32,
+            flags: 0,
+        };
+        let args_ptr = &mut args as *mut XattrArgs;
+        let at = self.try_at(|dir, path| unsafe {
+            libc::syscall(
+                SYS_GETXATTRAT,
+                dir,
+                path.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                name.as_ptr(),
+                args_ptr,
+                std::mem::size_of::<XattrArgs>(),
+            )
+        });
+        if let Some(r) = at {
+            return r;
+        }
         let (p, n, b, l) = (
             self.path.as_ptr(),
             name.as_ptr(),
@@ -510,6 +576,26 @@ impl XattrTarget {
 
     pub fn set(&self, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let name = cstr(name)?;
+        let args = XattrArgs {
+            value: value.as_ptr() as u64,
+            size: value.len() as u32,
+            flags: flags as u32,
+        };
+        let args_ptr = &args as *const XattrArgs;
+        let at = self.try_at(|dir, path| unsafe {
+            libc::syscall(
+                SYS_SETXATTRAT,
+                dir,
+                path.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                name.as_ptr(),
+                args_ptr,
+                std::mem::size_of::<XattrArgs>(),
+            )
+        });
+        if let Some(r) = at {
+            return r.map(drop);
+        }
         let (p, n, v, l) = (
             self.path.as_ptr(),
             name.as_ptr(),
@@ -527,6 +613,20 @@ impl XattrTarget {
     }
 
     fn list_raw(&self, buf: &mut [u8]) -> Result<usize> {
+        let (b, l) = (buf.as_mut_ptr(), buf.len());
+        let at = self.try_at(|dir, path| unsafe {
+            libc::syscall(
+                SYS_LISTXATTRAT,
+                dir,
+                path.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                b,
+                l,
+            )
+        });
+        if let Some(r) = at {
+            return r;
+        }
         let (p, b, l) = (self.path.as_ptr(), buf.as_mut_ptr().cast(), buf.len());
         check_size(unsafe {
             if self.follow {
@@ -559,6 +659,18 @@ impl XattrTarget {
 
     pub fn remove(&self, name: &OsStr) -> Result<()> {
         let name = cstr(name)?;
+        let at = self.try_at(|dir, path| unsafe {
+            libc::syscall(
+                SYS_REMOVEXATTRAT,
+                dir,
+                path.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                name.as_ptr(),
+            )
+        });
+        if let Some(r) = at {
+            return r.map(drop);
+        }
         let (p, n) = (self.path.as_ptr(), name.as_ptr());
         check(unsafe {
             if self.follow {
