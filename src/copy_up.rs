@@ -10,7 +10,7 @@
 //! metadata-only) unless it is to be written; its data follows in place at
 //! the first write, the mark dropped last.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -194,25 +194,18 @@ impl Union {
         origin: Option<&format::Origin>,
     ) -> Result<OwnedFd> {
         let dir_times = sys::stat_fd(dir)?;
-        let tmp = self.temp_name();
         let work = self.work_fd()?;
-        let built = self.build_copy(&tmp, src, st, data).and_then(|obj| {
-            if let Some(o) = origin {
-                self.record_origin(dir, obj.as_fd(), o);
-            }
-            sys::rename_at(work, &tmp, dir, name, libc::RENAME_NOREPLACE)?;
-            Ok(obj)
-        });
-        let obj = match built {
-            Ok(obj) => obj,
-            Err(e) => {
-                let _ = remove_tree(work, &tmp);
-                return Err(e);
-            }
-        };
+        let staged = self.build_copy(src, st, data)?;
+        if let Some(o) = origin {
+            self.record_origin(dir, staged.obj.as_fd(), o);
+        }
+        if let Err(e) = staged.place(work, dir, name) {
+            staged.discard(work);
+            return Err(e);
+        }
         let (atime, mtime) = sys::stat_times(&dir_times);
         sys::set_times_fd(dir, atime, mtime)?;
-        Ok(obj)
+        Ok(staged.obj)
     }
 
     /// Records `origin` on the copy `obj` and marks its parent `dir`, as the
@@ -229,56 +222,148 @@ impl Union {
         }
     }
 
-    /// Builds the copy of `src` as `tmp` in the work directory, a regular
-    /// file with the data of `data`, or (None) sized but marked
-    /// metadata-only.
+    /// Builds the copy of `src` in the work directory, not visible yet: a
+    /// regular file with the data of `data`, or (None) sized but marked
+    /// metadata-only. A regular file is an anonymous one (`O_TMPFILE`, as
+    /// the kernel makes it) where the upper filesystem has them: nothing of
+    /// it is left if it is never placed, and its sync need not reach the
+    /// work directory (as a named file's does on ext4 without a journal).
     pub(crate) fn build_copy(
         &self,
+        src: BorrowedFd<'_>,
+        st: &Stat,
+        data: Option<BorrowedFd<'_>>,
+    ) -> Result<Staged> {
+        let work = self.work_fd()?;
+        if sys::file_type(st.st_mode) == libc::S_IFREG
+            && let Some(file) = self.anonymous_file(work)?
+        {
+            self.fill_file(file.as_fd(), st, data)?;
+            self.finish_copy(src, file.as_fd(), st, data.is_none())?;
+            return Ok(Staged {
+                obj: file,
+                tmp: None,
+            });
+        }
+        let tmp = self.temp_name();
+        let built = self.build_named_copy(work, &tmp, src, st, data);
+        if built.is_err() {
+            let _ = remove_tree(work, &tmp);
+        }
+        Ok(Staged {
+            obj: built?,
+            tmp: Some(tmp),
+        })
+    }
+
+    /// An anonymous regular file in the work directory; None where the
+    /// filesystem has none (remembered: asked once).
+    fn anonymous_file(&self, work: BorrowedFd<'_>) -> Result<Option<OwnedFd>> {
+        if self.no_tmpfile.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        match sys::open_tmpfile(work, 0o600) {
+            Ok(f) => Ok(Some(f)),
+            Err(Errno::ENOTSUP | Errno::EISDIR | Errno::EINVAL) => {
+                debug!("no O_TMPFILE in the work directory: copies are built under a name");
+                self.no_tmpfile.store(true, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `build_copy` under the temporary name `tmp`.
+    fn build_named_copy(
+        &self,
+        work: BorrowedFd<'_>,
         tmp: &OsStr,
         src: BorrowedFd<'_>,
         st: &Stat,
         data: Option<BorrowedFd<'_>>,
     ) -> Result<OwnedFd> {
-        let work = self.work_fd()?;
         let kind = sys::file_type(st.st_mode);
-        let file = match kind {
-            libc::S_IFREG => Some(sys::create_file(work, tmp, libc::O_WRONLY, 0o600)?),
-            libc::S_IFDIR => {
-                sys::mkdir_at(work, tmp, 0o700)?;
-                None
+        match kind {
+            libc::S_IFREG => {
+                let file = sys::create_file(work, tmp, libc::O_WRONLY, 0o600)?;
+                self.fill_file(file.as_fd(), st, data)?;
             }
+            libc::S_IFDIR => sys::mkdir_at(work, tmp, 0o700)?,
             libc::S_IFLNK => {
                 let target = sys::readlink_fd(src)?;
                 sys::symlink_at(OsStr::from_bytes(&target), work, tmp)?;
-                None
             }
-            _ => {
-                sys::mknod_at(work, tmp, kind | 0o600, st.st_rdev)?;
-                None
-            }
-        };
-        match (&file, data) {
-            (Some(dst), Some(data)) => {
-                let from = sys::reopen(data, libc::O_RDONLY)?;
-                copy_data(from.as_fd(), dst.as_fd(), st.st_size as u64)?;
-            }
-            (Some(dst), None) => sys::ftruncate(dst.as_fd(), st.st_size as u64)?,
-            (None, _) => {}
+            _ => sys::mknod_at(work, tmp, kind | 0o600, st.st_rdev)?,
         }
         let obj = sys::open_path(work, tmp)?;
-        copy_metadata(src, obj.as_fd(), st, self.ns)?;
-        if let (Some(_), None) = (&file, data) {
-            format::set_metacopy(obj.as_fd(), self.ns)?;
-        }
-        // Data is synced before the copy appears; a metadata-only copy has
-        // none (its metadata is ordered by the filesystem's journal, as
-        // the kernel relies on).
-        if let (Some(dst), Some(_)) = (&file, data)
-            && !self.tuning.volatile
-        {
-            sys::fsync(dst.as_fd(), true)?;
-        }
+        let metadata_only = kind == libc::S_IFREG && data.is_none();
+        self.finish_copy(src, obj.as_fd(), st, metadata_only)?;
         Ok(obj)
+    }
+
+    /// The contents of a regular file's copy `dst`: the data of `data`,
+    /// synced unless volatile, or (None) only its size. The sync comes
+    /// before any metadata change, as the kernel's: owner, mode, xattrs and
+    /// times need none of their own (the filesystem orders them before the
+    /// name that shows the copy), and a sync right after the data is the
+    /// cheaper one.
+    fn fill_file(
+        &self,
+        dst: BorrowedFd<'_>,
+        st: &Stat,
+        data: Option<BorrowedFd<'_>>,
+    ) -> Result<()> {
+        let Some(data) = data else {
+            return sys::ftruncate(dst, st.st_size as u64);
+        };
+        let from = sys::reopen(data, libc::O_RDONLY)?;
+        copy_data(from.as_fd(), dst, st.st_size as u64)?;
+        if !self.tuning.volatile {
+            sys::fsync(dst, false)?;
+        }
+        Ok(())
+    }
+
+    /// Owner, mode, xattrs and times of `src` onto the copy `obj`, and the
+    /// metadata-only mark where it has no data.
+    fn finish_copy(
+        &self,
+        src: BorrowedFd<'_>,
+        obj: BorrowedFd<'_>,
+        st: &Stat,
+        metadata_only: bool,
+    ) -> Result<()> {
+        copy_metadata(src, obj, st, self.ns)?;
+        if metadata_only {
+            format::set_metacopy(obj, self.ns)?;
+        }
+        Ok(())
+    }
+}
+
+/// A copy built in the work directory and not visible yet.
+pub(crate) struct Staged {
+    /// The copy: an `O_PATH` descriptor, or an anonymous file's own.
+    pub obj: OwnedFd,
+    /// Its temporary name in the work directory (None: anonymous).
+    tmp: Option<OsString>,
+}
+
+impl Staged {
+    /// Gives the copy the name `name` in `dir`, never replacing one there.
+    pub fn place(&self, work: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        match &self.tmp {
+            Some(tmp) => sys::rename_at(work, tmp, dir, name, libc::RENAME_NOREPLACE),
+            None => sys::link_fd_at(self.obj.as_fd(), dir, name),
+        }
+    }
+
+    /// Removes a copy that is not to be placed (an anonymous one goes with
+    /// its descriptor).
+    pub fn discard(&self, work: BorrowedFd<'_>) {
+        if let Some(tmp) = &self.tmp {
+            let _ = remove_tree(work, tmp);
+        }
     }
 }
 

@@ -216,20 +216,21 @@ impl Union {
     ) -> Result<Stat> {
         let origin = origin_of_fd(lower).ok_or(Errno::EIO)?;
         let work = self.work_fd()?;
-        let tmp = self.temp_name();
         // Metadata only with `metacopy=on`, as the kernel makes it.
         let data = match self.tuning.metacopy && sys::file_type(st.st_mode) == libc::S_IFREG {
             true => None,
             false => Some(lower),
         };
-        let made = self.build_copy(&tmp, lower, st, data).and_then(|obj| {
-            format::set_origin(obj.as_fd(), &origin, self.ns)?;
-            self.record_nlink(obj.as_fd(), st.st_nlink, 1);
-            sys::rename_at(work, &tmp, index.dir.as_fd(), entry, libc::RENAME_NOREPLACE)?;
-            sys::stat_fd(obj.as_fd())
-        });
+        let staged = self.build_copy(lower, st, data)?;
+        let obj = staged.obj.as_fd();
+        let made = format::set_origin(obj, &origin, self.ns)
+            .and_then(|()| {
+                self.record_nlink(obj, st.st_nlink, 1);
+                staged.place(work, index.dir.as_fd(), entry)
+            })
+            .and_then(|()| sys::stat_fd(obj));
         if made.is_err() {
-            let _ = remove_tree(work, &tmp);
+            staged.discard(work);
         }
         made
     }

@@ -3,7 +3,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
@@ -121,6 +121,8 @@ pub struct Union {
     pub dirs: DashMap<u64, Arc<Mutex<DirStream>>>,
     next_fh: AtomicU64,
     tmp_seq: AtomicU64,
+    /// The work directory's filesystem has no `O_TMPFILE` (see `build_copy`).
+    pub(crate) no_tmpfile: AtomicBool,
 }
 
 impl std::fmt::Debug for dyn KernelCache {
@@ -213,6 +215,7 @@ impl Union {
             dirs: DashMap::new(),
             next_fh: AtomicU64::new(1),
             tmp_seq: AtomicU64::new(0),
+            no_tmpfile: AtomicBool::new(false),
         }
     }
 

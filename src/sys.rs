@@ -185,6 +185,35 @@ pub fn create_file(
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// An anonymous regular file (`O_TMPFILE`, read-write) in directory `dir`:
+/// it has no name until `link_fd_at` gives it one.
+pub fn open_tmpfile(dir: BorrowedFd<'_>, mode: u32) -> Result<OwnedFd> {
+    let flags = libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC;
+    let fd = retry(|| {
+        check(unsafe { libc::openat(dir.as_raw_fd(), c".".as_ptr(), flags, mode as libc::c_uint) })
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Gives the object behind `fd` (an anonymous file included) the name
+/// `name` in `dir`; EEXIST if the name is taken. Through the descriptor's
+/// `/proc` link, which `linkat` follows to the very inode, so that no
+/// capability is needed (as `AT_EMPTY_PATH` would).
+pub fn link_fd_at(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    let from = proc_path(fd.as_raw_fd());
+    let name = cstr(name)?;
+    check(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+    .map(drop)
+}
+
 pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Stat> {
     let name = cstr(name)?;
     let mut st: Stat = unsafe { std::mem::zeroed() };
