@@ -21,6 +21,9 @@ pub struct Opened {
     pub fh: u64,
     pub fd: Arc<OwnedFd>,
     pub on_upper: bool,
+    /// The data read stays in this object while the open lasts: it is the
+    /// upper one, or the union has no upper to copy up into.
+    pub settled: bool,
 }
 
 /// One open file of the union.
@@ -86,7 +89,12 @@ impl Union {
         let (real, on_upper) = node.data();
         let fd = Arc::new(real.open(real_flags(flags))?);
         let fh = self.register_file(node, fd.clone(), on_upper, flags);
-        Ok(Opened { fh, fd, on_upper })
+        Ok(Opened {
+            fh,
+            fd,
+            on_upper,
+            settled: on_upper || self.is_read_only(),
+        })
     }
 
     /// Registers the file `create` opened.
@@ -97,6 +105,7 @@ impl Union {
             fh,
             fd,
             on_upper: true,
+            settled: true,
         }
     }
 

@@ -22,7 +22,8 @@ use crate::ids::is_posix_acl;
 use crate::inode::AttrChange;
 use crate::options::Presentation;
 use crate::passthrough::{
-    CreateReply, FileIo, IoModes, PassthroughMode, can_register_backing_files, log_mode,
+    CreateReply, FileIo, IoModes, OpenedObject, PassthroughMode, can_register_backing_files,
+    log_mode,
 };
 use crate::superblock::{Caller, Union};
 use crate::sys::{Errno, Result, SetTime, Stat};
@@ -533,7 +534,11 @@ impl Filesystem for UnionFs {
             Ok(o) => self.io.reply_open(
                 ino.0,
                 o.fh,
-                (o.fd.as_fd(), o.on_upper),
+                OpenedObject {
+                    fd: o.fd.as_fd(),
+                    on_upper: o.on_upper,
+                    settled: o.settled,
+                },
                 may_write(wanted),
                 reply,
             ),
@@ -796,8 +801,13 @@ impl Filesystem for UnionFs {
                     ttl: self.shown.ttl,
                     attr: self.attr(&st),
                 };
+                let opened = OpenedObject {
+                    fd: o.fd.as_fd(),
+                    on_upper: true,
+                    settled: true,
+                };
                 self.io
-                    .reply_open(ino, o.fh, (o.fd.as_fd(), true), may_write(flags), reply);
+                    .reply_open(ino, o.fh, opened, may_write(flags), reply);
             }
             Err(e) => reply.error(errno(e)),
         }

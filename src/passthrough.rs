@@ -85,6 +85,20 @@ enum Mode {
     },
 }
 
+/// The object an open reached, as the open's caching depends on it.
+pub struct OpenedObject<'a> {
+    pub fd: BorrowedFd<'a>,
+    /// It is the upper object (a lower one never changes: its pages are
+    /// kept from one open to the next).
+    pub on_upper: bool,
+    /// Its data stays where it is for as long as the open lasts: an upper
+    /// object, or a lower one of a union that cannot copy up. Only such an
+    /// open may go to its backing file directly (passthrough): one of a
+    /// lower file that a copy-up may replace is read through the daemon, so
+    /// that it reads the copy afterwards, as on kernel overlayfs.
+    pub settled: bool,
+}
+
 /// The two replies that can open a file.
 pub trait OpenReply {
     fn backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId>;
@@ -164,18 +178,21 @@ impl IoModes {
         }
     }
 
-    /// Answers an open of inode `ino` as handle `fh`; `real` is the object
-    /// opened, `on_upper` whether it is the upper one and `writable` whether
-    /// the open may write.
+    /// Answers an open of inode `ino` as handle `fh`; `opened` is what was
+    /// opened and `writable` whether the open may write.
     pub fn reply_open(
         &self,
         ino: u64,
         fh: u64,
-        opened: (BorrowedFd<'_>, bool),
+        opened: OpenedObject<'_>,
         writable: bool,
         reply: impl OpenReply,
     ) {
-        let (real, on_upper) = opened;
+        let OpenedObject {
+            fd: real,
+            on_upper,
+            settled,
+        } = opened;
         // The daemon does nothing at flush (writes are done when they return,
         // locks are the kernel's): NOFLUSH spares a round trip per close.
         let cached_flags = if on_upper {
@@ -195,7 +212,7 @@ impl IoModes {
                 *writers += usize::from(writable);
                 reply.passthrough(fh, id);
             }
-            Mode::Cached(n) if *n > 0 || !on_upper => {
+            Mode::Cached(n) if *n > 0 || !settled => {
                 *n += 1;
                 reply.cached(fh, cached_flags);
             }

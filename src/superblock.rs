@@ -234,6 +234,11 @@ impl Union {
         OsString::from(format!("#u{}-{n}", std::process::id()))
     }
 
+    /// A union of lower layers only: nothing in it is ever copied up.
+    pub fn is_read_only(&self) -> bool {
+        self.work.is_none()
+    }
+
     /// The work directory; EROFS in a read-only union.
     pub fn work_fd(&self) -> Result<BorrowedFd<'_>> {
         self.work.as_ref().map(|w| w.as_fd()).ok_or(Errno::EROFS)
