@@ -54,6 +54,7 @@ WORKLOADS = [
     ("seqwrite", "seq write 1 MiB + fsync", "MiB/s", HIGHER),
     ("randwrite", "rand write 4 KiB", "IOPS", HIGHER),
     ("copyup", "first write to a large lower file", "ms", LOWER),
+    ("copyup_volatile", "first write to a large lower file, volatile", "ms", LOWER),
     ("create", "create+write small files", "ms", LOWER),
     ("stat", "stat the new files", "ms", LOWER),
     ("lslr_cold", "ls -lR of the lower tree, cold", "ms", LOWER),
@@ -289,10 +290,16 @@ def make_data(base, prof):
 # ------------------------------------------------------------------ variants
 
 
+def option_of(feature):
+    """The mount option that turns `feature` on (see Variant.features)."""
+    return {"metacopy": "metacopy=on", "volatile": "volatile"}[feature]
+
+
 class Variant:
     name = ""
-    # Can copy up metadata only (the kernel's metacopy=on).
-    has_metacopy = False
+    # Mount options it has of the kernel's: "metacopy" (copy up metadata
+    # only), "volatile" (copy-ups and writes not synced).
+    features = frozenset()
     # A FUSE daemon: its requests are counted.
     is_fuse = False
 
@@ -300,7 +307,8 @@ class Variant:
         """None when usable, else why not."""
         return None
 
-    def mount(self, lowers, upper, work, mnt, metacopy=False):
+    def mount(self, lowers, upper, work, mnt, features=()):
+        """Mounts a union; `features`: those of `self.features` to turn on."""
         raise NotImplementedError
 
     def unmount(self, mnt):
@@ -321,7 +329,7 @@ class Bare(Variant):
 
     name = "bare"
 
-    def mount(self, lowers, upper, work, mnt, metacopy=False):
+    def mount(self, lowers, upper, work, mnt, features=()):
         for layer in reversed(lowers):
             run(["cp", "-a", f"{layer}/.", str(mnt)])
 
@@ -331,15 +339,14 @@ class Bare(Variant):
 
 class Kernel(Variant):
     name = "kernel"
-    has_metacopy = True
+    features = frozenset({"metacopy", "volatile"})
 
     def missing(self):
         return None if "overlay" in Path("/proc/filesystems").read_text() else "no overlay in /proc/filesystems"
 
-    def mount(self, lowers, upper, work, mnt, metacopy=False):
+    def mount(self, lowers, upper, work, mnt, features=()):
         opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}"
-        if metacopy:
-            opts += ",metacopy=on"
+        opts += "".join(f",{option_of(f)}" for f in sorted(features))
         run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)])
 
 
@@ -349,6 +356,7 @@ class FuseOverlayfs(Variant):
     PATH so that it does not shadow the other; --fovl2-bin)."""
 
     is_fuse = True
+    features = frozenset({"volatile"})
 
     def __init__(self, name, binary, install):
         self.name = name
@@ -358,8 +366,9 @@ class FuseOverlayfs(Variant):
     def missing(self):
         return None if self.binary and Path(self.binary).exists() else f"{self.name} not installed ({self.install})"
 
-    def mount(self, lowers, upper, work, mnt, metacopy=False):
+    def mount(self, lowers, upper, work, mnt, features=()):
         opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}"
+        opts += "".join(f",{option_of(f)}" for f in sorted(features))
         run([str(self.binary), "-o", opts, str(mnt)], stderr=subprocess.DEVNULL)
         while not mounted(mnt):  # 2.0 may return before the mount is live
             time.sleep(0.0005)
@@ -371,7 +380,7 @@ class FuseOverlayfs(Variant):
 
 class Unionfs(Variant):
     name = "unionfs"
-    has_metacopy = True
+    features = frozenset({"metacopy", "volatile"})
     is_fuse = True
 
     def __init__(self, binary, opts):
@@ -379,9 +388,9 @@ class Unionfs(Variant):
         self.opts = opts
         self.proc = None
 
-    def mount(self, lowers, upper, work, mnt, metacopy=False):
+    def mount(self, lowers, upper, work, mnt, features=()):
         cmd = [str(self.binary), "mount", "-o", f"workdir={work}"]
-        for o in self.opts + (["metacopy=on"] if metacopy else []):
+        for o in self.opts + [option_of(f) for f in sorted(features)]:
             cmd += ["-o", o]
         cmd += [":".join(map(str, lowers)), str(upper), str(mnt)]
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
@@ -545,19 +554,26 @@ def union_round(variant, data, scratch, prof):
     return r
 
 
+def fresh_union(variant, data, scratch, features=()):
+    """Mounts `variant` over the two lowers with an empty upper in
+    `scratch`; returns the mount point."""
+    lowers = [data / "lower1", data / "lower2"]
+    upper, work, mnt = scratch / "upper", scratch / "work", scratch / "mnt"
+    for p in (upper, work, mnt):
+        p.mkdir(parents=True)
+    variant.mount(lowers, upper, work, mnt, features=features)
+    return mnt
+
+
 def chown_round(variant, data, scratch, metacopy):
     """chown -R of the lower tree on a fresh union (every file copied up:
     whole, or metadata only with metacopy=on); nothing where the variant has
     no metacopy."""
     key = "chown_meta" if metacopy else "chown"
-    if metacopy and not variant.has_metacopy:
+    if metacopy and "metacopy" not in variant.features:
         return {}
     r = {}
-    lowers = [data / "lower1", data / "lower2"]
-    upper, work, mnt = scratch / "upper", scratch / "work", scratch / "mnt"
-    for p in (upper, work, mnt):
-        p.mkdir(parents=True)
-    variant.mount(lowers, upper, work, mnt, metacopy=metacopy)
+    mnt = fresh_union(variant, data, scratch, {"metacopy"} if metacopy else ())
     try:
         drop_caches()
         chown = ["chown", "-R", "1234:1234", str(mnt / "tree")]
@@ -565,6 +581,19 @@ def chown_round(variant, data, scratch, metacopy):
     finally:
         variant.unmount(mnt)
     return r
+
+
+def volatile_copyup_round(variant, data, scratch):
+    """The first write to the large lower file on a union mounted with
+    `volatile` (every variant has it): copy-ups are not synced."""
+    if isinstance(variant, Bare):
+        return {}
+    mnt = fresh_union(variant, data, scratch, variant.features & {"volatile"})
+    try:
+        drop_caches()
+        return {"copyup_volatile": first_write(mnt / "big/copyup.bin")}
+    finally:
+        variant.unmount(mnt)
 
 
 def real_world_round(variant, data, scratch):
@@ -821,6 +850,7 @@ def main():
                     real_world_round(v, data, scratch / "r"),
                     chown_round(v, data, scratch / "c", False),
                     chown_round(v, data, scratch / "m", True),
+                    volatile_copyup_round(v, data, scratch / "v"),
                 ):
                     res.setdefault("requests", {}).update(part.pop("requests", {}))
                     res.update(part)

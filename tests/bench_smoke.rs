@@ -45,6 +45,7 @@ fn bench_smoke_produces_every_figure() {
         "rss",
         "chown",
         "chown_meta",
+        "copyup_volatile",
         "cold_cached",
         "warm_cached",
     ] {
