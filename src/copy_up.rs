@@ -1,10 +1,12 @@
 //! Copy-up: giving a lower object an upper copy before it is changed.
 //!
 //! Parents first, each with its own metadata. The copy is built in the work
-//! directory under a temporary name — data (sparse-aware, by reflink or
-//! `copy_file_range` where the filesystem allows), owner, mode, xattrs and
-//! times — synced, then renamed into place, so no reader and no crash ever
-//! sees a half-made copy. The parent's times are restored afterwards, as the
+//! directory — a regular file as an anonymous file (`O_TMPFILE`) where the
+//! filesystem has them, anything else under a temporary name — data
+//! (sparse-aware, by reflink or `copy_file_range` where the filesystem
+//! allows) synced first, then owner, mode, xattrs and times, and only then
+//! linked or renamed into place, so no reader and no crash ever sees a
+//! half-made copy. The parent's times are restored afterwards, as the
 //! kernel does. One copy-up per node at a time; later callers find it done.
 //! With `metacopy=on` a regular file is copied without its data (marked
 //! metadata-only) unless it is to be written; its data follows in place at
