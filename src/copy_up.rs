@@ -500,3 +500,76 @@ fn copy_range_by_hand(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::Path;
+
+    use super::*;
+    use crate::node::ROOT_ID;
+    use crate::superblock::Tuning;
+
+    fn open_dir(p: &Path) -> OwnedFd {
+        fs::File::open(p).unwrap().into()
+    }
+
+    /// A lower file with data, a mode and a user xattr, copied
+    /// up by an append: the copy is the same and the work directory is left
+    /// empty, whether built anonymous (`O_TMPFILE`) or under a name (the
+    /// fallback for filesystems without it).
+    #[test]
+    fn a_copy_is_the_same_built_anonymous_or_by_name() {
+        for by_name in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let [lower, upper, work] = ["lower", "upper", "work"].map(|d| dir.path().join(d));
+            for d in [&lower, &upper, &work] {
+                fs::create_dir(d).unwrap();
+            }
+            let file = lower.join("f");
+            fs::write(&file, b"hello").unwrap();
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o640)).unwrap();
+            let with_xattr = xattr_set(&file, "user.k", b"v");
+            let union = Union::new(
+                Some((open_dir(&upper), open_dir(&work))),
+                vec![open_dir(&lower)],
+                Tuning::new(false),
+            );
+            union.no_tmpfile.store(by_name, Ordering::Relaxed);
+            let (node, _) = union.lookup(ROOT_ID, OsStr::new("f")).unwrap();
+            let o = union
+                .open(node.id, libc::O_WRONLY | libc::O_APPEND)
+                .unwrap();
+            union.write(o.fh, 5, b" world").unwrap();
+            union.release(o.fh);
+            let anonymous = !union.no_tmpfile.load(Ordering::Relaxed);
+            assert_eq!(anonymous, !by_name, "O_TMPFILE refused where the test runs");
+
+            let copy = upper.join("f");
+            assert_eq!(
+                fs::read(&copy).unwrap(),
+                b"hello world",
+                "by name: {by_name}"
+            );
+            let (was, now) = (fs::metadata(&file).unwrap(), fs::metadata(&copy).unwrap());
+            assert_eq!(now.mode(), was.mode());
+            assert_eq!((now.uid(), now.gid()), (was.uid(), was.gid()));
+            if with_xattr {
+                assert_eq!(xattr_get(&copy, "user.k").as_deref(), Some(&b"v"[..]));
+            }
+            let left: Vec<_> = fs::read_dir(&work).unwrap().collect();
+            assert!(left.is_empty(), "work directory holds {left:?}");
+        }
+    }
+
+    fn xattr_set(p: &Path, name: &str, value: &[u8]) -> bool {
+        let fd: OwnedFd = fs::File::open(p).unwrap().into();
+        sys::set_xattr(fd.as_fd(), OsStr::new(name), value, 0).is_ok()
+    }
+
+    fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
+        let fd: OwnedFd = fs::File::open(p).unwrap().into();
+        sys::get_xattr(fd.as_fd(), OsStr::new(name)).ok()
+    }
+}
