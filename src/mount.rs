@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::fuse::UnionFs;
 use crate::index::{Refusal, describe};
@@ -195,49 +195,6 @@ fn fuse_minor_of(mountpoint: &Path) -> Option<u32> {
         .and_then(|l| l.split(' ').nth(2)?.strip_prefix("0:")?.parse().ok())
 }
 
-/// Gives the mount the readahead of its layers' devices. The kernel caps a
-/// FUSE mount's at 128 KiB when it starts, whatever the daemon offers, so a
-/// cold sequential read of a lower file through the mount went to the disk
-/// in smaller steps than the same read on the lower filesystem (or through
-/// kernel overlayfs). Only ever raised; needs root (sysfs), else unchanged.
-fn match_layer_readahead(mountpoint: &Path, layer_devices: &[u64]) {
-    let Some(minor) = fuse_minor_of(mountpoint) else {
-        return;
-    };
-    let ours = PathBuf::from(format!("/sys/class/bdi/0:{minor}/read_ahead_kb"));
-    let Some(current) = read_kb(&ours) else {
-        return;
-    };
-    let wanted = layer_devices
-        .iter()
-        .filter_map(|&dev| device_readahead_kb(dev))
-        .max()
-        .unwrap_or(0);
-    if wanted > current {
-        match std::fs::write(&ours, wanted.to_string()) {
-            Ok(()) => debug!(kib = wanted, "readahead of the layers' devices"),
-            Err(e) => debug!("readahead left at {current} KiB: {e}"),
-        }
-    }
-}
-
-/// The readahead of the block device behind `dev` (a partition's is its
-/// disk's), if it has one.
-fn device_readahead_kb(dev: u64) -> Option<u64> {
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    [
-        format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"),
-        format!("/sys/dev/block/{major}:{minor}/queue/read_ahead_kb"),
-        format!("/sys/dev/block/{major}:{minor}/../queue/read_ahead_kb"),
-    ]
-    .iter()
-    .find_map(|p| read_kb(Path::new(p)))
-}
-
-fn read_kb(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 /// Makes `WORKDIR/work` afresh: what an earlier run (or crash) left there is
 /// removed with it, and nobody but this user can hold a way into the new one.
 fn fresh_scratch_dir(top: BorrowedFd<'_>, wd: &Path, me: u32) -> Result<OwnedFd, String> {
@@ -371,11 +328,6 @@ fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
         }
         None => (None, None),
     };
-    let layer_devices: Vec<u64> = lowers
-        .iter()
-        .chain(upper.as_ref().map(|(u, _)| u))
-        .filter_map(|fd| sys::stat_fd(fd.as_fd()).ok().map(|st| st.st_dev))
-        .collect();
     let tuning = Tuning {
         volatile: plan.volatile,
         redirect_dir: plan.redirect_dir,
@@ -410,7 +362,6 @@ fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
     if let Some(lock) = &lock {
         write_holder_file(lock.as_fd(), &plan.mountpoint);
     }
-    match_layer_readahead(&plan.mountpoint, &layer_devices);
     match &plan.upper {
         Some(u) => info!(
             mountpoint = %plan.mountpoint.display(),
