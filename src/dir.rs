@@ -349,7 +349,7 @@ impl Union {
             return Ok(None);
         }
         let node = self
-            .existing_node(parent, name, found)
+            .held_node(parent, name, found)
             .unwrap_or_else(|| Arc::new(self.unheld_node(parent, name, found.clone())));
         self.ensure_upper(&node)?;
         Ok(Some((node, self.resolve(parent, name)?)))
@@ -368,7 +368,7 @@ impl Union {
         let dir = self.ensure_upper(parent)?;
         let held: Vec<Arc<Node>> = linked
             .into_iter()
-            .chain(self.existing_node(parent, name, found))
+            .chain(self.held_node(parent, name, found))
             .collect();
         for node in &held {
             node.pin()?; // the kernel may still use it (an open file)
@@ -512,8 +512,8 @@ impl Union {
         found.is_dir() && !found.lowers.is_empty()
     }
 
-    fn node_for(&self, side: &Side, name: &OsStr) -> Arc<Node> {
-        match self.existing_node(&side.parent, name, &side.found) {
+    fn node_to_move(&self, side: &Side, name: &OsStr) -> Arc<Node> {
+        match self.held_node(&side.parent, name, &side.found) {
             Some(n) => n,
             None => Arc::new(self.unheld_node(&side.parent, name, side.found.clone())),
         }
@@ -605,8 +605,8 @@ impl Union {
         new_name: &OsStr,
         exchange: bool,
     ) {
-        let moved = self.existing_node(&src.parent, name, &src.found);
-        let other = self.existing_node(&dst.parent, new_name, &dst.found);
+        let moved = self.held_node(&src.parent, name, &src.found);
+        let other = self.held_node(&dst.parent, new_name, &dst.found);
         if let Some(n) = &moved {
             if !exchange {
                 self.table
@@ -675,8 +675,8 @@ impl Union {
 
     fn rename_exchange(&self, src: Side, name: &OsStr, dst: Side, new_name: &OsStr) -> Result<()> {
         self.check_movable(&dst)?;
-        let src_node = self.node_for(&src, name);
-        let dst_node = self.node_for(&dst, new_name);
+        let src_node = self.node_to_move(&src, name);
+        let dst_node = self.node_to_move(&dst, new_name);
         let src_upper = self.ensure_upper(&src_node)?;
         let dst_upper = self.ensure_upper(&dst_node)?;
         let from = self.ensure_upper(&src.parent)?;
@@ -726,7 +726,7 @@ impl Union {
         dst: Option<Side>,
         new_name: &OsStr,
     ) -> Result<()> {
-        let src_node = self.node_for(&src, name);
+        let src_node = self.node_to_move(&src, name);
         let src_upper = self.ensure_upper(&src_node)?;
         let from = self.ensure_upper(&src.parent)?;
         let to = self.ensure_upper(&new_parent)?;
@@ -747,7 +747,7 @@ impl Union {
         };
         let replaced = dst
             .as_ref()
-            .and_then(|d| self.existing_node(&d.parent, new_name, &d.found));
+            .and_then(|d| self.held_node(&d.parent, new_name, &d.found));
         if let Some(node) = &replaced {
             node.pin()?; // the kernel may still use it (an open file)
         }

@@ -1,6 +1,12 @@
-//! The thin adapter between fuser's `Filesystem` trait and the union core.
-//! It converts types and replies; all decisions live in the core modules, which
-//! know nothing of fuser.
+//! The adapter between fuser's `Filesystem` trait and the union core. It
+//! converts types and replies; what the union does is the core's to decide
+//! (the core knows nothing of fuser). The adapter decides only what concerns
+//! the kernel's side of the protocol: which caller drops set-id bits (the
+//! kill flag fuser does not pass on, see `setattr`), how long the kernel may
+//! cache entries and attributes (negative entries included, see
+//! `entry_attr`), the EOPNOTSUPP answer for an absent SELinux label (see
+//! `unlabelled_as_unsupported`), and the flags of the real open under the
+//! writeback cache (see `real_open_flags`).
 
 use std::borrow::Cow;
 use std::ffi::OsStr;

@@ -47,8 +47,9 @@ fn check_dev_fuse() -> Result<(), String> {
         .map_err(|e| format!("/dev/fuse is not usable: {e}"))
 }
 
-/// Lifts the open-file limit to its hard maximum: the union holds one
-/// descriptor per object the kernel caches.
+/// Lifts the open-file limit to its hard maximum: the union holds a
+/// descriptor per directory the kernel caches (a file is held as its
+/// directory and name) and one per open file.
 fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

@@ -536,7 +536,7 @@ impl Union {
 
     /// The node of `name` in `parent`, resolved as `found`, if the kernel
     /// holds it.
-    pub fn existing_node(&self, parent: &Node, name: &OsStr, found: &Found) -> Option<Arc<Node>> {
+    pub fn held_node(&self, parent: &Node, name: &OsStr, found: &Found) -> Option<Arc<Node>> {
         let id = match self.per_name_file(found) {
             Some(file) => {
                 let key = (parent.id, Arc::from(name));
@@ -551,11 +551,11 @@ impl Union {
     /// before a rename), not entered in the table.
     pub fn unheld_node(&self, parent: &Arc<Node>, name: &OsStr, found: Found) -> Node {
         let id = self.id_of(parent, name, &found);
-        self.node_from(id, parent, name, found)
+        self.build_node(id, parent, name, found)
     }
 
     /// A node `id` for a resolved object, not entered in the table.
-    fn node_from(&self, id: u64, parent: &Arc<Node>, name: &OsStr, found: Found) -> Node {
+    fn build_node(&self, id: u64, parent: &Arc<Node>, name: &OsStr, found: Found) -> Node {
         // A file's name is already held by its handle: share it.
         let held = found
             .upper
@@ -590,11 +590,11 @@ impl Union {
     pub fn lookup(&self, parent_id: u64, name: &OsStr) -> Result<(Arc<Node>, Stat)> {
         let parent = self.node(parent_id)?;
         let found = self.resolve(&parent, name)?;
-        self.acquire_found(&parent, name, found)
+        self.acquire_node(&parent, name, found)
     }
 
     /// The node of a resolved object, with one more kernel reference.
-    pub fn acquire_found(
+    pub fn acquire_node(
         &self,
         parent: &Arc<Node>,
         name: &OsStr,
@@ -609,7 +609,7 @@ impl Union {
         let mut made = false;
         let node = self.table.acquire(id, || {
             made = true;
-            self.node_from(id, parent, name, found)
+            self.build_node(id, parent, name, found)
         });
         if node.kind != sys::file_type(stat.st_mode) {
             self.table.forget(id, 1);

@@ -6,8 +6,9 @@
 //! for the open directory, so it stays consistent while entries come and go.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -111,10 +112,8 @@ impl Union {
             let mut hidden_below = Vec::new();
             for e in sys::read_dir(lower.dir())? {
                 if format::is_aufs_marker(&e.name) {
-                    let target = &e.name.as_encoded_bytes()[format::AUFS_WHITEOUT_PREFIX.len()..];
-                    // SAFETY-free: the bytes come from a valid OsString minus an ASCII prefix.
-                    hidden_below
-                        .push(unsafe { OsString::from_encoded_bytes_unchecked(target.to_vec()) });
+                    let target = &e.name.as_bytes()[format::AUFS_WHITEOUT_PREFIX.len()..];
+                    hidden_below.push(OsStr::from_bytes(target).to_os_string());
                     continue;
                 }
                 if !seen.insert(e.name.clone()) {
@@ -364,7 +363,7 @@ impl Union {
                 metacopy: false,
             }
         };
-        self.acquire_found(dir, &e.name, found)
+        self.acquire_node(dir, &e.name, found)
     }
 
     /// A node for a name listed by readdirplus whose node id is not its

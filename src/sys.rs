@@ -390,10 +390,13 @@ pub fn chown_at(
     .map(drop)
 }
 
-/// chmod of `name` in `dir`, which is not a symlink.
+/// chmod of `name` in `dir`, never following a symlink (one gets
+/// EOPNOTSUPP: a symlink has no mode of its own on Linux).
 pub fn chmod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
     let name = cstr(name)?;
-    check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode & 0o7777, 0) }).map(drop)
+    let nofollow = libc::AT_SYMLINK_NOFOLLOW;
+    check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode & 0o7777, nofollow) })
+        .map(drop)
 }
 
 /// Times of `name` in `dir`, not following a symlink.
