@@ -23,8 +23,9 @@ use tracing::debug;
 use crate::format;
 use crate::namei::is_metadata_only;
 use crate::node::{Node, Real, UPPER};
-use crate::superblock::{Union, remove_tree};
+use crate::superblock::Union;
 use crate::sys::{self, Errno, Result, Stat};
+use crate::tree::remove_tree;
 
 const FICLONE: libc::c_ulong = 0x4004_9409;
 const CHUNK: usize = 1 << 30;

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use crate::format::{self, LowerPath};
 use crate::namei::Found;
 use crate::node::{Node, NodeState, Real, UPPER};
-use crate::superblock::{Caller, Union, remove_tree};
+use crate::superblock::{Caller, Union};
 use crate::sys::{self, Errno, Result, Stat};
+use crate::tree::remove_tree;
 
 /// The longest redirect recorded, as the kernel's default `redirect_max`.
 const REDIRECT_MAX: usize = 256;

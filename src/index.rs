@@ -23,8 +23,9 @@ use tracing::{debug, info, warn};
 
 use crate::format::{self, Origin, UnionNlink};
 use crate::node::Real;
-use crate::superblock::{Union, remove_tree};
+use crate::superblock::Union;
 use crate::sys::{self, Errno, Result, Stat};
+use crate::tree::remove_tree;
 
 /// `WORKDIR/index`, held open.
 #[derive(Debug)]

@@ -24,4 +24,5 @@ pub mod readdir;
 pub mod run;
 pub mod superblock;
 pub mod sys;
+pub mod tree;
 pub mod trust;

@@ -15,7 +15,8 @@ use tracing::{info, warn};
 use crate::fuse::UnionFs;
 use crate::index::{Refusal, describe};
 use crate::options::{Access, MountPlan, UpperPlan};
-use crate::superblock::{Tuning, Union, remove_tree};
+use crate::superblock::{Tuning, Union};
+use crate::tree::remove_tree;
 use crate::{sys, trust};
 
 /// How long a detached but busy mount is served before the daemon exits.

@@ -244,31 +244,3 @@ impl Union {
         self.work.as_ref().map(|w| w.as_fd()).ok_or(Errno::EROFS)
     }
 }
-
-/// Removes `name` in `dir` and everything under it, never following a
-/// symlink. Used for the work directory and for upper directories that hold
-/// nothing but whiteouts.
-pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    let st = match sys::stat_at(dir, name) {
-        Ok(st) => st,
-        Err(Errno::ENOENT) => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if !sys::is_dir(&st) {
-        return sys::unlink_at(dir, name, false);
-    }
-    let sub = sys::open_path(dir, name)?;
-    for e in sys::read_dir(sub.as_fd())? {
-        remove_tree(sub.as_fd(), &e.name)?;
-    }
-    sys::unlink_at(dir, name, true)
-}
-
-/// Empties a directory (the work directory at mount).
-pub fn clear_dir(dir: BorrowedFd<'_>) -> Result<usize> {
-    let entries = sys::read_dir(dir)?;
-    for e in &entries {
-        remove_tree(dir, &e.name)?;
-    }
-    Ok(entries.len())
-}

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use tracing::{debug, info};
 
 use crate::options::{self, MountRequest};
-use crate::superblock::remove_tree;
+use crate::tree::remove_tree;
 use crate::{mount, sys};
 
 use request::Spec;
