@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use crate::ids::{IdMap, IdMapping};
 use crate::mount;
-use crate::options::{Access, Layers, MountFlags, MountPlan, Presentation, check_layers};
-use crate::passthrough::{FileIo, on_off};
+use crate::options::{
+    Access, FileIo, Layers, MountFlags, MountPlan, Presentation, check_layers, on_off,
+};
 
 /// The subcommands of the native command line.
 const SUBCOMMANDS: [&str; 4] = ["mount", "run", "demo", "help"];

@@ -26,10 +26,9 @@ use tracing::debug;
 
 use crate::ids::is_posix_acl;
 use crate::inode::AttrChange;
-use crate::options::Presentation;
+use crate::options::{FileIo, PassthroughMode, Presentation};
 use crate::passthrough::{
-    CreateReply, FileIo, IoModes, OpenedObject, PassthroughMode, can_register_backing_files,
-    log_mode,
+    CreateReply, IoModes, OpenedObject, can_register_backing_files, log_mode,
 };
 use crate::superblock::{Caller, Union};
 use crate::sys::{Errno, Result, SetTime, Stat};

@@ -8,8 +8,59 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::ids::IdMapping;
-use crate::passthrough::{FileIo, on_off};
 use crate::trust;
+
+/// What the user asked for with `-o passthrough=`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PassthroughMode {
+    On,
+    Off,
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for PassthroughMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" => Ok(PassthroughMode::On),
+            "off" => Ok(PassthroughMode::Off),
+            "auto" => Ok(PassthroughMode::Auto),
+            _ => Err(format!("passthrough={s}: expected on, off or auto")),
+        }
+    }
+}
+
+/// How file data travels between the kernel and the layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileIo {
+    /// `-o passthrough=`.
+    pub passthrough: PassthroughMode,
+    /// `-o writeback=`: when passthrough is not in use, the kernel keeps
+    /// written data in its page cache and sends it in large writes later
+    /// (at the latest on close and fsync).
+    pub writeback: bool,
+}
+
+impl Default for FileIo {
+    fn default() -> FileIo {
+        FileIo {
+            passthrough: PassthroughMode::Auto,
+            // Off unless asked: with it a write that does not fit fails only
+            // at fsync or close, and every unlink costs a time update.
+            writeback: false,
+        }
+    }
+}
+
+/// Parses `on`/`off` (and fuse-overlayfs's `1`/`0`).
+pub fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "1" => Ok(true),
+        "off" | "0" => Ok(false),
+        _ => Err(format!("{key}={v}: expected on or off")),
+    }
+}
 
 /// What the user asked for.
 #[derive(Clone, Debug, Default)]
@@ -411,8 +462,8 @@ fn plan_workdir(
 
 #[cfg(test)]
 mod tests {
+    use super::PassthroughMode;
     use super::*;
-    use crate::passthrough::PassthroughMode;
 
     #[test]
     fn splits_with_escapes() {

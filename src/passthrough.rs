@@ -9,7 +9,8 @@
 //! - a lower file is opened cached, with `FOPEN_KEEP_CACHE` since lower files
 //!   never change: its readers then switch to the upper copy after a copy-up,
 //!   as the kernel's overlay readers do, which a passthrough open of the lower
-//!   file could never do;
+//!   file could never do; in a read-only union, where nothing is ever copied
+//!   up, it is opened passthrough too;
 //! - while cached opens of an inode are live, new opens of it are cached too.
 //!
 //! This module belongs to the fuser adapter: the core knows nothing of it.
@@ -20,58 +21,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use dashmap::DashMap;
 use fuser::{BackingId, FileAttr, FileHandle, FopenFlags, Generation, ReplyCreate, ReplyOpen};
 use tracing::{info, warn};
-
-/// What the user asked for with `-o passthrough=`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PassthroughMode {
-    On,
-    Off,
-    #[default]
-    Auto,
-}
-
-impl std::str::FromStr for PassthroughMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "on" => Ok(PassthroughMode::On),
-            "off" => Ok(PassthroughMode::Off),
-            "auto" => Ok(PassthroughMode::Auto),
-            _ => Err(format!("passthrough={s}: expected on, off or auto")),
-        }
-    }
-}
-
-/// How file data travels between the kernel and the layers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileIo {
-    /// `-o passthrough=`.
-    pub passthrough: PassthroughMode,
-    /// `-o writeback=`: when passthrough is not in use, the kernel keeps
-    /// written data in its page cache and sends it in large writes later
-    /// (at the latest on close and fsync).
-    pub writeback: bool,
-}
-
-impl Default for FileIo {
-    fn default() -> FileIo {
-        FileIo {
-            passthrough: PassthroughMode::Auto,
-            // Off unless asked: with it a write that does not fit fails only
-            // at fsync or close, and every unlink costs a time update.
-            writeback: false,
-        }
-    }
-}
-
-/// Parses `on`/`off` (and fuse-overlayfs's `1`/`0`).
-pub fn on_off(key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "1" => Ok(true),
-        "off" | "0" => Ok(false),
-        _ => Err(format!("{key}={v}: expected on or off")),
-    }
-}
 
 /// The I/O mode of one inode's live opens.
 enum Mode {
