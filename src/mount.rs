@@ -5,6 +5,7 @@
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -150,11 +151,60 @@ fn holder_is_mounted(top: BorrowedFd<'_>) -> bool {
     if std::fs::File::from(f).read_to_string(&mut text).is_err() {
         return true;
     }
-    match text.trim().parse::<u32>() {
-        Ok(minor) => fuse_connection_alive(minor),
+    match Holder::parse(&text) {
+        Some(holder) => holder.is_mounted(),
         // Being written by a holder that has just mounted: look again.
-        Err(_) => text.is_empty(),
+        None => text.is_empty(),
     }
+}
+
+/// What the holder file says of the mount holding the work directory.
+#[derive(Debug, PartialEq)]
+struct Holder {
+    /// The FUSE connection's device minor: reused by the next FUSE
+    /// mount anywhere once this one is gone.
+    minor: u32,
+    /// The mount's unique id and the mount namespace it was made in
+    /// (Linux 6.8+, absent in holder files of older versions): never
+    /// reused, so no other mount can pass for this one.
+    mount: Option<(u64, u64)>,
+}
+
+impl Holder {
+    fn parse(text: &str) -> Option<Holder> {
+        let mut words = text.split_whitespace();
+        let minor = words.next()?.parse().ok()?;
+        let id = words.next().and_then(|w| w.parse().ok());
+        let ns = words.next().and_then(|w| w.parse().ok());
+        Some(Holder {
+            minor,
+            mount: id.zip(ns),
+        })
+    }
+
+    fn render(&self) -> String {
+        match self.mount {
+            Some((id, ns)) => format!("{} {id} {ns}\n", self.minor),
+            None => format!("{}\n", self.minor),
+        }
+    }
+
+    /// The unique id settles it in the namespace the mount was made in;
+    /// elsewhere only the connection's minor can be looked at.
+    fn is_mounted(&self) -> bool {
+        if let Some((id, ns)) = self.mount
+            && own_mount_namespace() == Some(ns)
+            && let Ok(listed) = sys::mount_is_listed(id)
+        {
+            return listed;
+        }
+        fuse_connection_alive(self.minor)
+    }
+}
+
+/// The inode number of this process's mount namespace.
+fn own_mount_namespace() -> Option<u64> {
+    std::fs::metadata("/proc/self/ns/mnt").ok().map(|m| m.ino())
 }
 
 /// A FUSE connection lives as long as its superblock, whatever mount
@@ -173,14 +223,21 @@ fn fuse_connection_alive(minor: u32) -> bool {
         .any(|l| l.split(' ').nth(2) == Some(want.as_str()))
 }
 
-/// Records which FUSE connection holds the work directory, for
-/// `holder_is_mounted` of a later mount.
+/// Records which mount holds the work directory, for `holder_is_mounted`
+/// of a later mount.
 fn write_holder_file(top: BorrowedFd<'_>, mountpoint: &Path) {
     let Some(minor) = fuse_minor_of(mountpoint) else {
         return;
     };
+    let unique_id = sys::open_dir_path(mountpoint)
+        .ok()
+        .and_then(|fd| sys::unique_mount_id(fd.as_fd()));
+    let holder = Holder {
+        minor,
+        mount: unique_id.zip(own_mount_namespace()),
+    };
     let made = sys::create_or_truncate(top, OsStr::new(HOLDER_FILE), 0o600)
-        .and_then(|f| Ok(std::fs::File::from(f).write_all(format!("{minor}\n").as_bytes())?));
+        .and_then(|f| Ok(std::fs::File::from(f).write_all(holder.render().as_bytes())?));
     if let Err(e) = made {
         warn!("cannot record the mount in the work directory: {e}");
     }
@@ -432,5 +489,35 @@ impl Running {
         } else {
             info!("union still in use after detach; leaving it to the process exit");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holder_files_of_this_and_older_versions_are_read() {
+        let now = Holder {
+            minor: 71,
+            mount: Some((1234, 4026531841)),
+        };
+        assert_eq!(Holder::parse(&now.render()), Some(now));
+        let old = Holder::parse("71\n").unwrap();
+        assert_eq!((old.minor, old.mount), (71, None));
+        assert_eq!(Holder::parse(""), None);
+        assert_eq!(Holder::parse("x 1 2"), None);
+    }
+
+    /// The id that tells a live mount from a later one with the same
+    /// FUSE minor: the root's is listed, a never-made one is not.
+    #[test]
+    fn a_unique_mount_id_is_listed_while_its_mount_is() {
+        let root = sys::open_dir_path(Path::new("/")).unwrap();
+        let Some(id) = sys::unique_mount_id(root.as_fd()) else {
+            return; // before Linux 6.8 there are no unique ids to check
+        };
+        assert_eq!(sys::mount_is_listed(id), Ok(true));
+        assert_eq!(sys::mount_is_listed(id + (1 << 40)), Ok(false));
     }
 }

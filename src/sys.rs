@@ -936,3 +936,61 @@ pub fn open_by_handle(mount_fd: BorrowedFd<'_>, kind: i32, handle: &[u8]) -> Res
     let fd = check(fd as libc::c_int)?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
+const SYS_STATMOUNT: libc::c_long = 457;
+
+/// The mount's 64-bit id, never reused while the system runs (Linux
+/// 6.8+); `None` on older kernels. Cached attributes only
+/// (`AT_STATX_DONT_SYNC`): a FUSE mount not yet served is not asked.
+pub fn unique_mount_id(fd: BorrowedFd<'_>) -> Option<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    let flags = libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC;
+    let ret = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            STATX_MNT_ID_UNIQUE,
+            st.as_mut_ptr(),
+        )
+    };
+    let st = unsafe { st.assume_init() };
+    (ret == 0 && st.stx_mask & STATX_MNT_ID_UNIQUE != 0).then_some(st.stx_mnt_id)
+}
+
+/// The first version of the kernel's `struct mnt_id_req`.
+#[repr(C)]
+struct MountIdRequest {
+    size: u32,
+    spare: u32,
+    mnt_id: u64,
+    param: u64,
+}
+
+/// Whether the mount with this unique id is in the caller's mount
+/// namespace (`statmount`, Linux 6.8+): `ENOSYS` on older kernels.
+pub fn mount_is_listed(unique_id: u64) -> Result<bool> {
+    let req = MountIdRequest {
+        size: std::mem::size_of::<MountIdRequest>() as u32,
+        spare: 0,
+        mnt_id: unique_id,
+        param: 0,
+    };
+    // Room for `struct statmount`'s fixed part; nothing is asked for.
+    let mut buf = [0u64; 64];
+    let ret = unsafe {
+        libc::syscall(
+            SYS_STATMOUNT,
+            &req as *const MountIdRequest,
+            buf.as_mut_ptr(),
+            std::mem::size_of_val(&buf),
+            0,
+        )
+    };
+    match check_size(ret as isize) {
+        Ok(_) => Ok(true),
+        Err(Errno::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}

@@ -279,30 +279,43 @@ fn a_mount_right_after_an_unmount_waits_for_the_old_daemon() {
 }
 
 /// The wait itself, made deterministic: the test holds the work
-/// directory's lock with a holder file naming a FUSE connection that no
-/// longer exists; the mount waits until the lock goes, then mounts.
+/// directory's lock with a holder file naming a mount that no longer
+/// exists; the mount waits until the lock goes, then mounts. Named by an
+/// older version (a FUSE minor no mount has) and by this one (the minor of
+/// a live FUSE mount, as when the next mount anywhere takes the minor the
+/// holder's mount left, with a unique mount id that no mount has).
 #[test]
 fn a_gone_holder_is_awaited_and_a_live_one_refused_at_once() {
     let s = Scratch::new("holder");
     let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    let other = Mount::unionfs(std::slice::from_ref(&l), &s.dir("u0"), &s.dir("m0"), &[]);
+    let live_minor = fuse_minor(&s.path.join("m0"));
+    let own_ns = fs::metadata("/proc/self/ns/mnt").unwrap().ino();
     let wd = s.path.join(".u.unionfs-work");
     fs::create_dir(&wd).unwrap();
     fs::set_permissions(&wd, fs::Permissions::from_mode(0o700)).unwrap();
-    fs::write(wd.join("unionfs.holder"), "999999\n").unwrap();
-    let lock = lock_dir(&wd);
-    let start = Instant::now();
-    let releaser = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(1500));
-        drop(lock);
-    });
-    let mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
-    let waited = start.elapsed();
-    releaser.join().unwrap();
-    assert!(
-        waited >= Duration::from_millis(1400),
-        "did not wait: {waited:?}"
-    );
+    for holder in [
+        "999999\n".to_string(),
+        format!("{live_minor} {} {own_ns}\n", u64::MAX - 7),
+    ] {
+        fs::write(wd.join("unionfs.holder"), &holder).unwrap();
+        let lock = lock_dir(&wd);
+        let start = Instant::now();
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            drop(lock);
+        });
+        let mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+        let waited = start.elapsed();
+        releaser.join().unwrap();
+        assert!(
+            waited >= Duration::from_millis(1400),
+            "holder {holder:?}: did not wait: {waited:?}"
+        );
+        drop(mount);
+    }
     // Now a live holder: a second mount is refused without waiting.
+    let mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
     let m2 = s.dir("m2");
     let start = Instant::now();
     let out = unionfs(&[&l, &u, &m2]);
@@ -314,6 +327,19 @@ fn a_gone_holder_is_awaited_and_a_live_one_refused_at_once() {
         "it waited for a live mount"
     );
     drop(mount);
+    drop(other);
+}
+
+/// The device minor of the FUSE mount at `mnt`, from the mount table.
+fn fuse_minor(mnt: &Path) -> u32 {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = mnt.to_string_lossy();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(&want))
+        .expect("mounted");
+    let dev = line.split(' ').nth(2).unwrap();
+    dev.strip_prefix("0:").unwrap().parse().unwrap()
 }
 
 fn lock_dir(p: &Path) -> fs::File {
