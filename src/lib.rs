@@ -2,8 +2,9 @@
 //! on-disk format of the kernel's overlayfs.
 //!
 //! The core (`superblock`, `namei`, `copy_up`, `index`, `readdir`, `dir`,
-//! `inode`, `file`) knows nothing of FUSE; `fuse` adapts it to fuser, `mount` brings a
-//! union up and down, `options` checks what the user asked for.
+//! `inode`, `file`) knows nothing of FUSE; `fuse` adapts it to fuser (the only
+//! module that knows fuser), `mount` brings a union up and down, `options`
+//! checks what the user asked for.
 
 pub mod compat;
 pub mod copy_up;
@@ -19,7 +20,6 @@ pub mod mount;
 pub mod namei;
 pub mod node;
 pub mod options;
-pub mod passthrough;
 pub mod readdir;
 pub mod run;
 pub mod superblock;

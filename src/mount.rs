@@ -1,5 +1,6 @@
 //! Bringing a union up and down: opening the layers, claiming and cleaning
-//! the work directory, mounting through fuser, serving until unmounted, and
+//! the work directory, mounting through the FUSE adapter (`fuse::session`),
+//! serving until unmounted, and
 //! unmounting on SIGINT, SIGTERM or SIGHUP.
 
 use std::ffi::OsStr;
@@ -10,12 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use tracing::{info, warn};
 
-use crate::fuse::UnionFs;
+use crate::fuse::session::{self, FuseMount, Served};
 use crate::index::{Refusal, describe};
-use crate::options::{Access, MountPlan, UpperPlan};
+use crate::options::{MountPlan, UpperPlan};
 use crate::superblock::{Tuning, Union};
 use crate::tree::remove_tree;
 use crate::{sys, trust};
@@ -335,38 +335,8 @@ fn spawn_signal_watcher(set: libc::sigset_t, mnt: PathBuf) {
     });
 }
 
-fn session_config(plan: &MountPlan, n_threads: usize) -> Config {
-    let f = &plan.mount_flags;
-    let root = unsafe { libc::geteuid() } == 0;
-    let mut cfg = Config::default();
-    cfg.mount_options = vec![
-        MountOption::FSName(f.fsname.clone().unwrap_or_else(|| "unionfs".into())),
-        MountOption::CUSTOM("subtype=unionfs".into()),
-        MountOption::DefaultPermissions,
-    ];
-    let flags = [
-        (f.read_only, MountOption::RO),
-        (f.noexec, MountOption::NoExec),
-        (f.noatime, MountOption::NoAtime),
-        // Setuid and devices work as on a kernel mount when root mounts.
-        (root && !f.nosuid, MountOption::Suid),
-        (root && !f.nodev, MountOption::Dev),
-    ];
-    cfg.mount_options
-        .extend(flags.into_iter().filter(|(on, _)| *on).map(|(_, o)| o));
-    cfg.acl = match f.access {
-        Access::AllowOther => SessionACL::All,
-        Access::AllowRoot => SessionACL::RootAndOwner,
-        Access::Default if root => SessionACL::All,
-        Access::Default => SessionACL::Owner,
-    };
-    cfg.n_threads = Some(n_threads);
-    cfg.clone_fd = true;
-    cfg
-}
-
 /// A mounted union not served yet, with the lock on its work directory.
-type Mounted = (Session<UnionFs>, Option<OwnedFd>, Arc<Union>);
+type Mounted = (FuseMount, Option<OwnedFd>, Arc<Union>);
 
 /// Opens the layers, claims the work directory and mounts the union; the
 /// returned session is not served yet.
@@ -406,18 +376,7 @@ fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
         })?;
     }
     let union = Arc::new(union);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(2, 8)
-        * 2;
-    let session = Session::new(
-        UnionFs::new(union.clone(), plan.file_io, plan.presentation.clone()),
-        &plan.mountpoint,
-        &session_config(plan, threads),
-    )
-    .map_err(|e| format!("cannot mount on {}: {e}", plan.mountpoint.display()))?;
-    union.set_kernel_cache(Box::new(crate::fuse::FuseKernelCache(session.notifier())));
+    let session = session::mount(union.clone(), plan)?;
     if let Some(lock) = &lock {
         write_holder_file(lock.as_fd(), &plan.mountpoint);
     }
@@ -441,7 +400,7 @@ pub fn serve(plan: &MountPlan, on_mounted: impl FnOnce()) -> Result<(), String> 
     let (session, work, _union) = mount_union(plan)?;
     spawn_signal_watcher(signals, plan.mountpoint.clone());
     on_mounted();
-    if let Err(e) = session.run() {
+    if let Err(e) = session.serve() {
         warn!("session ended: {e}");
     }
     if let Some(lock) = &work {
@@ -455,7 +414,7 @@ pub fn serve(plan: &MountPlan, on_mounted: impl FnOnce()) -> Result<(), String> 
 /// A union mounted and served by background threads, for a caller that
 /// has other work to do meanwhile (the container launcher).
 pub struct Running {
-    session: BackgroundSession,
+    session: Served,
     _work_lock: Option<OwnedFd>,
     mountpoint: PathBuf,
 }
@@ -479,10 +438,10 @@ impl Running {
     pub fn stop(self) {
         unmount_lazily(&self.mountpoint);
         let deadline = std::time::Instant::now() + BUSY_GRACE;
-        while !self.session.guard.is_finished() && std::time::Instant::now() < deadline {
+        while !self.session.is_finished() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        if self.session.guard.is_finished() {
+        if self.session.is_finished() {
             if let Err(e) = self.session.join() {
                 warn!("session ended: {e}");
             }

@@ -8,6 +8,9 @@
 //! `unlabelled_as_unsupported`), and the flags of the real open under the
 //! writeback cache (see `real_open_flags`).
 
+pub mod passthrough;
+pub mod session;
+
 use std::borrow::Cow;
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
@@ -27,11 +30,9 @@ use tracing::debug;
 use crate::ids::is_posix_acl;
 use crate::inode::AttrChange;
 use crate::options::{FileIo, PassthroughMode, Presentation};
-use crate::passthrough::{
-    CreateReply, IoModes, OpenedObject, can_register_backing_files, log_mode,
-};
 use crate::superblock::{Caller, Union};
 use crate::sys::{Errno, Result, SetTime, Stat};
+use passthrough::{CreateReply, IoModes, OpenedObject, can_register_backing_files, log_mode};
 
 const MAX_WRITE: u32 = 1 << 20;
 

@@ -1,0 +1,91 @@
+//! The FUSE session: the mount's options taken from the plan, and the
+//! session serving the union, in the foreground or on background threads.
+//! `mount` brings a union up through this and never sees fuser.
+
+use std::io;
+use std::sync::Arc;
+
+use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
+
+use super::{FuseKernelCache, UnionFs};
+use crate::options::{Access, MountPlan};
+use crate::superblock::Union;
+
+/// A union mounted on FUSE and not served yet.
+pub struct FuseMount(Session<UnionFs>);
+
+/// Mounts `union` as `plan` says; requests wait until it is served.
+pub fn mount(union: Arc<Union>, plan: &MountPlan) -> Result<FuseMount, String> {
+    let fs = UnionFs::new(union.clone(), plan.file_io, plan.presentation.clone());
+    let session = Session::new(fs, &plan.mountpoint, &session_config(plan))
+        .map_err(|e| format!("cannot mount on {}: {e}", plan.mountpoint.display()))?;
+    union.set_kernel_cache(Box::new(FuseKernelCache(session.notifier())));
+    Ok(FuseMount(session))
+}
+
+impl FuseMount {
+    /// Serves requests until the mount goes.
+    pub fn serve(self) -> io::Result<()> {
+        self.0.run()
+    }
+
+    /// Serves requests on background threads.
+    pub fn spawn(self) -> io::Result<Served> {
+        self.0.spawn().map(Served)
+    }
+}
+
+/// A union served on background threads.
+pub struct Served(BackgroundSession);
+
+impl Served {
+    /// Whether serving has ended (the mount is gone).
+    pub fn is_finished(&self) -> bool {
+        self.0.guard.is_finished()
+    }
+
+    /// Waits for serving to end.
+    pub fn join(self) -> io::Result<()> {
+        self.0.join()
+    }
+}
+
+/// Two serving threads per CPU (one may wait on the disk while the other
+/// answers), between 4 and 16.
+fn serving_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8)
+        * 2
+}
+
+fn session_config(plan: &MountPlan) -> Config {
+    let f = &plan.mount_flags;
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName(f.fsname.clone().unwrap_or_else(|| "unionfs".into())),
+        MountOption::CUSTOM("subtype=unionfs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    let flags = [
+        (f.read_only, MountOption::RO),
+        (f.noexec, MountOption::NoExec),
+        (f.noatime, MountOption::NoAtime),
+        // Setuid and devices work as on a kernel mount when root mounts.
+        (root && !f.nosuid, MountOption::Suid),
+        (root && !f.nodev, MountOption::Dev),
+    ];
+    cfg.mount_options
+        .extend(flags.into_iter().filter(|(on, _)| *on).map(|(_, o)| o));
+    cfg.acl = match f.access {
+        Access::AllowOther => SessionACL::All,
+        Access::AllowRoot => SessionACL::RootAndOwner,
+        Access::Default if root => SessionACL::All,
+        Access::Default => SessionACL::Owner,
+    };
+    cfg.n_threads = Some(serving_threads());
+    cfg.clone_fd = true;
+    cfg
+}
