@@ -9,13 +9,17 @@
 //! command cannot be executed; 127 when it is not found in the container.
 
 mod container;
+mod exec;
+mod identity;
 mod idmap;
+mod mounts;
 mod request;
+mod signals;
 mod supervise;
 
 use std::ffi::OsString;
 use std::os::fd::AsFd;
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -51,6 +55,22 @@ impl Failure {
     }
 }
 
+/// Prints the failure as the launcher's one line and exits with its code.
+fn fail(f: Failure) -> ! {
+    eprintln!("unionfs run: {}", f.message);
+    unsafe { libc::_exit(f.code as i32) }
+}
+
+/// A failure of the system call just made, naming what was tried.
+fn os_err(what: impl std::fmt::Display) -> Failure {
+    Failure::launcher(format!("{what}: {}", std::io::Error::last_os_error()))
+}
+
+/// A checked path as a C string.
+fn cpath(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_bytes()).expect("checked paths have no NUL")
+}
+
 impl From<String> for Failure {
     fn from(message: String) -> Failure {
         Failure::launcher(message)
@@ -77,7 +97,7 @@ pub fn run(req: RunRequest) -> Result<u8, Failure> {
         options: mount_options(&spec),
         workdir: spec.upper.is_none().then(|| scratch.path("work")),
     })?;
-    let signals = supervise::block_signals();
+    let signals = signals::block_signals();
     let container = supervise::fork_container(&spec, &plan.mountpoint)?;
     let running = match mount::start(&plan) {
         Ok(r) => r,
@@ -128,8 +148,7 @@ fn enter_private_mount_namespace() -> Result<(), Failure> {
             std::io::Error::last_os_error()
         )));
     }
-    container::make_rprivate("/")
-        .map_err(|e| Failure::launcher(format!("cannot make / private: {e}")))
+    mounts::make_rprivate("/").map_err(|e| Failure::launcher(format!("cannot make / private: {e}")))
 }
 
 /// The launcher's scratch directory: the container's root mount point and,

@@ -1,0 +1,111 @@
+//! The command's execution: its environment, finding it on the
+//! container's PATH, and `execve` (under a reaping PID 1 with `--init`).
+
+use std::ffi::{CStr, CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use super::identity::Identity;
+use super::request::Spec;
+use super::signals::{block_init_signals, init_loop, reset_signals};
+use super::{EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, Failure, cpath, fail, os_err};
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The command's environment: the conventional variables, then `--env`.
+pub fn environment(spec: &Spec, id: &Identity) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        ("HOME".into(), id.home.clone()),
+        ("HOSTNAME".into(), spec.hostname.clone()),
+        ("container".into(), "unionfs".into()),
+    ];
+    if let Ok(term) = std::env::var("TERM") {
+        env.push(("TERM".into(), term));
+    }
+    for (k, v) in &spec.env {
+        match env.iter_mut().find(|(key, _)| key == k) {
+            Some(slot) => slot.1 = v.clone(),
+            None => env.push((k.clone(), v.clone())),
+        }
+    }
+    env
+}
+
+/// Finds the command as the container's PATH says (not the host's).
+pub fn find_command(cmd: &CStr, env: &[(String, String)]) -> Result<CString, Failure> {
+    let name = cmd.to_bytes();
+    let shown = String::from_utf8_lossy(name);
+    let not_found = || Failure {
+        code: EXIT_NOT_FOUND,
+        message: format!("{shown}: not found in the container"),
+    };
+    if name.contains(&b'/') {
+        return if Path::new(OsStr::from_bytes(name)).exists() {
+            Ok(cmd.to_owned())
+        } else {
+            Err(not_found())
+        };
+    }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(OsStr::from_bytes(name)))
+        .find(|p| is_executable_file(p))
+        .map(|p| cpath(&p))
+        .ok_or_else(not_found)
+}
+
+fn is_executable_file(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The command, ready to be executed.
+pub struct Exec {
+    pub program: CString,
+    pub args: Vec<CString>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Exec {
+    pub fn run(self, with_init: bool) -> ! {
+        if with_init {
+            block_init_signals();
+            match unsafe { libc::fork() } {
+                -1 => fail(os_err("cannot fork")),
+                0 => {}
+                pid => init_loop(pid),
+            }
+        }
+        reset_signals();
+        self.exec()
+    }
+
+    fn exec(self) -> ! {
+        let env: Vec<CString> = self
+            .env
+            .iter()
+            .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+            .collect();
+        let mut argv: Vec<*const libc::c_char> = self.args.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        unsafe { libc::execve(self.program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        let err = std::io::Error::last_os_error();
+        let shown = String::from_utf8_lossy(self.args[0].to_bytes()).into_owned();
+        let code = if err.raw_os_error() == Some(libc::ENOENT) {
+            EXIT_NOT_FOUND
+        } else {
+            EXIT_CANNOT_EXECUTE
+        };
+        fail(Failure {
+            code,
+            message: format!("{shown}: cannot execute: {err}"),
+        })
+    }
+}
