@@ -384,7 +384,7 @@ fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
         Some(u) => info!(
             mountpoint = %plan.mountpoint.display(),
             workdir = %u.workdir.display(),
-            xattrs = ?union.ns,
+            xattrs = ?union.xattr_namespace(),
             index = union.index_is_on(),
             "mounted"
         ),

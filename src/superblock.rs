@@ -108,17 +108,18 @@ pub struct Union {
     /// The lower layers' root directories, top first.
     lower_roots: Vec<LowerObj>,
     /// What statfs reports on: the upper, or the top lower of a read-only union.
-    pub space_root: Arc<OwnedFd>,
+    pub(crate) space_root: Arc<OwnedFd>,
     /// `WORKDIR/work`: where objects are built before they appear (None in
     /// a read-only union).
     work: Option<OwnedFd>,
-    pub ns: XattrNamespace,
-    pub tuning: Tuning,
+    /// Where the union keeps its markers: trusted or user xattrs.
+    pub(crate) ns: XattrNamespace,
+    pub(crate) tuning: Tuning,
     /// `WORKDIR/index` with `index=on` (see `index`).
     pub(crate) index: Option<Index>,
-    pub table: NodeTable,
-    pub files: DashMap<u64, Arc<OpenFile>>,
-    pub dirs: DashMap<u64, Arc<Mutex<DirStream>>>,
+    pub(crate) table: NodeTable,
+    pub(crate) files: DashMap<u64, Arc<OpenFile>>,
+    pub(crate) dirs: DashMap<u64, Arc<Mutex<DirStream>>>,
     next_fh: AtomicU64,
     tmp_seq: AtomicU64,
     /// The work directory's filesystem has no `O_TMPFILE` (see `build_copy`).
@@ -135,6 +136,22 @@ impl Union {
     /// Lets the core drop what the kernel caches (set once, by the transport).
     pub fn set_kernel_cache(&self, cache: Box<dyn KernelCache>) {
         let _ = self.kernel_cache.set(cache);
+    }
+
+    /// The kernel dropped `n` references to node `id`; a node with none
+    /// left is forgotten.
+    pub fn forget(&self, id: u64, n: u64) {
+        self.table.forget(id, n);
+    }
+
+    /// Whether node `id` is in the table (the kernel holds it).
+    pub fn holds_node(&self, id: u64) -> bool {
+        self.table.get(id).is_some()
+    }
+
+    /// Where the union keeps its markers: trusted or user xattrs.
+    pub fn xattr_namespace(&self) -> XattrNamespace {
+        self.ns
     }
 
     /// The lower layers' root directories, top first.

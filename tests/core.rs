@@ -216,8 +216,8 @@ fn a_forgotten_name_gets_a_node_again_with_the_same_number() {
     let ino = c.st_ino("a");
     let (id, refs) = (a.id, 2); // lookup + st_ino's lookup
     drop(a);
-    c.union.table.forget(id, refs);
-    assert!(c.union.table.get(id).is_none(), "forgotten");
+    c.union.forget(id, refs);
+    assert!(!c.union.holds_node(id), "forgotten");
     let again = c.lookup("a");
     assert_eq!(c.st_ino("a"), ino);
     assert_eq!(c.read(&again, NOFOLLOW).unwrap(), "old\n");
