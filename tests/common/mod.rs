@@ -5,10 +5,11 @@
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr};
 use std::fs;
+use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn bin() -> PathBuf {
@@ -723,4 +724,46 @@ pub fn as_user(uid: u32, gid: u32, script: &str) -> std::process::Output {
 
 pub fn name(s: &str) -> &OsStr {
     OsStr::new(s)
+}
+
+/// Runs a command that must return on its own within 30 s, closing its
+/// stdout and stderr (a daemon that kept them would hang its caller).
+pub fn run_to_end(mut cmd: Command) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("{cmd:?} did not return");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        out.read_to_end(&mut o).unwrap();
+        err.read_to_end(&mut e).unwrap();
+        let _ = tx.send((o, e));
+    });
+    let (stdout, stderr) = rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_else(|_| panic!("{cmd:?}: the daemon kept the caller's stdout/stderr open"));
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
 }
