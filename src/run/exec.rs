@@ -5,10 +5,13 @@ use std::ffi::{CStr, CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use nix::errno::Errno;
+use nix::unistd::{ForkResult, execve, fork};
+
 use super::identity::Identity;
 use super::request::Spec;
 use super::signals::{block_init_signals, init_loop, reset_signals};
-use super::{EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, Failure, cpath, fail, os_err};
+use super::{EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, Failure, cpath, fail, failed};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -72,13 +75,16 @@ pub struct Exec {
 }
 
 impl Exec {
+    /// Becomes the command (with `--init`: forks it and becomes its
+    /// reaping parent).
     pub fn run(self, with_init: bool) -> ! {
         if with_init {
             block_init_signals();
-            match unsafe { libc::fork() } {
-                -1 => fail(os_err("cannot fork")),
-                0 => {}
-                pid => init_loop(pid),
+            // SAFETY: the container's first process is single-threaded.
+            match unsafe { fork() } {
+                Err(e) => fail(failed("cannot fork", e)),
+                Ok(ForkResult::Child) => {}
+                Ok(ForkResult::Parent { child }) => init_loop(child),
             }
         }
         reset_signals();
@@ -91,21 +97,16 @@ impl Exec {
             .iter()
             .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
             .collect();
-        let mut argv: Vec<*const libc::c_char> = self.args.iter().map(|a| a.as_ptr()).collect();
-        argv.push(std::ptr::null());
-        let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-        envp.push(std::ptr::null());
-        unsafe { libc::execve(self.program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-        let err = std::io::Error::last_os_error();
+        let Err(err) = execve(&self.program, &self.args, &env);
         let shown = String::from_utf8_lossy(self.args[0].to_bytes()).into_owned();
-        let code = if err.raw_os_error() == Some(libc::ENOENT) {
+        let code = if err == Errno::ENOENT {
             EXIT_NOT_FOUND
         } else {
             EXIT_CANNOT_EXECUTE
         };
         fail(Failure {
             code,
-            message: format!("{shown}: cannot execute: {err}"),
+            message: format!("{shown}: cannot execute: {}", std::io::Error::from(err)),
         })
     }
 }

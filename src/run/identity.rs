@@ -2,15 +2,15 @@
 //! user, group and home named by `--user` in the container's own
 //! /etc/passwd and /etc/group.
 
+use nix::errno::Errno;
+use nix::unistd::{Gid, Uid, setgroups, sethostname, setresgid, setresuid};
+
 use super::request::UserSpec;
-use super::{Failure, os_err};
+use super::{Failure, failed};
 
 /// The container's hostname, in its own UTS namespace.
 pub fn set_hostname(name: &str) -> Result<(), Failure> {
-    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
-        return Err(os_err("cannot set the hostname"));
-    }
-    Ok(())
+    sethostname(name).map_err(|e| failed("cannot set the hostname", e))
 }
 
 /// The command's user, group and home.
@@ -91,21 +91,14 @@ pub fn become_identity(id: &Identity) -> Result<(), Failure> {
     if !id.explicit {
         return Ok(());
     }
-    let groups = [id.gid];
-    unsafe {
-        // Refused where the user namespace denies setgroups (single-id
-        // mapping): there the process has no other groups to drop.
-        if libc::setgroups(1, groups.as_ptr()) != 0
-            && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM)
-        {
-            return Err(os_err("setgroups"));
-        }
-        if libc::setresgid(id.gid, id.gid, id.gid) != 0 {
-            return Err(os_err(format_args!("cannot become group {}", id.gid)));
-        }
-        if libc::setresuid(id.uid, id.uid, id.uid) != 0 {
-            return Err(os_err(format_args!("cannot become user {}", id.uid)));
-        }
+    let (uid, gid) = (Uid::from_raw(id.uid), Gid::from_raw(id.gid));
+    // Refused where the user namespace denies setgroups (single-id
+    // mapping): there the process has no other groups to drop.
+    match setgroups(&[gid]) {
+        Ok(()) | Err(Errno::EPERM) => {}
+        Err(e) => return Err(failed("setgroups", e)),
     }
+    setresgid(gid, gid, gid).map_err(|e| failed(format_args!("cannot become group {gid}"), e))?;
+    setresuid(uid, uid, uid).map_err(|e| failed(format_args!("cannot become user {uid}"), e))?;
     Ok(())
 }

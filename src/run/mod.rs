@@ -58,12 +58,24 @@ impl Failure {
 /// Prints the failure as the launcher's one line and exits with its code.
 fn fail(f: Failure) -> ! {
     eprintln!("unionfs run: {}", f.message);
-    unsafe { libc::_exit(f.code as i32) }
+    exit_now(f.code as i32)
+}
+
+/// Ends this process at once: no exit handlers, no flush of buffers a fork
+/// copied from the launcher.
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit takes no pointers and never returns.
+    unsafe { libc::_exit(code) }
 }
 
 /// A failure of the system call just made, naming what was tried.
 fn os_err(what: impl std::fmt::Display) -> Failure {
     Failure::launcher(format!("{what}: {}", std::io::Error::last_os_error()))
+}
+
+/// A failure of a system call made through nix, naming what was tried.
+fn failed(what: impl std::fmt::Display, e: nix::errno::Errno) -> Failure {
+    Failure::launcher(format!("{what}: {}", std::io::Error::from(e)))
 }
 
 /// A checked path as a C string.

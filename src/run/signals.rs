@@ -2,91 +2,118 @@
 //! default state restored before the command runs, dying with the parent,
 //! and PID 1's loop with `--init` (reaping orphans, passing signals on).
 
-use super::EXIT_LAUNCHER;
+use nix::sys::prctl::set_pdeathsig;
+use nix::sys::signal::{SigHandler, SigSet, Signal, kill, signal};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use super::{EXIT_LAUNCHER, exit_now};
 
 /// The signals a launcher passes to its container.
-pub const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+pub const STOP_SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
 
-pub fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for &s in signals {
-            libc::sigaddset(&mut set, s);
-        }
-        set
+/// The stop signals and SIGCHLD: what a process with children waits for.
+pub fn stop_and_child_signals() -> SigSet {
+    let mut set = signal_set(&STOP_SIGNALS);
+    set.add(Signal::SIGCHLD);
+    set
+}
+
+fn signal_set(signals: &[Signal]) -> SigSet {
+    let mut set = SigSet::empty();
+    for &s in signals {
+        set.add(s);
     }
+    set
 }
 
 /// Blocks the stop signals in this thread and all it starts; they are
-/// taken with `sigwaitinfo` instead.
-pub fn block_signals() -> libc::sigset_t {
+/// taken with `wait_signal` instead.
+pub fn block_signals() -> SigSet {
     let set = signal_set(&STOP_SIGNALS);
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let _ = set.thread_block();
     set
 }
 
 /// Restores the default signal state before the command is executed.
 pub fn reset_signals() {
-    unsafe {
-        for s in [
-            libc::SIGINT,
-            libc::SIGTERM,
-            libc::SIGHUP,
-            libc::SIGCHLD,
-            libc::SIGPIPE,
-        ] {
-            libc::signal(s, libc::SIG_DFL);
-        }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGCHLD,
+        Signal::SIGPIPE,
+    ] {
+        // SAFETY: the default disposition runs no handler of ours.
+        let _ = unsafe { signal(s, SigHandler::SigDfl) };
     }
+    let _ = SigSet::empty().thread_set_mask();
 }
 
 /// Dies with SIGKILL when the parent does.
 pub fn die_with_parent() {
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    let _ = set_pdeathsig(Signal::SIGKILL);
 }
 
 /// The exit code a wait status stands for, as a shell reports it.
-pub fn exit_code(status: libc::c_int) -> u8 {
-    if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status) as u8
-    } else if libc::WIFSIGNALED(status) {
-        128u8.wrapping_add(libc::WTERMSIG(status) as u8)
-    } else {
-        EXIT_LAUNCHER
+pub fn exit_code(status: WaitStatus) -> u8 {
+    match status {
+        WaitStatus::Exited(_, code) => code as u8,
+        WaitStatus::Signaled(_, sig, _) => 128u8.wrapping_add(sig as u8),
+        _ => EXIT_LAUNCHER,
     }
 }
 
-/// Was the signal sent by a process (not by the terminal or the kernel)?
-/// Terminal signals reach the container's processes directly already.
-pub fn sent_by_process(info: &libc::siginfo_t) -> bool {
-    info.si_code <= 0
+/// Waits for one of the (blocked) signals of `set`; with it, whether a
+/// process sent it (not the terminal or the kernel: terminal signals reach
+/// the container's processes directly already). `None` when interrupted.
+pub fn wait_signal(set: &SigSet) -> Option<(Signal, bool)> {
+    // SAFETY: siginfo_t is plain data that sigwaitinfo fills in; zeroed
+    // memory is a valid value of it. (nix has no sigwaitinfo: its
+    // SigSet::wait does not give si_code.)
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live values of the right types.
+    let sig = unsafe { libc::sigwaitinfo(set.as_ref(), &mut info) };
+    let sig = Signal::try_from(sig).ok()?;
+    Some((sig, info.si_code <= 0))
+}
+
+/// Waits for `child` to end, taking interruptions in stride.
+pub fn wait_exit(child: Pid) -> u8 {
+    loop {
+        match waitpid(child, None) {
+            Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                return exit_code(status);
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return EXIT_LAUNCHER,
+        }
+    }
 }
 
 /// PID 1 with `--init`: runs the command as its child, reaps every orphan,
 /// passes stop signals to the command, and exits with its status.
-pub fn init_loop(command_pid: libc::pid_t) -> ! {
-    let mut set = signal_set(&STOP_SIGNALS);
-    unsafe { libc::sigaddset(&mut set, libc::SIGCHLD) };
+pub fn init_loop(command: Pid) -> ! {
+    let set = stop_and_child_signals();
     loop {
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        let sig = unsafe { libc::sigwaitinfo(&set, &mut info) };
-        if sig == libc::SIGCHLD {
-            loop {
-                let mut status = 0;
-                let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-                if pid <= 0 {
-                    break;
-                }
-                if pid == command_pid {
-                    unsafe { libc::_exit(exit_code(status) as i32) };
-                }
+        match wait_signal(&set) {
+            Some((Signal::SIGCHLD, _)) => reap_children(command),
+            Some((sig, true)) => {
+                let _ = kill(command, sig);
             }
-        } else if sig > 0 && sent_by_process(&info) {
-            unsafe { libc::kill(command_pid, sig) };
+            _ => {}
+        }
+    }
+}
+
+/// Reaps every child that has ended; exits with the command's status when
+/// it is among them.
+pub fn reap_children(command: Pid) {
+    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        match status.pid() {
+            None => return, // children left, none ended
+            Some(pid) if pid == command => exit_now(exit_code(status) as i32),
+            Some(_) => {}
         }
     }
 }
@@ -94,9 +121,5 @@ pub fn init_loop(command_pid: libc::pid_t) -> ! {
 /// Blocks the signals `init_loop` waits for; called before forking the
 /// command so none is lost.
 pub fn block_init_signals() {
-    let mut set = signal_set(&STOP_SIGNALS);
-    unsafe {
-        libc::sigaddset(&mut set, libc::SIGCHLD);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    let _ = stop_and_child_signals().thread_block();
 }

@@ -6,60 +6,61 @@
 //! killed. Each process dies with its parent (PR_SET_PDEATHSIG), so killing
 //! the launcher takes the container with it.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::Duration;
 
+use nix::fcntl::OFlag;
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::unistd::{ForkResult, Pid, fork, pipe2, read, write};
 use tracing::info;
 
 use super::container;
 use super::request::{Net, Spec};
-use super::signals::{STOP_SIGNALS, die_with_parent, exit_code, sent_by_process, signal_set};
-use super::{EXIT_LAUNCHER, Failure, fail};
+use super::signals::{
+    die_with_parent, reap_children, stop_and_child_signals, wait_exit, wait_signal,
+};
+use super::{EXIT_LAUNCHER, Failure, exit_now, fail, failed};
 
 /// The supervisor process, waiting for the go-ahead.
 pub struct Container {
-    pid: libc::pid_t,
+    pid: Pid,
     go: OwnedFd,
 }
 
 /// Forks the supervisor. Must be called before the process has threads.
 pub fn fork_container(spec: &Spec, root: &Path) -> Result<Container, Failure> {
-    let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(Failure::launcher(format!(
-            "cannot create a pipe: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
     let (wait_end, go_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    match unsafe { libc::fork() } {
-        -1 => Err(Failure::launcher(format!(
-            "cannot fork: {}",
-            std::io::Error::last_os_error()
-        ))),
-        0 => {
+        pipe2(OFlag::O_CLOEXEC).map_err(|e| failed("cannot create a pipe", e))?;
+    // SAFETY: the launcher has no other thread yet (see `run`), so the
+    // child may do anything the parent could.
+    match unsafe { fork() } {
+        Err(e) => Err(failed("cannot fork", e)),
+        Ok(ForkResult::Child) => {
             drop(go_end);
             die_with_parent();
             if !wait_for_go(&wait_end) {
-                unsafe { libc::_exit(EXIT_LAUNCHER as i32) };
+                exit_now(EXIT_LAUNCHER as i32);
             }
             drop(wait_end);
             supervise(spec, root)
         }
-        pid => Ok(Container { pid, go: go_end }),
+        Ok(ForkResult::Parent { child }) => Ok(Container {
+            pid: child,
+            go: go_end,
+        }),
     }
 }
 
+/// Whether the launcher said go (one byte) rather than closing the pipe.
 fn wait_for_go(fd: &OwnedFd) -> bool {
-    let mut b = 0u8;
+    let mut b = [0u8];
     loop {
-        let n = unsafe { libc::read(fd.as_raw_fd(), (&mut b as *mut u8).cast(), 1) };
-        if n == -1 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
+        match read(fd, &mut b) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => return r == Ok(1),
         }
-        return n == 1;
     }
 }
 
@@ -72,55 +73,39 @@ impl Container {
 
     /// Lets the container start, passes stop signals to it, and returns its
     /// exit code once it has ended.
-    pub fn start_and_wait(self, signals: libc::sigset_t, stop_timeout: u64) -> u8 {
+    pub fn start_and_wait(self, signals: SigSet, stop_timeout: u64) -> u8 {
         let pid = self.pid;
-        let byte = 1u8;
-        unsafe { libc::write(self.go.as_raw_fd(), (&byte as *const u8).cast(), 1) };
+        let _ = write(&self.go, &[1u8]);
         drop(self.go);
         std::thread::spawn(move || pass_signals(signals, pid, stop_timeout));
         wait_exit(pid)
     }
 }
 
-fn wait_exit(pid: libc::pid_t) -> u8 {
-    let mut status = 0;
-    loop {
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            return exit_code(status);
-        }
-        if r == -1 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return EXIT_LAUNCHER;
-        }
-    }
-}
-
 /// The launcher's signal thread: passes stop signals to the supervisor and
 /// kills it when the container outlives the stop timeout.
-fn pass_signals(signals: libc::sigset_t, pid: libc::pid_t, stop_timeout: u64) {
+fn pass_signals(signals: SigSet, pid: Pid, stop_timeout: u64) {
     let mut deadline_set = false;
     loop {
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        let sig = unsafe { libc::sigwaitinfo(&signals, &mut info) };
-        if sig < 0 {
+        let Some((sig, by_process)) = wait_signal(&signals) else {
             continue;
-        }
-        if sent_by_process(&info) {
-            unsafe { libc::kill(pid, sig) };
+        };
+        if by_process {
+            let _ = kill(pid, sig);
         }
         // Ctrl-C at the terminal is the container's business alone.
-        let from_terminal_interrupt = sig == libc::SIGINT && !sent_by_process(&info);
+        let from_terminal_interrupt = sig == Signal::SIGINT && !by_process;
         if !from_terminal_interrupt && !deadline_set {
             deadline_set = true;
             info!(
-                signal = sig,
+                signal = sig as i32,
                 timeout = stop_timeout,
                 "stopping the container"
             );
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_secs(stop_timeout));
                 info!("the container outlived its stop timeout; killing it");
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = kill(pid, Signal::SIGKILL);
             });
         }
     }
@@ -129,40 +114,31 @@ fn pass_signals(signals: libc::sigset_t, pid: libc::pid_t, stop_timeout: u64) {
 /// The supervisor: enters the container's namespaces, forks its first
 /// process, passes signals to it and exits with its status.
 fn supervise(spec: &Spec, root: &Path) -> ! {
-    let mut flags =
-        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC;
     if spec.net == Net::None {
-        flags |= libc::CLONE_NEWNET;
+        flags |= CloneFlags::CLONE_NEWNET;
     }
-    if unsafe { libc::unshare(flags) } != 0 {
-        fail(Failure::launcher(format!(
-            "cannot create the container's namespaces: {}",
-            std::io::Error::last_os_error()
-        )));
+    if let Err(e) = unshare(flags) {
+        fail(failed("cannot create the container's namespaces", e));
     }
-    let mut set = signal_set(&STOP_SIGNALS);
-    unsafe {
-        libc::sigaddset(&mut set, libc::SIGCHLD);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-    let child = match unsafe { libc::fork() } {
-        -1 => fail(Failure::launcher(format!(
-            "cannot fork: {}",
-            std::io::Error::last_os_error()
-        ))),
-        0 => container::enter(spec, root),
-        pid => pid,
+    let set = stop_and_child_signals();
+    let _ = set.thread_block();
+    // SAFETY: the supervisor is a single-threaded child of the launcher.
+    let child = match unsafe { fork() } {
+        Err(e) => fail(failed("cannot fork", e)),
+        Ok(ForkResult::Child) => container::enter(spec, root),
+        Ok(ForkResult::Parent { child }) => child,
     };
     loop {
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        let sig = unsafe { libc::sigwaitinfo(&set, &mut info) };
-        if sig == libc::SIGCHLD {
-            let mut status = 0;
-            if unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) } == child {
-                unsafe { libc::_exit(exit_code(status) as i32) };
+        match wait_signal(&set) {
+            Some((Signal::SIGCHLD, _)) => reap_children(child),
+            Some((sig, true)) => {
+                let _ = kill(child, sig);
             }
-        } else if sig > 0 && sent_by_process(&info) {
-            unsafe { libc::kill(child, sig) };
+            _ => {}
         }
     }
 }
