@@ -2,16 +2,20 @@
 //! order (mounts, hostname, network, `pivot_root`, identity, working
 //! directory), then the command executed.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+use nix::sys::stat::{Mode, umask};
+use nix::unistd::chdir;
 
 use super::exec::{Exec, environment, find_command};
 use super::identity::{become_identity, resolve_identity, set_hostname};
 use super::mounts::{bind, make_rprivate, mount_dev, mount_proc, mount_sys, pivot_into};
 use super::request::{Net, Spec};
 use super::signals::die_with_parent;
-use super::{Failure, cpath, fail, os_err};
+use super::{Failure, fail, failed, os_err};
 use crate::sys;
 
 /// The container's first process: sets everything up and becomes the
@@ -28,7 +32,7 @@ fn set_up(spec: &Spec, root: &Path) -> Result<Exec, Failure> {
     // Whatever umask the launcher was started with, the mount points and
     // the working directory made below get exactly their modes (0755, 0644),
     // and the command starts with the conventional 022.
-    unsafe { libc::umask(0o022) };
+    umask(Mode::from_bits_truncate(0o022));
     make_rprivate("/").map_err(|e| Failure::launcher(format!("cannot make / private: {e}")))?;
     let rootfd = sys::open_dir_path(root)
         .map_err(|e| Failure::launcher(format!("cannot open the container root: {e}")))?;
@@ -57,12 +61,12 @@ fn set_up(spec: &Spec, root: &Path) -> Result<Exec, Failure> {
             spec.cwd.display()
         )));
     }
-    if unsafe { libc::chdir(cpath(&spec.cwd).as_ptr()) } != 0 {
-        return Err(os_err(format_args!(
-            "cannot change to {} in the container",
-            spec.cwd.display()
-        )));
-    }
+    chdir(&spec.cwd).map_err(|e| {
+        failed(
+            format_args!("cannot change to {} in the container", spec.cwd.display()),
+            e,
+        )
+    })?;
     become_identity(&id)?;
     let program = find_command(&spec.command[0], &env)?;
     Ok(Exec {
@@ -74,15 +78,21 @@ fn set_up(spec: &Spec, root: &Path) -> Result<Exec, Failure> {
 
 /// Brings up `lo` in the container's own network namespace.
 fn loopback_up() -> Result<(), Failure> {
-    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if sock < 0 {
-        return Err(os_err("cannot open a socket"));
-    }
-    let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| failed("cannot open a socket", e))?;
+    // SAFETY: ifreq is plain data (a name and a union of integers); all
+    // zeroes is a valid value. nix has no wrapper for the interface ioctls.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in req.ifr_name.iter_mut().zip(b"lo") {
         *d = *s as libc::c_char;
     }
+    // SAFETY: SIOCGIFFLAGS and SIOCSIFFLAGS read and write an ifreq, which
+    // `req` is, through an open socket; the flags member is the one set.
     unsafe {
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) != 0 {
             return Err(os_err("cannot read the flags of lo"));

@@ -4,13 +4,17 @@
 //! outside, ids 1.. = the user's subordinate ids); otherwise a single-id
 //! mapping (root inside = the user, nothing else mapped).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use nix::fcntl::OFlag;
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, fork, getgid, getpid, getuid, pipe2, read, write};
+
 use tracing::{debug, warn};
 
-use super::Failure;
+use super::{Failure, exit_now, failed};
 
 /// A range of subordinate ids granted to a user.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +76,7 @@ fn full_mapping(uid: u32) -> Option<FullMapping> {
 
 /// Enters a new user namespace in which the caller is root.
 pub fn enter_user_namespace() -> Result<(), Failure> {
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let (uid, gid) = (getuid().as_raw(), getgid().as_raw());
     match full_mapping(uid) {
         Some(m) => enter_with_helpers(&m, uid, gid),
         None => {
@@ -84,13 +88,14 @@ pub fn enter_user_namespace() -> Result<(), Failure> {
 }
 
 fn unshare_user(uid: u32) -> Result<(), Failure> {
-    if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
-        return Err(Failure::launcher(format!(
-            "cannot create a user namespace (needed to run as uid {uid} without root): {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
+    unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| {
+        failed(
+            format_args!(
+                "cannot create a user namespace (needed to run as uid {uid} without root)"
+            ),
+            e,
+        )
+    })
 }
 
 fn write_own_maps(uid: u32, gid: u32) -> Result<(), Failure> {
@@ -106,35 +111,29 @@ fn write_own_maps(uid: u32, gid: u32) -> Result<(), Failure> {
 /// The helpers must run outside the new namespace: a child forked before
 /// `unshare` waits until the launcher has entered it, then maps it.
 fn enter_with_helpers(m: &FullMapping, uid: u32, gid: u32) -> Result<(), Failure> {
-    let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(Failure::launcher("cannot create a pipe"));
-    }
     let (wait_end, go_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let target = unsafe { libc::getpid() };
-    let helper = unsafe { libc::fork() };
-    if helper == 0 {
-        drop(go_end);
-        let mut b = 0u8;
-        let n = unsafe { libc::read(wait_end.as_raw_fd(), (&mut b as *mut u8).cast(), 1) };
-        let ok = n == 1 && run_helpers(m, target, uid, gid);
-        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-    }
-    if helper < 0 {
-        return Err(Failure::launcher("cannot fork"));
-    }
+        pipe2(OFlag::O_CLOEXEC).map_err(|e| failed("cannot create a pipe", e))?;
+    let target = getpid();
+    // SAFETY: the launcher has no other thread yet (see `run`).
+    let helper = match unsafe { fork() } {
+        Err(e) => return Err(failed("cannot fork", e)),
+        Ok(ForkResult::Child) => {
+            drop(go_end);
+            let mut b = [0u8];
+            let ok = read(&wait_end, &mut b) == Ok(1) && run_helpers(m, target, uid, gid);
+            exit_now(if ok { 0 } else { 1 });
+        }
+        Ok(ForkResult::Parent { child }) => child,
+    };
     drop(wait_end);
     let entered = unshare_user(uid);
     if entered.is_ok() {
-        let b = 1u8;
-        unsafe { libc::write(go_end.as_raw_fd(), (&b as *const u8).cast(), 1) };
+        let _ = write(&go_end, &[1u8]);
     }
     drop(go_end);
-    let mut status = 0;
-    unsafe { libc::waitpid(helper, &mut status, 0) };
+    let status = waitpid(helper, None);
     entered?;
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+    if status != Ok(WaitStatus::Exited(helper, 0)) {
         return Err(Failure::launcher(format!(
             "{} or {} could not map the user namespace",
             m.newuidmap.display(),
@@ -144,7 +143,7 @@ fn enter_with_helpers(m: &FullMapping, uid: u32, gid: u32) -> Result<(), Failure
     Ok(())
 }
 
-fn run_helpers(m: &FullMapping, pid: libc::pid_t, uid: u32, gid: u32) -> bool {
+fn run_helpers(m: &FullMapping, pid: Pid, uid: u32, gid: u32) -> bool {
     let run = |helper: &Path, own: u32, range: SubRange| {
         let args = [
             pid.to_string(),

@@ -17,12 +17,15 @@ mod request;
 mod signals;
 mod supervise;
 
-use std::ffi::OsString;
 use std::os::fd::AsFd;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::kill;
+use nix::unistd::{Pid, geteuid, getuid, mkdtemp};
 use tracing::{debug, info};
 
 use crate::options::{self, MountRequest};
@@ -92,7 +95,7 @@ impl From<String> for Failure {
 /// Runs the request and returns the exit code for the launcher.
 pub fn run(req: RunRequest) -> Result<u8, Failure> {
     let spec = request::check(req)?;
-    let rootless = unsafe { libc::geteuid() } != 0;
+    let rootless = !geteuid().is_root();
     if rootless {
         check_dev_fuse_for_user()?;
     }
@@ -146,7 +149,7 @@ fn check_dev_fuse_for_user() -> Result<(), Failure> {
         .map_err(|e| {
             Failure::launcher(format!(
                 "/dev/fuse cannot be opened by uid {}: {e} (a rootless run needs a /dev/fuse the user can open, e.g. mode 0666)",
-                unsafe { libc::getuid() }
+                getuid()
             ))
         })
 }
@@ -154,12 +157,7 @@ fn check_dev_fuse_for_user() -> Result<(), Failure> {
 /// A mount namespace of the launcher's own, with no propagation to or from
 /// the host: the union mounted there vanishes with the launcher.
 fn enter_private_mount_namespace() -> Result<(), Failure> {
-    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
-        return Err(Failure::launcher(format!(
-            "cannot create a mount namespace: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| failed("cannot create a mount namespace", e))?;
     mounts::make_rprivate("/").map_err(|e| Failure::launcher(format!("cannot make / private: {e}")))
 }
 
@@ -216,7 +214,7 @@ impl Scratch {
         let Ok(entries) = std::fs::read_dir(base) else {
             return;
         };
-        let me = unsafe { libc::geteuid() };
+        let me = geteuid().as_raw();
         for e in entries.flatten() {
             let path = e.path();
             let ours = e.file_name().to_string_lossy().starts_with(SCRATCH_PREFIX)
@@ -239,9 +237,7 @@ fn launcher_gone(dir: &Path) -> bool {
     let Ok(pid) = text.trim().parse::<libc::pid_t>() else {
         return false;
     };
-    pid > 0
-        && unsafe { libc::kill(pid, 0) } != 0
-        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    pid > 0 && kill(Pid::from_raw(pid), None) == Err(Errno::ESRCH)
 }
 
 impl Drop for Scratch {
@@ -278,19 +274,10 @@ fn write_private_file(path: &Path, text: &str) -> std::io::Result<()> {
 
 /// mkdtemp: a new directory of mode 0700.
 fn make_temp_dir(base: &Path) -> Result<PathBuf, Failure> {
-    let mut template: Vec<u8> = base
-        .join(format!("{SCRATCH_PREFIX}XXXXXX"))
-        .into_os_string()
-        .into_vec();
-    template.push(0);
-    let p = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
-    if p.is_null() {
-        return Err(Failure::launcher(format!(
-            "cannot create a directory in {}: {}",
-            base.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    template.pop();
-    Ok(PathBuf::from(OsString::from_vec(template)))
+    mkdtemp(&base.join(format!("{SCRATCH_PREFIX}XXXXXX"))).map_err(|e| {
+        failed(
+            format_args!("cannot create a directory in {}", base.display()),
+            e,
+        )
+    })
 }

@@ -7,12 +7,17 @@
 //! descriptor's `/proc/self/fd` path.
 
 use std::ffi::{CStr, CString, OsStr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat, openat2};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::stat::Mode;
+use nix::sys::statvfs::statvfs;
+use nix::unistd::{chdir, isatty, pivot_root, ttyname};
+
 use super::request::Net;
-use super::{Failure, cpath, os_err};
+use super::{Failure, cpath, failed};
 use crate::sys;
 
 /// Host devices bound into the container's /dev.
@@ -20,22 +25,12 @@ const DEV_NODES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"
 
 /// Stops mount events from propagating to or from `path` and below.
 pub fn make_rprivate(path: &str) -> std::io::Result<()> {
-    let p = CString::new(path).expect("no NUL");
-    let r = unsafe {
-        libc::mount(
-            std::ptr::null(),
-            p.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    let flags = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
+    mount(NONE, path, NONE, flags, NONE).map_err(std::io::Error::from)
 }
+
+/// The absent string argument of `mount`.
+const NONE: Option<&'static str> = None;
 
 fn openat2_in_root(root: BorrowedFd<'_>, rel: &Path) -> sys::Result<OwnedFd> {
     let name = if rel.as_os_str().is_empty() {
@@ -43,22 +38,10 @@ fn openat2_in_root(root: BorrowedFd<'_>, rel: &Path) -> sys::Result<OwnedFd> {
     } else {
         cpath(rel)
     };
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            name.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(sys::Errno::last());
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    openat2(root, name.as_c_str(), how).map_err(|e| sys::Errno(e as i32))
 }
 
 /// Opens `path` (absolute in the container) as a mount target, making the
@@ -100,20 +83,10 @@ fn make_mount_point(dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> sys::Res
             r => r,
         };
     }
-    let c = sys::cstr(name)?;
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            libc::O_CREAT | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            0o644,
-        )
-    };
-    if fd < 0 {
-        return Err(sys::Errno::last());
-    }
-    drop(unsafe { OwnedFd::from_raw_fd(fd) });
-    Ok(())
+    let flags = OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    openat(dir, name, flags, Mode::from_bits_truncate(0o644))
+        .map(drop)
+        .map_err(|e| sys::Errno(e as i32))
 }
 
 fn mount_on(
@@ -124,21 +97,8 @@ fn mount_on(
     data: Option<&CStr>,
 ) -> std::io::Result<()> {
     let target = sys::proc_path(target.as_raw_fd());
-    let opt = |c: Option<&CStr>| c.map_or(std::ptr::null(), |c| c.as_ptr());
-    let r = unsafe {
-        libc::mount(
-            opt(source),
-            target.as_ptr(),
-            opt(fstype),
-            flags,
-            opt(data).cast(),
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    let flags = MsFlags::from_bits_retain(flags);
+    mount(source, target.as_c_str(), fstype, flags, data).map_err(std::io::Error::from)
 }
 
 fn mount_fs(
@@ -180,9 +140,9 @@ pub fn mount_dev(root: BorrowedFd<'_>) -> Result<(), Failure> {
             Path::new("/dev").join(name).as_path(),
         )?;
     }
-    if unsafe { libc::isatty(0) } == 1 {
-        let tty = unsafe { CStr::from_ptr(libc::ttyname(0)) }.to_owned();
-        let tty = PathBuf::from(OsStr::from_bytes(tty.to_bytes()));
+    if isatty(std::io::stdin()) == Ok(true)
+        && let Ok(tty) = ttyname(std::io::stdin())
+    {
         bind_device(root, "/dev/console", &tty)?;
     }
     mount_devpts(root)?;
@@ -305,10 +265,9 @@ pub fn bind(
 /// The flags of the mount holding `path` that a remount must keep: a user
 /// namespace may not clear them.
 fn locked_flags(path: &Path) -> libc::c_ulong {
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(cpath(path).as_ptr(), &mut st) } != 0 {
+    let Ok(st) = statvfs(path) else {
         return 0;
-    }
+    };
     let pairs = [
         (libc::ST_NOSUID, libc::MS_NOSUID),
         (libc::ST_NODEV, libc::MS_NODEV),
@@ -319,27 +278,15 @@ fn locked_flags(path: &Path) -> libc::c_ulong {
     ];
     pairs
         .iter()
-        .filter(|(st_flag, _)| st.f_flag & st_flag != 0)
+        .filter(|(st_flag, _)| st.flags().bits() & st_flag != 0)
         .fold(0, |acc, (_, ms)| acc | ms)
 }
 
 /// Makes the union the root and drops the old one, without leaving a
 /// directory for it in the union.
 pub fn pivot_into(root: &Path) -> Result<(), Failure> {
-    let dot = c".";
-    unsafe {
-        if libc::chdir(cpath(root).as_ptr()) != 0 {
-            return Err(os_err("cannot enter the container root"));
-        }
-        if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0 {
-            return Err(os_err("pivot_root"));
-        }
-        if libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0 {
-            return Err(os_err("cannot detach the old root"));
-        }
-        if libc::chdir(c"/".as_ptr()) != 0 {
-            return Err(os_err("cannot enter the new root"));
-        }
-    }
-    Ok(())
+    chdir(root).map_err(|e| failed("cannot enter the container root", e))?;
+    pivot_root(".", ".").map_err(|e| failed("pivot_root", e))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| failed("cannot detach the old root", e))?;
+    chdir("/").map_err(|e| failed("cannot enter the new root", e))
 }
