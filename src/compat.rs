@@ -8,9 +8,15 @@
 //! one line on stderr, exit status 1, nothing mounted.
 
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::unistd::{
+    ForkResult, chdir, dup2_stderr, dup2_stdin, dup2_stdout, fork, pipe2, read, setsid, write,
+};
 
 use crate::ids::{IdMap, IdMapping};
 use crate::mount;
@@ -318,41 +324,33 @@ pub fn mount(plan: &MountPlan, foreground: bool) -> Result<(), String> {
     if foreground {
         return mount::serve(plan, || {});
     }
-    let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!(
-            "cannot create a pipe: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
     let (report_rx, report_tx) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    match unsafe { libc::fork() } {
-        -1 => Err(format!("cannot fork: {}", std::io::Error::last_os_error())),
-        0 => {
+        pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("cannot create a pipe: {e}"))?;
+    // SAFETY: called from main with the command line parsed and no thread
+    // started, so the child may do anything the parent could.
+    match unsafe { fork() } {
+        Err(e) => Err(format!("cannot fork: {}", std::io::Error::from(e))),
+        Ok(ForkResult::Child) => {
             drop(report_rx);
             // A session of its own, and no hold on the caller's working
             // directory (the plan's paths are absolute).
-            unsafe {
-                libc::setsid();
-                libc::chdir(c"/".as_ptr());
-            }
-            let tx = report_tx.as_raw_fd();
-            let result = mount::serve(plan, move || {
+            let _ = setsid();
+            let _ = chdir("/");
+            let result = mount::serve(plan, || {
                 // Mounted: tell the caller, and let go of its stdio (a caller
                 // that reads our output until EOF would wait forever).
-                send(tx, b"\0");
+                send(&report_tx, b"\0");
                 detach_stdio();
             });
             match result {
                 Ok(()) => std::process::exit(0),
                 Err(msg) => {
-                    send(tx, msg.as_bytes());
+                    send(&report_tx, msg.as_bytes());
                     std::process::exit(1);
                 }
             }
         }
-        _child => {
+        Ok(ForkResult::Parent { .. }) => {
             drop(report_tx);
             match receive(&report_rx) {
                 Some(msg) if msg == b"\0" => Ok(()),
@@ -363,8 +361,8 @@ pub fn mount(plan: &MountPlan, foreground: bool) -> Result<(), String> {
     }
 }
 
-fn send(fd: i32, msg: &[u8]) {
-    unsafe { libc::write(fd, msg.as_ptr().cast(), msg.len()) };
+fn send(fd: &OwnedFd, msg: &[u8]) {
+    let _ = write(fd, msg);
 }
 
 /// Everything the daemon reported, or None if it said nothing.
@@ -372,34 +370,31 @@ fn receive(fd: &OwnedFd) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        match n {
-            0 => break,
-            n if n > 0 => {
-                out.extend_from_slice(&buf[..n as usize]);
+        match read(fd, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
                 if out == b"\0" {
                     break;
                 }
             }
-            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
-            _ => break,
+            Err(Errno::EINTR) => {}
+            Err(_) => break,
         }
     }
     (!out.is_empty()).then_some(out)
 }
 
+/// Points standard input, output and error at /dev/null.
 fn detach_stdio() {
-    let null = c"/dev/null";
-    unsafe {
-        let fd = libc::open(null.as_ptr(), libc::O_RDWR);
-        if fd >= 0 {
-            for target in 0..3 {
-                libc::dup2(fd, target);
-            }
-            if fd > 2 {
-                libc::close(fd);
-            }
-        }
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null");
+    if let Ok(null) = null {
+        let _ = dup2_stdin(&null);
+        let _ = dup2_stdout(&null);
+        let _ = dup2_stderr(&null);
     }
 }
 
