@@ -142,7 +142,7 @@ fn show(title: &str, dir: &Path) {
 }
 
 pub fn run() -> Result<(), String> {
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return Err("the demo mounts a filesystem: run it as root".into());
     }
     let root = std::env::temp_dir().join(format!("unionfs-demo-{}", std::process::id()));

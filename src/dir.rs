@@ -797,7 +797,10 @@ impl Union {
 /// Gives a new object its owner: the caller, with the group of a setgid
 /// parent directory; then the mode bits a chown clears or creation left out.
 fn set_owner(obj: BorrowedFd<'_>, parent: BorrowedFd<'_>, caller: Caller, mode: u32) -> Result<()> {
-    let (own_uid, own_gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let (own_uid, own_gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
     if (caller.uid, caller.gid) == (own_uid, own_gid) && mode & 0o7000 == 0 {
         return Ok(()); // created as the caller would have: owner and group are right
     }

@@ -297,7 +297,7 @@ pub(crate) fn crash_point(name: &str) {
         == Some(name)
     {
         warn!(point = name, "UNIONFS_CRASH_AT: killing the daemon");
-        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
     }
 }
 

@@ -1,16 +1,21 @@
 //! Bringing a union up and down: opening the layers, claiming and cleaning
 //! the work directory, mounting through the FUSE adapter (`fuse::session`),
-//! serving until unmounted, and
-//! unmounting on SIGINT, SIGTERM or SIGHUP.
+//! serving until unmounted, and unmounting on SIGINT, SIGTERM or SIGHUP.
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{Flock, FlockArg};
+use nix::mount::{MntFlags, umount2};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::stat::{Mode, umask};
+use nix::unistd::geteuid;
 use tracing::{info, warn};
 
 use crate::fuse::session::{self, FuseMount, Served};
@@ -53,33 +58,28 @@ fn check_dev_fuse() -> Result<(), String> {
 /// descriptor per directory the kernel caches (a file is held as its
 /// directory and name) and one per open file.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 
 /// The work directory, locked for this mount, with a fresh `work` in it.
 struct WorkDir {
     /// Holds the flock; the work directory is free again once dropped.
-    lock: OwnedFd,
+    lock: Flock<OwnedFd>,
     scratch: OwnedFd,
 }
 
 fn claim_workdir(plan: &UpperPlan) -> Result<WorkDir, String> {
     let wd = &plan.workdir;
-    let me = unsafe { libc::geteuid() };
+    let me = geteuid().as_raw();
     let top = open_workdir(plan)?;
     trust::secure_workdir(top.as_fd(), wd, me, plan.default_workdir)?;
-    lock_workdir(&top, wd)?;
-    let scratch = fresh_scratch_dir(top.as_fd(), wd, me)?;
-    Ok(WorkDir { lock: top, scratch })
+    let lock = lock_workdir(top, wd)?;
+    let scratch = fresh_scratch_dir(lock.as_fd(), wd, me)?;
+    Ok(WorkDir { lock, scratch })
 }
 
 /// Opens the work directory for locking; the default one is made (mode
@@ -109,19 +109,21 @@ fn open_workdir(plan: &UpperPlan) -> Result<OwnedFd, String> {
 /// Takes the work directory's lock. A holder whose mount is already gone
 /// is a daemon on its way out (container engines unmount and mount again
 /// at once): its end is awaited, up to `HOLDER_EXIT_WAIT`.
-fn lock_workdir(top: &OwnedFd, wd: &Path) -> Result<(), String> {
+fn lock_workdir(top: OwnedFd, wd: &Path) -> Result<Flock<OwnedFd>, String> {
     let deadline = Instant::now() + HOLDER_EXIT_WAIT;
+    let mut top = top;
     loop {
-        if unsafe { libc::flock(top.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(());
-        }
-        let err = sys::Errno::last();
-        if err != sys::Errno(libc::EWOULDBLOCK) {
-            return Err(format!(
-                "cannot lock work directory {}: {err}",
-                wd.display()
-            ));
-        }
+        top = match Flock::lock(top, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((top, nix::errno::Errno::EWOULDBLOCK)) => top,
+            Err((_, err)) => {
+                return Err(format!(
+                    "cannot lock work directory {}: {}",
+                    wd.display(),
+                    std::io::Error::from(err)
+                ));
+            }
+        };
         if holder_is_mounted(top.as_fd()) {
             return Err(format!(
                 "work directory {} is in use by another mount; unmount it first or give another -o workdir=",
@@ -291,26 +293,22 @@ fn open_index_dir(top: BorrowedFd<'_>, wd: &Path) -> Result<OwnedFd, String> {
         Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
     }
     let st = sys::stat_at(top, name).map_err(|e| format!("{}: {e}", path.display()))?;
-    trust::judge(&path, &st, unsafe { libc::geteuid() }, false)?;
+    trust::judge(&path, &st, geteuid().as_raw(), false)?;
     sys::open_path(top, name).map_err(|e| format!("cannot open {}: {e}", path.display()))
 }
 
-fn block_stop_signals() -> libc::sigset_t {
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
+fn block_stop_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
     }
+    let _ = set.thread_block();
+    set
 }
 
 /// Detaches the mount; the session then ends on its own.
 pub fn unmount_lazily(mnt: &Path) {
-    let p = sys::cstr(mnt.as_os_str()).expect("path without NUL");
-    if unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) } == 0 {
+    if umount2(mnt, MntFlags::MNT_DETACH).is_ok() {
         return;
     }
     let _ = std::process::Command::new("fusermount3")
@@ -321,10 +319,9 @@ pub fn unmount_lazily(mnt: &Path) {
 }
 
 /// Waits for a stop signal in a thread of its own, then unmounts.
-fn spawn_signal_watcher(set: libc::sigset_t, mnt: PathBuf) {
+fn spawn_signal_watcher(set: SigSet, mnt: PathBuf) {
     std::thread::spawn(move || {
-        let mut sig = 0;
-        unsafe { libc::sigwait(&set, &mut sig) };
+        let sig = set.wait().map_or(0, |s| s as i32);
         info!(signal = sig, "unmounting");
         unmount_lazily(&mnt);
         // A busy mount stays connected after the detach until its last user
@@ -336,14 +333,14 @@ fn spawn_signal_watcher(set: libc::sigset_t, mnt: PathBuf) {
 }
 
 /// A mounted union not served yet, with the lock on its work directory.
-type Mounted = (FuseMount, Option<OwnedFd>, Arc<Union>);
+type Mounted = (FuseMount, Option<Flock<OwnedFd>>, Arc<Union>);
 
 /// Opens the layers, claims the work directory and mounts the union; the
 /// returned session is not served yet.
 fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
     check_dev_fuse()?;
     raise_fd_limit();
-    unsafe { libc::umask(0) };
+    umask(Mode::empty());
     let lowers = plan
         .lowers
         .iter()
@@ -415,7 +412,7 @@ pub fn serve(plan: &MountPlan, on_mounted: impl FnOnce()) -> Result<(), String> 
 /// has other work to do meanwhile (the container launcher).
 pub struct Running {
     session: Served,
-    _work_lock: Option<OwnedFd>,
+    _work_lock: Option<Flock<OwnedFd>>,
     mountpoint: PathBuf,
 }
 

@@ -248,13 +248,10 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
 /// always asks the daemon, where a stat may be answered from the kernel's
 /// cache of the root's attributes for a while after the daemon died.
 fn is_dead_fuse_mount(p: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
-        return false;
-    };
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let failed = unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0;
-    failed && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+    matches!(
+        nix::sys::statfs::statfs(p),
+        Err(nix::errno::Errno::ENOTCONN)
+    )
 }
 
 /// Canonical form of an existing directory, or why not.
@@ -454,7 +451,7 @@ fn plan_workdir(
     };
     if exists {
         check_workdir(&plan, lowers, mountpoint)?;
-        let me = unsafe { libc::geteuid() };
+        let me = nix::unistd::geteuid().as_raw();
         trust::check_workdir(&plan.workdir, me, plan.default_workdir)?;
     }
     Ok(plan)

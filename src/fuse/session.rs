@@ -62,7 +62,7 @@ fn serving_threads() -> usize {
 
 fn session_config(plan: &MountPlan) -> Config {
     let f = &plan.mount_flags;
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::FSName(f.fsname.clone().unwrap_or_else(|| "unionfs".into())),
