@@ -96,6 +96,7 @@ pub fn proc_path(fd: RawFd) -> CString {
 pub fn open_path(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
     let name = cstr(name)?;
     let fd = retry(|| {
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         check(unsafe {
             libc::openat(
                 dir.as_raw_fd(),
@@ -104,6 +105,7 @@ pub fn open_path(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
             )
         })
     })?;
+    // SAFETY: a descriptor just returned to this call, owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -111,12 +113,14 @@ pub fn open_path(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
 /// the layer roots named on the command line).
 pub fn open_dir_path(path: &std::path::Path) -> Result<OwnedFd> {
     let p = cstr(path.as_os_str())?;
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     let fd = check(unsafe {
         libc::open(
             p.as_ptr(),
             libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
         )
     })?;
+    // SAFETY: a descriptor just returned to this call, owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -125,6 +129,7 @@ pub fn open_dir_path(path: &std::path::Path) -> Result<OwnedFd> {
 pub fn open_dir(path: &std::path::Path) -> Result<OwnedFd> {
     let p = cstr(path.as_os_str())?;
     let fd = retry(|| {
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         check(unsafe {
             libc::open(
                 p.as_ptr(),
@@ -132,6 +137,7 @@ pub fn open_dir(path: &std::path::Path) -> Result<OwnedFd> {
             )
         })
     })?;
+    // SAFETY: a descriptor just returned to this call, owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -141,8 +147,10 @@ pub fn create_or_truncate(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Resul
     let name = cstr(name)?;
     let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     let fd = retry(|| {
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         check(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) })
     })?;
+    // SAFETY: a descriptor just returned to this call, owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -151,7 +159,9 @@ pub fn open_at(dir: BorrowedFd<'_>, name: &OsStr, flags: libc::c_int) -> Result<
     let name = cstr(name)?;
     let flags = (flags | libc::O_NOFOLLOW | libc::O_CLOEXEC)
         & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     let fd = retry(|| check(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) }))?;
+    // SAFETY: a descriptor just returned to this call, owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -165,7 +175,9 @@ pub fn reopen(fd: BorrowedFd<'_>, flags: libc::c_int) -> Result<OwnedFd> {
     let p = proc_path(fd.as_raw_fd());
     let flags = (flags | libc::O_CLOEXEC)
         & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     let fd = retry(|| check(unsafe { libc::open(p.as_ptr(), flags) }))?;
+    // SAFETY: a descriptor just returned to this call, owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -180,8 +192,10 @@ pub fn create_file(
     let flags = (flags | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC)
         & !libc::O_NOCTTY;
     let fd = retry(|| {
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         check(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) })
     })?;
+    // SAFETY: a descriptor just returned to this call, owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -190,8 +204,10 @@ pub fn create_file(
 pub fn open_tmpfile(dir: BorrowedFd<'_>, mode: u32) -> Result<OwnedFd> {
     let flags = libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC;
     let fd = retry(|| {
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         check(unsafe { libc::openat(dir.as_raw_fd(), c".".as_ptr(), flags, mode as libc::c_uint) })
     })?;
+    // SAFETY: a descriptor just returned to this call, owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -202,6 +218,7 @@ pub fn open_tmpfile(dir: BorrowedFd<'_>, mode: u32) -> Result<OwnedFd> {
 pub fn link_fd_at(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
     let from = proc_path(fd.as_raw_fd());
     let name = cstr(name)?;
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe {
         libc::linkat(
             libc::AT_FDCWD,
@@ -216,7 +233,9 @@ pub fn link_fd_at(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Resu
 
 pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Stat> {
     let name = cstr(name)?;
+    // SAFETY: plain C data, for which all zeroes is a valid value.
     let mut st: Stat = unsafe { std::mem::zeroed() };
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe {
         libc::fstatat(
             dir.as_raw_fd(),
@@ -230,7 +249,9 @@ pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Stat> {
 
 /// `stat` of the object behind any descriptor, `O_PATH` ones included.
 pub fn stat_fd(fd: BorrowedFd<'_>) -> Result<Stat> {
+    // SAFETY: plain C data, for which all zeroes is a valid value.
     let mut st: Stat = unsafe { std::mem::zeroed() };
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe {
         libc::fstatat(
             fd.as_raw_fd(),
@@ -244,12 +265,14 @@ pub fn stat_fd(fd: BorrowedFd<'_>) -> Result<Stat> {
 
 pub fn mkdir_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
     let name = cstr(name)?;
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })?;
     Ok(())
 }
 
 pub fn mknod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> Result<()> {
     let name = cstr(name)?;
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) })?;
     Ok(())
 }
@@ -257,6 +280,7 @@ pub fn mknod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> Resu
 pub fn symlink_at(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
     let target = cstr(target)?;
     let name = cstr(name)?;
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })?;
     Ok(())
 }
@@ -271,6 +295,7 @@ pub fn link_at(
 ) -> Result<()> {
     let old = cstr(old)?;
     let new = cstr(new)?;
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe {
         libc::linkat(
             old_dir.as_raw_fd(),
@@ -286,6 +311,7 @@ pub fn link_at(
 /// Makes `name` in `dir` a new hard link to the object behind `fd`.
 pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
     let name = cstr(name)?;
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     let ret = unsafe {
         libc::linkat(
             fd.as_raw_fd(),
@@ -300,6 +326,7 @@ pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Result<
     }
     // Without CAP_DAC_READ_SEARCH AT_EMPTY_PATH is refused; the proc link works.
     let p = proc_path(fd.as_raw_fd());
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe {
         libc::linkat(
             libc::AT_FDCWD,
@@ -315,6 +342,7 @@ pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Result<
 pub fn unlink_at(dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> Result<()> {
     let name = cstr(name)?;
     let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })?;
     Ok(())
 }
@@ -328,6 +356,7 @@ pub fn rename_at(
 ) -> Result<()> {
     let old = cstr(old)?;
     let new = cstr(new)?;
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe {
         libc::renameat2(
             old_dir.as_raw_fd(),
@@ -342,6 +371,7 @@ pub fn rename_at(
 
 pub fn readlink_fd(fd: BorrowedFd<'_>) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     let n = check_size(unsafe {
         libc::readlinkat(
             fd.as_raw_fd(),
@@ -357,6 +387,7 @@ pub fn readlink_fd(fd: BorrowedFd<'_>) -> Result<Vec<u8>> {
 pub fn chown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
     let uid = uid.unwrap_or(u32::MAX);
     let gid = gid.unwrap_or(u32::MAX);
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe {
         libc::fchownat(
             fd.as_raw_fd(),
@@ -378,6 +409,7 @@ pub fn chown_at(
 ) -> Result<()> {
     let name = cstr(name)?;
     let (uid, gid) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe {
         libc::fchownat(
             dir.as_raw_fd(),
@@ -395,6 +427,7 @@ pub fn chown_at(
 pub fn chmod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
     let name = cstr(name)?;
     let nofollow = libc::AT_SYMLINK_NOFOLLOW;
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode & 0o7777, nofollow) })
         .map(drop)
 }
@@ -408,6 +441,7 @@ pub fn set_times_at(
 ) -> Result<()> {
     let name = cstr(name)?;
     let times = [atime.timespec(), mtime.timespec()];
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe {
         libc::utimensat(
             dir.as_raw_fd(),
@@ -422,6 +456,7 @@ pub fn set_times_at(
 /// chmod of the object behind an `O_PATH` handle (not for symlinks).
 pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
     let p = proc_path(fd.as_raw_fd());
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe { libc::chmod(p.as_ptr(), mode & 0o7777) })?;
     Ok(())
 }
@@ -452,6 +487,7 @@ impl SetTime {
 
 pub fn set_times_fd(fd: BorrowedFd<'_>, atime: SetTime, mtime: SetTime) -> Result<()> {
     let times = [atime.timespec(), mtime.timespec()];
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe {
         libc::utimensat(
             fd.as_raw_fd(),
@@ -558,6 +594,7 @@ impl XattrTarget {
             flags: 0,
         };
         let args_ptr = &mut args as *mut XattrArgs;
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         let at = self.try_at(|dir, path| unsafe {
             libc::syscall(
                 SYS_GETXATTRAT,
@@ -578,6 +615,7 @@ impl XattrTarget {
             buf.as_mut_ptr().cast(),
             buf.len(),
         );
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         check_size(unsafe {
             if self.follow {
                 libc::getxattr(p, n, b, l)
@@ -614,6 +652,7 @@ impl XattrTarget {
             flags: flags as u32,
         };
         let args_ptr = &args as *const XattrArgs;
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         let at = self.try_at(|dir, path| unsafe {
             libc::syscall(
                 SYS_SETXATTRAT,
@@ -634,6 +673,7 @@ impl XattrTarget {
             value.as_ptr().cast(),
             value.len(),
         );
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         check(unsafe {
             if self.follow {
                 libc::setxattr(p, n, v, l, flags)
@@ -646,6 +686,7 @@ impl XattrTarget {
 
     fn list_raw(&self, buf: &mut [u8]) -> Result<usize> {
         let (b, l) = (buf.as_mut_ptr(), buf.len());
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         let at = self.try_at(|dir, path| unsafe {
             libc::syscall(
                 SYS_LISTXATTRAT,
@@ -660,6 +701,7 @@ impl XattrTarget {
             return r;
         }
         let (p, b, l) = (self.path.as_ptr(), buf.as_mut_ptr().cast(), buf.len());
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         check_size(unsafe {
             if self.follow {
                 libc::listxattr(p, b, l)
@@ -691,6 +733,7 @@ impl XattrTarget {
 
     pub fn remove(&self, name: &OsStr) -> Result<()> {
         let name = cstr(name)?;
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         let at = self.try_at(|dir, path| unsafe {
             libc::syscall(
                 SYS_REMOVEXATTRAT,
@@ -704,6 +747,7 @@ impl XattrTarget {
             return r.map(drop);
         }
         let (p, n) = (self.path.as_ptr(), name.as_ptr());
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         check(unsafe {
             if self.follow {
                 libc::removexattr(p, n)
@@ -744,6 +788,7 @@ pub struct RawDirEntry {
 /// Reads every entry (but `.` and `..`) of the directory behind `dir`.
 pub fn read_dir(dir: BorrowedFd<'_>) -> Result<Vec<RawDirEntry>> {
     let dot = c".";
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     let fd = check(unsafe {
         libc::openat(
             dir.as_raw_fd(),
@@ -751,10 +796,12 @@ pub fn read_dir(dir: BorrowedFd<'_>) -> Result<Vec<RawDirEntry>> {
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
         )
     })?;
+    // SAFETY: a descriptor just returned to this call, owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut out = Vec::new();
     let mut buf = vec![0u8; 32 * 1024];
     loop {
+        // SAFETY: a live buffer of buf.len() bytes, an open descriptor.
         let n = check_size(unsafe {
             libc::syscall(
                 libc::SYS_getdents64,
@@ -793,6 +840,7 @@ pub fn read_dir(dir: BorrowedFd<'_>) -> Result<Vec<RawDirEntry>> {
 
 pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize> {
     retry(|| {
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         check_size(unsafe {
             libc::pread(
                 fd.as_raw_fd(),
@@ -806,6 +854,7 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize> {
 
 pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> Result<usize> {
     retry(|| {
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         check_size(unsafe {
             libc::pwrite(
                 fd.as_raw_fd(),
@@ -819,18 +868,22 @@ pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> Result<usize> {
 
 pub fn fsync(fd: BorrowedFd<'_>, data_only: bool) -> Result<()> {
     let r = if data_only {
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         unsafe { libc::fdatasync(fd.as_raw_fd()) }
     } else {
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         unsafe { libc::fsync(fd.as_raw_fd()) }
     };
     check(r).map(drop)
 }
 
 pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> Result<()> {
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) }).map(drop)
 }
 
 pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> Result<()> {
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe {
         libc::fallocate(
             fd.as_raw_fd(),
@@ -843,6 +896,7 @@ pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> Result
 }
 
 pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> Result<i64> {
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     let r = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
     if r < 0 { Err(Errno::last()) } else { Ok(r) }
 }
@@ -857,6 +911,7 @@ pub fn copy_file_range(
     let mut so = src_off as libc::loff_t;
     let mut d = dst_off as libc::loff_t;
     retry(|| {
+        // SAFETY: C strings, live buffers of the length passed, open descriptors.
         check_size(unsafe {
             libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, 0)
                 as isize
@@ -865,7 +920,9 @@ pub fn copy_file_range(
 }
 
 pub fn statfs_fd(fd: BorrowedFd<'_>) -> Result<libc::statvfs> {
+    // SAFETY: plain C data, for which all zeroes is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     check(unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut st) })?;
     Ok(st)
 }
@@ -899,6 +956,8 @@ pub fn file_handle(fd: BorrowedFd<'_>) -> Result<(i32, Vec<u8>)> {
         data: [0; MAX_HANDLE_SZ],
     };
     let mut mount_id: libc::c_int = 0;
+    // SAFETY: `h` is a file_handle whose `bytes` is the room in its data,
+    // `mount_id` a live int, the path the empty C string.
     let r = unsafe {
         libc::syscall(
             libc::SYS_name_to_handle_at,
@@ -925,6 +984,7 @@ pub fn open_by_handle(mount_fd: BorrowedFd<'_>, kind: i32, handle: &[u8]) -> Res
         data: [0; MAX_HANDLE_SZ],
     };
     h.data[..handle.len()].copy_from_slice(handle);
+    // SAFETY: `h` is a file_handle holding `bytes` bytes of handle.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_open_by_handle_at,
@@ -934,6 +994,7 @@ pub fn open_by_handle(mount_fd: BorrowedFd<'_>, kind: i32, handle: &[u8]) -> Res
         )
     };
     let fd = check(fd as libc::c_int)?;
+    // SAFETY: a descriptor just returned to this call, owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -946,6 +1007,7 @@ const SYS_STATMOUNT: libc::c_long = 457;
 pub fn unique_mount_id(fd: BorrowedFd<'_>) -> Option<u64> {
     let mut st = std::mem::MaybeUninit::<libc::statx>::zeroed();
     let flags = libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC;
+    // SAFETY: C strings, live buffers of the length passed, open descriptors.
     let ret = unsafe {
         libc::statx(
             fd.as_raw_fd(),
@@ -955,6 +1017,7 @@ pub fn unique_mount_id(fd: BorrowedFd<'_>) -> Option<u64> {
             st.as_mut_ptr(),
         )
     };
+    // SAFETY: made zeroed (a valid value); statx only fills it in.
     let st = unsafe { st.assume_init() };
     (ret == 0 && st.stx_mask & STATX_MNT_ID_UNIQUE != 0).then_some(st.stx_mnt_id)
 }
@@ -979,6 +1042,8 @@ pub fn mount_is_listed(unique_id: u64) -> Result<bool> {
     };
     // Room for `struct statmount`'s fixed part; nothing is asked for.
     let mut buf = [0u64; 64];
+    // SAFETY: `req` is a mnt_id_req of the size it says, `buf` a live
+    // buffer of the length passed.
     let ret = unsafe {
         libc::syscall(
             SYS_STATMOUNT,

@@ -142,6 +142,7 @@ impl UnionFs {
     fn reply_lookup(&self, reply: ReplyEntry, r: Result<(u64, Stat)>) {
         match r {
             Err(e) if e == Errno::ENOENT => {
+                // SAFETY: plain C data, for which all zeroes is a valid value.
                 let mut none: Stat = unsafe { std::mem::zeroed() };
                 none.st_mode = libc::S_IFREG;
                 reply.entry(&self.shown.ttl, &raw_attr(&none), Generation(0));
