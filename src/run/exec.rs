@@ -10,7 +10,7 @@ use nix::unistd::{ForkResult, execve, fork};
 
 use super::identity::Identity;
 use super::request::Spec;
-use super::signals::{block_init_signals, init_loop, reset_signals};
+use super::signals::{block_init_signals, parent_loop, reset_signals};
 use super::{EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, Failure, cpath, fail, failed};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -84,7 +84,7 @@ impl Exec {
             match unsafe { fork() } {
                 Err(e) => fail(failed("cannot fork", e)),
                 Ok(ForkResult::Child) => {}
-                Ok(ForkResult::Parent { child }) => init_loop(child),
+                Ok(ForkResult::Parent { child }) => parent_loop(child),
             }
         }
         reset_signals();

@@ -13,7 +13,7 @@ use super::{EXIT_LAUNCHER, exit_now};
 pub const STOP_SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
 
 /// The stop signals and SIGCHLD: what a process with children waits for.
-pub fn stop_and_child_signals() -> SigSet {
+fn stop_and_child_signals() -> SigSet {
     let mut set = signal_set(&STOP_SIGNALS);
     set.add(Signal::SIGCHLD);
     set
@@ -91,9 +91,10 @@ pub fn wait_exit(child: Pid) -> u8 {
     }
 }
 
-/// PID 1 with `--init`: runs the command as its child, reaps every orphan,
-/// passes stop signals to the command, and exits with its status.
-pub fn init_loop(command: Pid) -> ! {
+/// A parent that only waits (the supervisor, and PID 1 with `--init`):
+/// reaps every child, passes stop signals to `command`, and exits with
+/// its status. The signals must be blocked first (`block_init_signals`).
+pub fn parent_loop(command: Pid) -> ! {
     let set = stop_and_child_signals();
     loop {
         match wait_signal(&set) {
@@ -108,7 +109,7 @@ pub fn init_loop(command: Pid) -> ! {
 
 /// Reaps every child that has ended; exits with the command's status when
 /// it is among them.
-pub fn reap_children(command: Pid) {
+fn reap_children(command: Pid) {
     while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
         match status.pid() {
             None => return, // children left, none ended
@@ -118,7 +119,7 @@ pub fn reap_children(command: Pid) {
     }
 }
 
-/// Blocks the signals `init_loop` waits for; called before forking the
+/// Blocks the signals `parent_loop` waits for; called before forking the
 /// command so none is lost.
 pub fn block_init_signals() {
     let _ = stop_and_child_signals().thread_block();

@@ -18,9 +18,7 @@ use tracing::info;
 
 use super::container;
 use super::request::{Net, Spec};
-use super::signals::{
-    die_with_parent, reap_children, stop_and_child_signals, wait_exit, wait_signal,
-};
+use super::signals::{block_init_signals, die_with_parent, parent_loop, wait_exit, wait_signal};
 use super::{EXIT_LAUNCHER, Failure, exit_now, fail, failed};
 
 /// The supervisor process, waiting for the go-ahead.
@@ -124,21 +122,12 @@ fn supervise(spec: &Spec, root: &Path) -> ! {
     if let Err(e) = unshare(flags) {
         fail(failed("cannot create the container's namespaces", e));
     }
-    let set = stop_and_child_signals();
-    let _ = set.thread_block();
+    block_init_signals();
     // SAFETY: the supervisor is a single-threaded child of the launcher.
     let child = match unsafe { fork() } {
         Err(e) => fail(failed("cannot fork", e)),
         Ok(ForkResult::Child) => container::enter(spec, root),
         Ok(ForkResult::Parent { child }) => child,
     };
-    loop {
-        match wait_signal(&set) {
-            Some((Signal::SIGCHLD, _)) => reap_children(child),
-            Some((sig, true)) => {
-                let _ = kill(child, sig);
-            }
-            _ => {}
-        }
-    }
+    parent_loop(child)
 }
