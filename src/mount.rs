@@ -109,9 +109,8 @@ fn open_workdir(plan: &UpperPlan) -> Result<OwnedFd, String> {
 /// Takes the work directory's lock. A holder whose mount is already gone
 /// is a daemon on its way out (container engines unmount and mount again
 /// at once): its end is awaited, up to `HOLDER_EXIT_WAIT`.
-fn lock_workdir(top: OwnedFd, wd: &Path) -> Result<Flock<OwnedFd>, String> {
+fn lock_workdir(mut top: OwnedFd, wd: &Path) -> Result<Flock<OwnedFd>, String> {
     let deadline = Instant::now() + HOLDER_EXIT_WAIT;
-    let mut top = top;
     loop {
         top = match Flock::lock(top, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => return Ok(lock),

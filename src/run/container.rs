@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
+use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 use nix::sys::stat::{Mode, umask};
 use nix::unistd::chdir;
@@ -15,7 +16,7 @@ use super::identity::{become_identity, resolve_identity, set_hostname};
 use super::mounts::{bind, make_rprivate, mount_dev, mount_proc, mount_sys, pivot_into};
 use super::request::{Net, Spec};
 use super::signals::die_with_parent;
-use super::{Failure, fail, failed, os_err};
+use super::{Failure, fail, failed};
 use crate::sys;
 
 /// The container's first process: sets everything up and becomes the
@@ -95,11 +96,11 @@ fn loopback_up() -> Result<(), Failure> {
     // `req` is, through an open socket; the flags member is the one set.
     unsafe {
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) != 0 {
-            return Err(os_err("cannot read the flags of lo"));
+            return Err(failed("cannot read the flags of lo", Errno::last()));
         }
         req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) != 0 {
-            return Err(os_err("cannot bring up lo"));
+            return Err(failed("cannot bring up lo", Errno::last()));
         }
     }
     Ok(())

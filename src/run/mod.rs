@@ -71,12 +71,7 @@ fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// A failure of the system call just made, naming what was tried.
-fn os_err(what: impl std::fmt::Display) -> Failure {
-    Failure::launcher(format!("{what}: {}", std::io::Error::last_os_error()))
-}
-
-/// A failure of a system call made through nix, naming what was tried.
+/// A failure of a system call, naming what was tried.
 fn failed(what: impl std::fmt::Display, e: nix::errno::Errno) -> Failure {
     Failure::launcher(format!("{what}: {}", std::io::Error::from(e)))
 }
