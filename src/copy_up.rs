@@ -18,6 +18,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use nix::sys::uio;
+use nix::unistd::{Whence, ftruncate, lseek};
 use tracing::debug;
 
 use crate::format;
@@ -317,7 +319,7 @@ impl Union {
         data: Option<BorrowedFd<'_>>,
     ) -> Result<()> {
         let Some(data) = data else {
-            return sys::ftruncate(dst, st.st_size as u64);
+            return ftruncate(dst, st.st_size);
         };
         let from = sys::reopen(data, libc::O_RDONLY)?;
         copy_data(from.as_fd(), dst, st.st_size as u64)?;
@@ -443,36 +445,36 @@ pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> Result<
     }
     let mut pos = 0u64;
     while pos < size {
-        let data = match sys::lseek(src, pos as i64, libc::SEEK_DATA) {
+        let data = match lseek(src, pos as i64, Whence::SeekData) {
             Ok(off) => off as u64,
-            Err(Errno(libc::ENXIO)) => break, // only a hole is left
-            Err(_) => pos,                    // no SEEK_DATA: copy everything
+            Err(Errno::ENXIO) => break, // only a hole is left
+            Err(_) => pos,              // no SEEK_DATA: copy everything
         };
         if data >= size {
             break;
         }
-        let end = match sys::lseek(src, data as i64, libc::SEEK_HOLE) {
+        let end = match lseek(src, data as i64, Whence::SeekHole) {
             Ok(off) => (off as u64).min(size),
             Err(_) => size,
         };
         copy_range(src, dst, data, end)?;
         pos = end;
     }
-    sys::ftruncate(dst, size)
+    ftruncate(dst, size as i64)
 }
 
 fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, mut from: u64, end: u64) -> Result<()> {
     while from < end {
         let want = ((end - from) as usize).min(CHUNK);
-        let n = match sys::copy_file_range(src, from, dst, from, want) {
+        let (mut src_at, mut dst_at) = (from as i64, from as i64);
+        let copied = sys::retry(|| {
+            let (s, d) = (Some(&mut src_at), Some(&mut dst_at));
+            nix::fcntl::copy_file_range(src, s, dst, d, want)
+        });
+        let n = match copied {
             Ok(0) => return Ok(()), // the source shrank under us
             Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.0,
-                    libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP
-                ) =>
-            {
+            Err(Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
                 return copy_range_by_hand(src, dst, from, end);
             }
             Err(e) => return Err(e),
@@ -491,13 +493,14 @@ fn copy_range_by_hand(
     let mut buf = vec![0u8; 1 << 20];
     while from < end {
         let want = ((end - from) as usize).min(buf.len());
-        let n = sys::pread(src, &mut buf[..want], from)?;
+        let n = sys::retry(|| uio::pread(src, &mut buf[..want], from as i64))?;
         if n == 0 {
             return Ok(());
         }
         let mut done = 0;
         while done < n {
-            done += sys::pwrite(dst, &buf[done..n], from + done as u64)?;
+            let at = (from + done as u64) as i64;
+            done += sys::retry(|| uio::pwrite(dst, &buf[done..n], at))?;
         }
         from += n as u64;
     }

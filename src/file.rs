@@ -9,6 +9,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use nix::fcntl::FallocateFlags;
+use nix::sys::uio;
+use nix::unistd::Whence;
 use parking_lot::RwLock;
 
 use crate::node::Node;
@@ -118,7 +121,8 @@ impl Union {
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
-            let n = sys::pread(fd.as_fd(), &mut buf[done..], offset + done as u64)?;
+            let at = (offset + done as u64) as i64;
+            let n = sys::retry(|| uio::pread(fd.as_fd(), &mut buf[done..], at))?;
             if n == 0 {
                 break;
             }
@@ -130,7 +134,7 @@ impl Union {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let fd = self.file(fh)?.fd();
-        let n = sys::pwrite(fd.as_fd(), data, offset)?;
+        let n = sys::retry(|| uio::pwrite(fd.as_fd(), data, offset as i64))?;
         Ok(n as u32)
     }
 
@@ -144,15 +148,28 @@ impl Union {
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
         let fd = self.file(fh)?.fd();
-        sys::fallocate(fd.as_fd(), mode, offset, len)
+        let mode = FallocateFlags::from_bits_retain(mode);
+        nix::fcntl::fallocate(fd.as_fd(), mode, offset as i64, len as i64)
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
         let fd = self.file(fh)?.read_fd()?;
-        sys::lseek(fd.as_fd(), offset, whence)
+        nix::unistd::lseek(fd.as_fd(), offset, seek_whence(whence)?)
     }
 
     pub fn release(&self, fh: u64) {
         self.files.remove(&fh);
     }
+}
+
+/// `lseek`'s `whence` as `nix` names it; EINVAL for one Linux does not know.
+fn seek_whence(whence: i32) -> Result<Whence> {
+    Ok(match whence {
+        libc::SEEK_SET => Whence::SeekSet,
+        libc::SEEK_CUR => Whence::SeekCur,
+        libc::SEEK_END => Whence::SeekEnd,
+        libc::SEEK_DATA => Whence::SeekData,
+        libc::SEEK_HOLE => Whence::SeekHole,
+        _ => return Err(Errno::EINVAL),
+    })
 }

@@ -442,7 +442,7 @@ pub fn probe_namespace(probe_dir: BorrowedFd<'_>) -> XattrNamespace {
             let _ = sys::remove_xattr(probe_dir, name);
             XattrNamespace::Trusted
         }
-        Err(Errno(_)) => XattrNamespace::User,
+        Err(_) => XattrNamespace::User,
     }
 }
 

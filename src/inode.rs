@@ -197,7 +197,7 @@ impl Union {
         if let Some(file) = fh.and_then(|fh| self.files.get(&fh).map(|f| f.clone()))
             && file.is_writable_upper()
         {
-            return sys::ftruncate(file.fd().as_fd(), size);
+            return nix::unistd::ftruncate(file.fd().as_fd(), size as i64);
         }
         if node.kind != libc::S_IFREG {
             return Err(if node.is_dir() {
@@ -207,7 +207,7 @@ impl Union {
             });
         }
         let f = self.ensure_data(node)?.open(libc::O_WRONLY)?;
-        sys::ftruncate(f.as_fd(), size)
+        nix::unistd::ftruncate(f.as_fd(), size as i64)
     }
 
     pub fn readlink(&self, id: u64) -> Result<Vec<u8>> {
@@ -294,16 +294,16 @@ impl Union {
     }
 
     pub fn statfs(&self) -> Result<FsStats> {
-        let st = sys::statfs_fd(self.space_root.as_fd())?;
+        let st = nix::sys::statvfs::fstatvfs(self.space_root.as_fd())?;
         Ok(FsStats {
-            blocks: st.f_blocks,
-            bfree: st.f_bfree,
-            bavail: st.f_bavail,
-            files: st.f_files,
-            ffree: st.f_ffree,
-            bsize: st.f_bsize as u32,
+            blocks: st.blocks(),
+            bfree: st.blocks_free(),
+            bavail: st.blocks_available(),
+            files: st.files(),
+            ffree: st.files_free(),
+            bsize: st.block_size() as u32,
             namelen: 255,
-            frsize: st.f_frsize as u32,
+            frsize: st.fragment_size() as u32,
         })
     }
 }

@@ -237,8 +237,11 @@ fn write_holder_file(top: BorrowedFd<'_>, mountpoint: &Path) {
         minor,
         mount: unique_id.zip(own_mount_namespace()),
     };
-    let made = sys::create_or_truncate(top, OsStr::new(HOLDER_FILE), 0o600)
-        .and_then(|f| Ok(std::fs::File::from(f).write_all(holder.render().as_bytes())?));
+    let made = sys::create_or_truncate(top, OsStr::new(HOLDER_FILE), 0o600).and_then(|f| {
+        let mut f = std::fs::File::from(f);
+        f.write_all(holder.render().as_bytes())
+            .map_err(|e| sys::errno_of(&e))
+    });
     if let Err(e) = made {
         warn!("cannot record the mount in the work directory: {e}");
     }

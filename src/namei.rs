@@ -613,7 +613,7 @@ impl Union {
         });
         if node.kind != sys::file_type(stat.st_mode) {
             self.table.forget(id, 1);
-            return Err(Errno(libc::ESTALE));
+            return Err(Errno::ESTALE);
         }
         if let Some(file) = alias {
             let key = (parent.id, Arc::from(name));

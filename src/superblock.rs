@@ -238,7 +238,7 @@ impl Union {
 
     /// The node the kernel calls `id`.
     pub fn node(&self, id: u64) -> Result<Arc<Node>> {
-        self.table.get(id).ok_or(Errno(libc::ESTALE))
+        self.table.get(id).ok_or(Errno::ESTALE)
     }
 
     pub fn next_handle(&self) -> u64 {

@@ -1,62 +1,33 @@
-//! Thin, safe wrappers over the fd-relative system calls the union is built on.
+//! The layer-safe system calls the union is built on, over `nix`.
 //!
 //! Every access to a layer goes through a file descriptor and a single path
 //! component with `O_NOFOLLOW`/`AT_SYMLINK_NOFOLLOW`, so a symlink inside a
-//! layer is never followed by the daemon. Errors come back as [`Errno`].
+//! layer is never followed by the daemon; the wrappers here fix those flags
+//! (and `O_CLOEXEC`) so that no caller can forget them. Errors are `nix`'s
+//! [`Errno`]. Raw calls stay only where `nix` has none: the xattr calls
+//! (on `O_PATH` descriptors and the `*xattrat` family), `utimensat` with
+//! `AT_EMPTY_PATH`, file handles and `statmount`.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
-/// An error number from a failed system call (or one the union decides on).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Errno(pub i32);
+use nix::fcntl::{AT_FDCWD, AtFlags, OFlag, RenameFlags};
+use nix::sys::stat::{FchmodatFlags, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
-impl Errno {
-    pub const ENOENT: Errno = Errno(libc::ENOENT);
-    pub const EEXIST: Errno = Errno(libc::EEXIST);
-    pub const ENOTEMPTY: Errno = Errno(libc::ENOTEMPTY);
-    pub const EXDEV: Errno = Errno(libc::EXDEV);
-    pub const EPERM: Errno = Errno(libc::EPERM);
-    pub const EINVAL: Errno = Errno(libc::EINVAL);
-    pub const EIO: Errno = Errno(libc::EIO);
-    pub const EBADF: Errno = Errno(libc::EBADF);
-    pub const ENODATA: Errno = Errno(libc::ENODATA);
-    pub const ERANGE: Errno = Errno(libc::ERANGE);
-    pub const ENOTDIR: Errno = Errno(libc::ENOTDIR);
-    pub const EISDIR: Errno = Errno(libc::EISDIR);
-    pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
-    pub const ENOTSUP: Errno = Errno(libc::EOPNOTSUPP);
-    pub const EROFS: Errno = Errno(libc::EROFS);
-    pub const EACCES: Errno = Errno(libc::EACCES);
-    pub const ENOSYS: Errno = Errno(libc::ENOSYS);
-
-    /// The calling thread's `errno`.
-    pub fn last() -> Errno {
-        Errno(
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-        )
-    }
-}
-
-impl From<std::io::Error> for Errno {
-    fn from(e: std::io::Error) -> Self {
-        Errno(e.raw_os_error().unwrap_or(libc::EIO))
-    }
-}
-
-impl std::fmt::Display for Errno {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
-    }
-}
+pub use nix::errno::Errno;
 
 pub type Result<T> = std::result::Result<T, Errno>;
 
 /// `stat` as the kernel returns it.
 pub type Stat = libc::stat;
+
+/// The error number behind an I/O error (EIO if it has none).
+pub fn errno_of(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
 
 fn check(ret: libc::c_int) -> Result<libc::c_int> {
     if ret < 0 { Err(Errno::last()) } else { Ok(ret) }
@@ -70,11 +41,11 @@ fn check_size(ret: isize) -> Result<usize> {
     }
 }
 
-/// Retries a call interrupted by a signal.
-fn retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+/// Retries a call interrupted by a signal (a FUSE lower can be).
+pub fn retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
     loop {
         match f() {
-            Err(Errno(libc::EINTR)) => continue,
+            Err(Errno::EINTR) => continue,
             other => return other,
         }
     }
@@ -84,85 +55,57 @@ pub fn cstr(name: &OsStr) -> Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
 }
 
-const EMPTY: &CStr = c"";
-
 /// The `/proc/self/fd/N` path of a descriptor, for the few calls that have no
 /// fd-relative form. The magic link resolves to the very inode behind `fd`.
 pub fn proc_path(fd: RawFd) -> CString {
     CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number")
 }
 
+/// Permission bits (and set-id, sticky) of a mode.
+fn perm(mode: u32) -> Mode {
+    Mode::from_bits_truncate(mode & 0o7777)
+}
+
+/// `openat` of one name in `dir`, always with `O_NOFOLLOW|O_CLOEXEC`.
+fn open_name(dir: BorrowedFd<'_>, name: &OsStr, flags: OFlag, mode: u32) -> Result<OwnedFd> {
+    let flags = flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    retry(|| nix::fcntl::openat(dir, name, flags, perm(mode)))
+}
+
+/// Open flags the caller passed, without the ones only the union may set.
+fn caller_flags(flags: libc::c_int) -> OFlag {
+    OFlag::from_bits_retain(flags) - (OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOCTTY)
+}
+
 /// `O_PATH|O_NOFOLLOW` handle on `name` inside `dir`.
 pub fn open_path(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
-    let name = cstr(name)?;
-    let fd = retry(|| {
-        // SAFETY: C strings, live buffers of the length passed, open descriptors.
-        check(unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        })
-    })?;
-    // SAFETY: a descriptor just returned to this call, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    open_name(dir, name, OFlag::O_PATH, 0)
 }
 
 /// Opens a directory given by an absolute or relative path (used only for
 /// the layer roots named on the command line).
 pub fn open_dir_path(path: &std::path::Path) -> Result<OwnedFd> {
-    let p = cstr(path.as_os_str())?;
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    let fd = check(unsafe {
-        libc::open(
-            p.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: a descriptor just returned to this call, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    nix::fcntl::open(path, flags, Mode::empty())
 }
 
 /// Opens a directory given by a path for reading (and locking); used only
 /// for directories named on the command line.
 pub fn open_dir(path: &std::path::Path) -> Result<OwnedFd> {
-    let p = cstr(path.as_os_str())?;
-    let fd = retry(|| {
-        // SAFETY: C strings, live buffers of the length passed, open descriptors.
-        check(unsafe {
-            libc::open(
-                p.as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        })
-    })?;
-    // SAFETY: a descriptor just returned to this call, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    retry(|| nix::fcntl::open(path, flags, Mode::empty()))
 }
 
 /// Creates (or empties) the regular file `name` in `dir` for writing, with
 /// `mode` if new; never through a symlink.
 pub fn create_or_truncate(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<OwnedFd> {
-    let name = cstr(name)?;
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    let fd = retry(|| {
-        // SAFETY: C strings, live buffers of the length passed, open descriptors.
-        check(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) })
-    })?;
-    // SAFETY: a descriptor just returned to this call, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC;
+    open_name(dir, name, flags, mode)
 }
 
 /// Opens `name` in `dir` for I/O with `flags`, never following a symlink.
 pub fn open_at(dir: BorrowedFd<'_>, name: &OsStr, flags: libc::c_int) -> Result<OwnedFd> {
-    let name = cstr(name)?;
-    let flags = (flags | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    let fd = retry(|| check(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) }))?;
-    // SAFETY: a descriptor just returned to this call, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    open_name(dir, name, caller_flags(flags), 0)
 }
 
 /// Opens the object behind an `O_PATH` handle for I/O with `flags`.
@@ -173,12 +116,8 @@ pub fn open_at(dir: BorrowedFd<'_>, name: &OsStr, flags: libc::c_int) -> Result<
 /// applied the caller's `O_NOFOLLOW` to the name the caller opened.
 pub fn reopen(fd: BorrowedFd<'_>, flags: libc::c_int) -> Result<OwnedFd> {
     let p = proc_path(fd.as_raw_fd());
-    let flags = (flags | libc::O_CLOEXEC)
-        & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    let fd = retry(|| check(unsafe { libc::open(p.as_ptr(), flags) }))?;
-    // SAFETY: a descriptor just returned to this call, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let flags = (caller_flags(flags) - OFlag::O_NOFOLLOW) | OFlag::O_CLOEXEC;
+    retry(|| nix::fcntl::open(p.as_c_str(), flags, Mode::empty()))
 }
 
 /// Creates and opens a regular file `name` in `dir` (`O_EXCL`).
@@ -188,27 +127,15 @@ pub fn create_file(
     flags: libc::c_int,
     mode: u32,
 ) -> Result<OwnedFd> {
-    let name = cstr(name)?;
-    let flags = (flags | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        & !libc::O_NOCTTY;
-    let fd = retry(|| {
-        // SAFETY: C strings, live buffers of the length passed, open descriptors.
-        check(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) })
-    })?;
-    // SAFETY: a descriptor just returned to this call, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let flags = caller_flags(flags) | OFlag::O_CREAT | OFlag::O_EXCL;
+    open_name(dir, name, flags, mode)
 }
 
 /// An anonymous regular file (`O_TMPFILE`, read-write) in directory `dir`:
 /// it has no name until `link_fd_at` gives it one.
 pub fn open_tmpfile(dir: BorrowedFd<'_>, mode: u32) -> Result<OwnedFd> {
-    let flags = libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC;
-    let fd = retry(|| {
-        // SAFETY: C strings, live buffers of the length passed, open descriptors.
-        check(unsafe { libc::openat(dir.as_raw_fd(), c".".as_ptr(), flags, mode as libc::c_uint) })
-    })?;
-    // SAFETY: a descriptor just returned to this call, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let flags = OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC;
+    retry(|| nix::fcntl::openat(dir, c".", flags, perm(mode)))
 }
 
 /// Gives the object behind `fd` (an anonymous file included) the name
@@ -217,72 +144,36 @@ pub fn open_tmpfile(dir: BorrowedFd<'_>, mode: u32) -> Result<OwnedFd> {
 /// capability is needed (as `AT_EMPTY_PATH` would).
 pub fn link_fd_at(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
     let from = proc_path(fd.as_raw_fd());
-    let name = cstr(name)?;
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    })
-    .map(drop)
+    nix::unistd::linkat(
+        AT_FDCWD,
+        from.as_c_str(),
+        dir,
+        name,
+        AtFlags::AT_SYMLINK_FOLLOW,
+    )
 }
 
 pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Stat> {
-    let name = cstr(name)?;
-    // SAFETY: plain C data, for which all zeroes is a valid value.
-    let mut st: Stat = unsafe { std::mem::zeroed() };
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            &mut st,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    Ok(st)
+    nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
 }
 
 /// `stat` of the object behind any descriptor, `O_PATH` ones included.
 pub fn stat_fd(fd: BorrowedFd<'_>) -> Result<Stat> {
-    // SAFETY: plain C data, for which all zeroes is a valid value.
-    let mut st: Stat = unsafe { std::mem::zeroed() };
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe {
-        libc::fstatat(
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
-            &mut st,
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    Ok(st)
+    let flags = AtFlags::AT_EMPTY_PATH | AtFlags::AT_SYMLINK_NOFOLLOW;
+    nix::sys::stat::fstatat(fd, c"", flags)
 }
 
 pub fn mkdir_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
-    let name = cstr(name)?;
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })?;
-    Ok(())
+    nix::sys::stat::mkdirat(dir, name, perm(mode))
 }
 
 pub fn mknod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> Result<()> {
-    let name = cstr(name)?;
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) })?;
-    Ok(())
+    let kind = SFlag::from_bits_truncate(file_type(mode));
+    nix::sys::stat::mknodat(dir, name, kind, perm(mode), rdev)
 }
 
 pub fn symlink_at(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    let target = cstr(target)?;
-    let name = cstr(name)?;
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })?;
-    Ok(())
+    nix::unistd::symlinkat(target, dir, name)
 }
 
 /// Makes `new` in `new_dir` a new hard link to `old` in `old_dir` (not
@@ -293,58 +184,24 @@ pub fn link_at(
     new_dir: BorrowedFd<'_>,
     new: &OsStr,
 ) -> Result<()> {
-    let old = cstr(old)?;
-    let new = cstr(new)?;
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe {
-        libc::linkat(
-            old_dir.as_raw_fd(),
-            old.as_ptr(),
-            new_dir.as_raw_fd(),
-            new.as_ptr(),
-            0,
-        )
-    })?;
-    Ok(())
+    nix::unistd::linkat(old_dir, old, new_dir, new, AtFlags::empty())
 }
 
 /// Makes `name` in `dir` a new hard link to the object behind `fd`.
 pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    let name = cstr(name)?;
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    let ret = unsafe {
-        libc::linkat(
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        )
-    };
-    if ret == 0 {
-        return Ok(());
+    match nix::unistd::linkat(fd, c"", dir, name, AtFlags::AT_EMPTY_PATH) {
+        // Without CAP_DAC_READ_SEARCH AT_EMPTY_PATH is refused; the proc link works.
+        Err(_) => link_fd_at(fd, dir, name),
+        ok => ok,
     }
-    // Without CAP_DAC_READ_SEARCH AT_EMPTY_PATH is refused; the proc link works.
-    let p = proc_path(fd.as_raw_fd());
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            p.as_ptr(),
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    })?;
-    Ok(())
 }
 
 pub fn unlink_at(dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> Result<()> {
-    let name = cstr(name)?;
-    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })?;
-    Ok(())
+    let flags = match is_dir {
+        true => UnlinkatFlags::RemoveDir,
+        false => UnlinkatFlags::NoRemoveDir,
+    };
+    nix::unistd::unlinkat(dir, name, flags)
 }
 
 pub fn rename_at(
@@ -354,50 +211,18 @@ pub fn rename_at(
     new: &OsStr,
     flags: u32,
 ) -> Result<()> {
-    let old = cstr(old)?;
-    let new = cstr(new)?;
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe {
-        libc::renameat2(
-            old_dir.as_raw_fd(),
-            old.as_ptr(),
-            new_dir.as_raw_fd(),
-            new.as_ptr(),
-            flags,
-        )
-    })?;
-    Ok(())
+    let flags = RenameFlags::from_bits_retain(flags);
+    nix::fcntl::renameat2(old_dir, old, new_dir, new, flags)
 }
 
 pub fn readlink_fd(fd: BorrowedFd<'_>) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    let n = check_size(unsafe {
-        libc::readlinkat(
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    })?;
-    buf.truncate(n);
-    Ok(buf)
+    nix::fcntl::readlinkat(fd, c"").map(OsString::into_vec)
 }
 
 pub fn chown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
-    let uid = uid.unwrap_or(u32::MAX);
-    let gid = gid.unwrap_or(u32::MAX);
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe {
-        libc::fchownat(
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
-            uid,
-            gid,
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    Ok(())
+    let flags = AtFlags::AT_EMPTY_PATH | AtFlags::AT_SYMLINK_NOFOLLOW;
+    let (uid, gid) = (uid.map(Uid::from_raw), gid.map(Gid::from_raw));
+    nix::unistd::fchownat(fd, c"", uid, gid, flags)
 }
 
 /// chown of `name` in `dir`, not following a symlink.
@@ -407,29 +232,14 @@ pub fn chown_at(
     uid: Option<u32>,
     gid: Option<u32>,
 ) -> Result<()> {
-    let name = cstr(name)?;
-    let (uid, gid) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe {
-        libc::fchownat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            uid,
-            gid,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map(drop)
+    let (uid, gid) = (uid.map(Uid::from_raw), gid.map(Gid::from_raw));
+    nix::unistd::fchownat(dir, name, uid, gid, AtFlags::AT_SYMLINK_NOFOLLOW)
 }
 
 /// chmod of `name` in `dir`, never following a symlink (one gets
 /// EOPNOTSUPP: a symlink has no mode of its own on Linux).
 pub fn chmod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
-    let name = cstr(name)?;
-    let nofollow = libc::AT_SYMLINK_NOFOLLOW;
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode & 0o7777, nofollow) })
-        .map(drop)
+    nix::sys::stat::fchmodat(dir, name, perm(mode), FchmodatFlags::NoFollowSymlink)
 }
 
 /// Times of `name` in `dir`, not following a symlink.
@@ -439,26 +249,19 @@ pub fn set_times_at(
     atime: SetTime,
     mtime: SetTime,
 ) -> Result<()> {
-    let name = cstr(name)?;
-    let times = [atime.timespec(), mtime.timespec()];
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe {
-        libc::utimensat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map(drop)
+    let (a, m) = (atime.timespec(), mtime.timespec());
+    nix::sys::stat::utimensat(dir, name, &a, &m, UtimensatFlags::NoFollowSymlink)
 }
 
 /// chmod of the object behind an `O_PATH` handle (not for symlinks).
 pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
     let p = proc_path(fd.as_raw_fd());
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe { libc::chmod(p.as_ptr(), mode & 0o7777) })?;
-    Ok(())
+    nix::sys::stat::fchmodat(
+        AT_FDCWD,
+        p.as_c_str(),
+        perm(mode),
+        FchmodatFlags::FollowSymlink,
+    )
 }
 
 /// A timestamp to set: a value, "now" or "leave as is".
@@ -470,28 +273,24 @@ pub enum SetTime {
 }
 
 impl SetTime {
-    fn timespec(self) -> libc::timespec {
+    fn timespec(self) -> TimeSpec {
         match self {
-            SetTime::Omit => libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_OMIT,
-            },
-            SetTime::Now => libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_NOW,
-            },
-            SetTime::At(ts) => ts,
+            SetTime::Omit => TimeSpec::UTIME_OMIT,
+            SetTime::Now => TimeSpec::UTIME_NOW,
+            SetTime::At(ts) => TimeSpec::from(ts),
         }
     }
 }
 
+/// Times of the object behind any descriptor (`O_PATH` ones and symlinks
+/// included). Raw: `nix`'s `utimensat` cannot pass `AT_EMPTY_PATH`.
 pub fn set_times_fd(fd: BorrowedFd<'_>, atime: SetTime, mtime: SetTime) -> Result<()> {
-    let times = [atime.timespec(), mtime.timespec()];
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
+    let times = [*atime.timespec().as_ref(), *mtime.timespec().as_ref()];
+    // SAFETY: the empty C string, a live array of two timespecs, an open descriptor.
     check(unsafe {
         libc::utimensat(
             fd.as_raw_fd(),
-            EMPTY.as_ptr(),
+            c"".as_ptr(),
             times.as_ptr(),
             libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
         )
@@ -777,154 +576,56 @@ pub fn remove_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
     XattrTarget::fd(fd).remove(name)
 }
 
-/// One entry as `getdents64` returns it.
+/// One directory entry.
 #[derive(Clone, Debug)]
 pub struct RawDirEntry {
     pub name: OsString,
     pub ino: u64,
+    /// `DT_*` as `getdents64` gives it (`DT_UNKNOWN` if the filesystem
+    /// does not say).
     pub dtype: u8,
 }
 
 /// Reads every entry (but `.` and `..`) of the directory behind `dir`.
 pub fn read_dir(dir: BorrowedFd<'_>) -> Result<Vec<RawDirEntry>> {
-    let dot = c".";
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    let fd = check(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            dot.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: a descriptor just returned to this call, owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let fd = retry(|| nix::fcntl::openat(dir, c".", flags, Mode::empty()))?;
+    let mut entries = nix::dir::Dir::from_fd(fd)?;
     let mut out = Vec::new();
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        // SAFETY: a live buffer of buf.len() bytes, an open descriptor.
-        let n = check_size(unsafe {
-            libc::syscall(
-                libc::SYS_getdents64,
-                fd.as_raw_fd(),
-                buf.as_mut_ptr(),
-                buf.len(),
-            ) as isize
-        })?;
-        if n == 0 {
-            return Ok(out);
+    for e in entries.iter() {
+        let e = e?;
+        let name = e.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            out.push(RawDirEntry {
+                name: OsStr::from_bytes(name).to_os_string(),
+                ino: e.ino(),
+                dtype: e.file_type().map_or(libc::DT_UNKNOWN, dtype),
+            });
         }
-        let mut pos = 0;
-        while pos < n {
-            // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
-            let rec = &buf[pos..n];
-            let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap());
-            let reclen = u16::from_ne_bytes(rec[16..18].try_into().unwrap()) as usize;
-            let dtype = rec[18];
-            let name_bytes = &rec[19..reclen];
-            let len = name_bytes
-                .iter()
-                .position(|b| *b == 0)
-                .unwrap_or(name_bytes.len());
-            let name = &name_bytes[..len];
-            if name != b"." && name != b".." {
-                out.push(RawDirEntry {
-                    name: OsStr::from_bytes(name).to_os_string(),
-                    ino,
-                    dtype,
-                });
-            }
-            pos += reclen;
-        }
+    }
+    Ok(out)
+}
+
+/// The `DT_*` number of a directory entry's type.
+fn dtype(kind: nix::dir::Type) -> u8 {
+    use nix::dir::Type;
+    match kind {
+        Type::Fifo => libc::DT_FIFO,
+        Type::CharacterDevice => libc::DT_CHR,
+        Type::Directory => libc::DT_DIR,
+        Type::BlockDevice => libc::DT_BLK,
+        Type::File => libc::DT_REG,
+        Type::Symlink => libc::DT_LNK,
+        Type::Socket => libc::DT_SOCK,
     }
 }
 
-pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize> {
-    retry(|| {
-        // SAFETY: C strings, live buffers of the length passed, open descriptors.
-        check_size(unsafe {
-            libc::pread(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                offset as libc::off_t,
-            )
-        })
-    })
-}
-
-pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> Result<usize> {
-    retry(|| {
-        // SAFETY: C strings, live buffers of the length passed, open descriptors.
-        check_size(unsafe {
-            libc::pwrite(
-                fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                offset as libc::off_t,
-            )
-        })
-    })
-}
-
+/// `fsync`, or `fdatasync` when only the data must reach the disk.
 pub fn fsync(fd: BorrowedFd<'_>, data_only: bool) -> Result<()> {
-    let r = if data_only {
-        // SAFETY: C strings, live buffers of the length passed, open descriptors.
-        unsafe { libc::fdatasync(fd.as_raw_fd()) }
-    } else {
-        // SAFETY: C strings, live buffers of the length passed, open descriptors.
-        unsafe { libc::fsync(fd.as_raw_fd()) }
-    };
-    check(r).map(drop)
-}
-
-pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> Result<()> {
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) }).map(drop)
-}
-
-pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> Result<()> {
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe {
-        libc::fallocate(
-            fd.as_raw_fd(),
-            mode,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    })
-    .map(drop)
-}
-
-pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> Result<i64> {
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    let r = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
-    if r < 0 { Err(Errno::last()) } else { Ok(r) }
-}
-
-pub fn copy_file_range(
-    src: BorrowedFd<'_>,
-    src_off: u64,
-    dst: BorrowedFd<'_>,
-    dst_off: u64,
-    len: usize,
-) -> Result<usize> {
-    let mut so = src_off as libc::loff_t;
-    let mut d = dst_off as libc::loff_t;
-    retry(|| {
-        // SAFETY: C strings, live buffers of the length passed, open descriptors.
-        check_size(unsafe {
-            libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, 0)
-                as isize
-        })
-    })
-}
-
-pub fn statfs_fd(fd: BorrowedFd<'_>) -> Result<libc::statvfs> {
-    // SAFETY: plain C data, for which all zeroes is a valid value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: C strings, live buffers of the length passed, open descriptors.
-    check(unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut st) })?;
-    Ok(st)
+    match data_only {
+        true => nix::unistd::fdatasync(fd),
+        false => nix::unistd::fsync(fd),
+    }
 }
 
 /// File type bits of a mode.

@@ -96,8 +96,8 @@ impl Core {
 
     /// Reads a whole file through OPEN with `flags`, READ and RELEASE.
     fn read(&self, node: &Node, flags: i32) -> Result<String, i32> {
-        let o = self.union.open(node.id, flags).map_err(|e| e.0)?;
-        let data = self.union.read(o.fh, 0, 1 << 16).map_err(|e| e.0)?;
+        let o = self.union.open(node.id, flags).map_err(|e| e as i32)?;
+        let data = self.union.read(o.fh, 0, 1 << 16).map_err(|e| e as i32)?;
         self.union.release(o.fh);
         Ok(String::from_utf8(data).unwrap())
     }

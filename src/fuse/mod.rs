@@ -141,7 +141,7 @@ impl UnionFs {
     /// id 0), which is safe because every change goes through the kernel.
     fn reply_lookup(&self, reply: ReplyEntry, r: Result<(u64, Stat)>) {
         match r {
-            Err(e) if e == Errno::ENOENT => {
+            Err(Errno::ENOENT) => {
                 // SAFETY: plain C data, for which all zeroes is a valid value.
                 let mut none: Stat = unsafe { std::mem::zeroed() };
                 none.st_mode = libc::S_IFREG;
@@ -228,7 +228,7 @@ fn may_write(flags: i32) -> bool {
 }
 
 fn errno(e: Errno) -> FErrno {
-    FErrno::from_i32(e.0)
+    FErrno::from_i32(e as i32)
 }
 
 fn time(sec: i64, nsec: i64) -> SystemTime {

@@ -41,7 +41,7 @@ fn openat2_in_root(root: BorrowedFd<'_>, rel: &Path) -> sys::Result<OwnedFd> {
     let how = OpenHow::new()
         .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    openat2(root, name.as_c_str(), how).map_err(|e| sys::Errno(e as i32))
+    openat2(root, name.as_c_str(), how)
 }
 
 /// Opens `path` (absolute in the container) as a mount target, making the
@@ -84,9 +84,7 @@ fn make_mount_point(dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> sys::Res
         };
     }
     let flags = OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    openat(dir, name, flags, Mode::from_bits_truncate(0o644))
-        .map(drop)
-        .map_err(|e| sys::Errno(e as i32))
+    openat(dir, name, flags, Mode::from_bits_truncate(0o644)).map(drop)
 }
 
 fn mount_on(
