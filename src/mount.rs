@@ -19,9 +19,9 @@ use nix::unistd::geteuid;
 use tracing::{info, warn};
 
 use crate::fuse::session::{self, FuseMount, Served};
-use crate::index::{Refusal, describe};
 use crate::options::{MountPlan, UpperPlan};
-use crate::superblock::{Tuning, Union};
+use crate::overlay::index::{Refusal, describe};
+use crate::overlay::superblock::{Tuning, Union};
 use crate::tree::remove_tree;
 use crate::{sys, trust};
 

@@ -11,8 +11,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use unionfs::node::{Node, ROOT_ID};
-use unionfs::superblock::{Tuning, Union};
+use unionfs::overlay::node::{Node, ROOT_ID};
+use unionfs::overlay::superblock::{Tuning, Union};
 
 /// Layers in a temporary directory and a union over them.
 struct Core {
@@ -346,7 +346,7 @@ fn with_the_index_a_rename_between_names_moves_the_node_to_the_new_name() {
     c.union
         .setattr(
             a.id,
-            unionfs::inode::AttrChange {
+            unionfs::overlay::inode::AttrChange {
                 mode: Some(0o600),
                 ..Default::default()
             },
@@ -362,9 +362,9 @@ fn no_groups() -> Vec<u32> {
 }
 
 /// The test process as the caller.
-fn caller() -> unionfs::superblock::Caller<'static> {
+fn caller() -> unionfs::overlay::superblock::Caller<'static> {
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    unionfs::superblock::Caller {
+    unionfs::overlay::superblock::Caller {
         uid,
         gid,
         umask: 0o022,
@@ -447,7 +447,7 @@ fn moved_directories_and_metadata_only_copies() {
     );
     // chown: metadata only.
     let data = c.lookup("data");
-    let chown = unionfs::inode::AttrChange {
+    let chown = unionfs::overlay::inode::AttrChange {
         uid: Some(1234),
         ..Default::default()
     };

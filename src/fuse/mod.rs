@@ -28,9 +28,9 @@ use fuser::{
 use tracing::debug;
 
 use crate::ids::is_posix_acl;
-use crate::inode::AttrChange;
 use crate::options::{FileIo, PassthroughMode, Presentation};
-use crate::superblock::{Caller, Union};
+use crate::overlay::inode::AttrChange;
+use crate::overlay::superblock::{Caller, Union};
 use crate::sys::{Errno, Result, SetTime, Stat};
 use passthrough::{CreateReply, IoModes, OpenedObject, can_register_backing_files, log_mode};
 
@@ -871,7 +871,7 @@ impl Filesystem for UnionFs {
 /// The kernel's caches, reached through FUSE notifications.
 pub struct FuseKernelCache(pub fuser::Notifier);
 
-impl crate::superblock::KernelCache for FuseKernelCache {
+impl crate::overlay::superblock::KernelCache for FuseKernelCache {
     fn listing_changed(&self, dir: u64) {
         // The whole page cache of a directory is its cached listing. A
         // directory the kernel no longer holds answers ENOENT: nothing to drop.

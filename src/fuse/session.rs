@@ -9,7 +9,7 @@ use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 
 use super::{FuseKernelCache, UnionFs};
 use crate::options::{Access, MountPlan};
-use crate::superblock::Union;
+use crate::overlay::superblock::Union;
 
 /// A union mounted on FUSE and not served yet.
 pub struct FuseMount(Session<UnionFs>);

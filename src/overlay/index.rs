@@ -21,9 +21,9 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::Mutex;
 use tracing::{debug, info, warn};
 
-use crate::format::{self, Origin, UnionNlink};
-use crate::node::Real;
-use crate::superblock::Union;
+use crate::overlay::format::{self, Origin, UnionNlink};
+use crate::overlay::node::Real;
+use crate::overlay::superblock::Union;
 use crate::sys::{self, Errno, Result, Stat};
 use crate::tree::remove_tree;
 
@@ -69,7 +69,10 @@ impl Union {
             why_not("the index needs trusted xattrs, which this user cannot set");
             return Ok(());
         }
-        let upper_root = self.table.get(crate::node::ROOT_ID).and_then(|r| r.upper());
+        let upper_root = self
+            .table
+            .get(crate::overlay::node::ROOT_ID)
+            .and_then(|r| r.upper());
         let (Some(upper_root), Some(lower_root)) = (upper_root, self.lower_roots().first()) else {
             return Ok(());
         };

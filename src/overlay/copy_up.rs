@@ -22,10 +22,10 @@ use nix::sys::uio;
 use nix::unistd::{Whence, ftruncate, lseek};
 use tracing::debug;
 
-use crate::format;
-use crate::namei::is_metadata_only;
-use crate::node::{Node, Real, UPPER};
-use crate::superblock::Union;
+use crate::overlay::format;
+use crate::overlay::namei::is_metadata_only;
+use crate::overlay::node::{Node, Real, UPPER};
+use crate::overlay::superblock::Union;
 use crate::sys::{self, Errno, Result, Stat};
 use crate::tree::remove_tree;
 
@@ -175,7 +175,7 @@ impl Union {
         }
         let (atime, mtime) = sys::stat_times(&st);
         sys::set_times_fd(dst.as_fd(), atime, mtime)?;
-        crate::index::crash_point("before-data-marked");
+        crate::overlay::index::crash_point("before-data-marked");
         format::clear_metacopy(&upper.xattrs()?, self.ns)?;
         node.data_copied_up();
         for other in self.table.other_names_of(node) {
@@ -514,8 +514,8 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::node::ROOT_ID;
-    use crate::superblock::Tuning;
+    use crate::overlay::node::ROOT_ID;
+    use crate::overlay::superblock::Tuning;
 
     fn open_dir(p: &Path) -> OwnedFd {
         fs::File::open(p).unwrap().into()

@@ -14,8 +14,8 @@ use nix::sys::uio;
 use nix::unistd::Whence;
 use parking_lot::RwLock;
 
-use crate::node::Node;
-use crate::superblock::Union;
+use crate::overlay::node::Node;
+use crate::overlay::superblock::Union;
 use crate::sys::{self, Errno, Result};
 
 /// What an open gives: the handle, and the descriptor of the real object

@@ -10,9 +10,9 @@ use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use crate::format::{self, LowerPath, Opacity, XattrNamespace};
-use crate::node::{LowerObj, Node, NodeState, Real, UPPER};
-use crate::superblock::Union;
+use crate::overlay::format::{self, LowerPath, Opacity, XattrNamespace};
+use crate::overlay::node::{LowerObj, Node, NodeState, Real, UPPER};
+use crate::overlay::superblock::Union;
 use crate::sys::{self, Errno, Result, Stat};
 
 /// A name resolved through the layers.

@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::format;
-use crate::namei::Found;
-use crate::node::{LowerObj, Node, ROOT_ID, Real, UPPER};
-use crate::superblock::Union;
+use crate::overlay::format;
+use crate::overlay::namei::Found;
+use crate::overlay::node::{LowerObj, Node, ROOT_ID, Real, UPPER};
+use crate::overlay::superblock::Union;
 use crate::sys::{self, RawDirEntry, Result, Stat};
 
 /// One entry of a merged listing.
@@ -336,7 +336,7 @@ impl Union {
             return self.lookup(dir.id, &e.name); // may be shown by an index entry
         }
         let real = Real::At(layer_dir.dir_arc(), Arc::from(e.name.as_os_str()));
-        if crate::namei::is_metadata_only(&real, &stat, self.ns) {
+        if crate::overlay::namei::is_metadata_only(&real, &stat, self.ns) {
             return self.lookup(dir.id, &e.name); // its data is elsewhere
         }
         let found = if e.layer == UPPER {
@@ -374,7 +374,7 @@ impl Union {
     fn listed_name_node(&self, named: &Node, stat: &Stat) -> Arc<Node> {
         self.table.acquire(stat.st_ino, || {
             let st = named.state.read();
-            let state = crate::node::NodeState {
+            let state = crate::overlay::node::NodeState {
                 parent: st.parent.clone(),
                 name: st.name.clone(),
                 upper: st.upper.clone(),

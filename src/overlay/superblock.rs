@@ -9,11 +9,11 @@ use std::sync::{Arc, OnceLock};
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-use crate::file::OpenFile;
-use crate::format::{self, Opacity, XattrNamespace};
-use crate::index::Index;
-use crate::node::{LowerObj, Node, NodeState, NodeTable, ROOT_ID, Real};
-use crate::readdir::DirStream;
+use crate::overlay::file::OpenFile;
+use crate::overlay::format::{self, Opacity, XattrNamespace};
+use crate::overlay::index::Index;
+use crate::overlay::node::{LowerObj, Node, NodeState, NodeTable, ROOT_ID, Real};
+use crate::overlay::readdir::DirStream;
 use crate::sys::{self, Errno, Result};
 
 /// Who asked: the owner new objects get, and what the kernel's set-id
@@ -108,22 +108,22 @@ pub struct Union {
     /// The lower layers' root directories, top first.
     lower_roots: Vec<LowerObj>,
     /// What statfs reports on: the upper, or the top lower of a read-only union.
-    pub(crate) space_root: Arc<OwnedFd>,
+    pub(super) space_root: Arc<OwnedFd>,
     /// `WORKDIR/work`: where objects are built before they appear (None in
     /// a read-only union).
     work: Option<OwnedFd>,
     /// Where the union keeps its markers: trusted or user xattrs.
-    pub(crate) ns: XattrNamespace,
-    pub(crate) tuning: Tuning,
+    pub(super) ns: XattrNamespace,
+    pub(super) tuning: Tuning,
     /// `WORKDIR/index` with `index=on` (see `index`).
-    pub(crate) index: Option<Index>,
-    pub(crate) table: NodeTable,
-    pub(crate) files: DashMap<u64, Arc<OpenFile>>,
-    pub(crate) dirs: DashMap<u64, Arc<Mutex<DirStream>>>,
+    pub(super) index: Option<Index>,
+    pub(super) table: NodeTable,
+    pub(super) files: DashMap<u64, Arc<OpenFile>>,
+    pub(super) dirs: DashMap<u64, Arc<Mutex<DirStream>>>,
     next_fh: AtomicU64,
     tmp_seq: AtomicU64,
     /// The work directory's filesystem has no `O_TMPFILE` (see `build_copy`).
-    pub(crate) no_tmpfile: AtomicBool,
+    pub(super) no_tmpfile: AtomicBool,
 }
 
 impl std::fmt::Debug for dyn KernelCache {

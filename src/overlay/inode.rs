@@ -7,9 +7,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::format;
-use crate::node::Node;
-use crate::superblock::{Caller, Union};
+use crate::overlay::format;
+use crate::overlay::node::Node;
+use crate::overlay::superblock::{Caller, Union};
 use crate::sys::{self, Errno, Result, SetTime, Stat};
 
 /// The xattr that holds a POSIX access ACL.
@@ -286,7 +286,7 @@ impl Union {
     /// Where an xattr change of `node` goes: its upper object, copied up
     /// if needed, or the index entry that shows it (the kernel changes the
     /// inode's upper object without linking the name up).
-    fn upper_for_xattrs(&self, node: &Arc<Node>) -> Result<crate::node::Real> {
+    fn upper_for_xattrs(&self, node: &Arc<Node>) -> Result<crate::overlay::node::Real> {
         match node.upper_or_index() {
             Some(real) => Ok(real),
             None => self.ensure_upper(node),

@@ -9,10 +9,10 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use crate::format::{self, LowerPath};
-use crate::namei::Found;
-use crate::node::{Node, NodeState, Real, UPPER};
-use crate::superblock::{Caller, Union};
+use crate::overlay::format::{self, LowerPath};
+use crate::overlay::namei::Found;
+use crate::overlay::node::{Node, NodeState, Real, UPPER};
+use crate::overlay::superblock::{Caller, Union};
 use crate::sys::{self, Errno, Result, Stat};
 use crate::tree::remove_tree;
 
@@ -624,7 +624,7 @@ impl Union {
     /// is `parent_upper`); a node of its own name stands for the new name.
     fn move_node(&self, node: &Node, parent: Arc<Node>, name: &OsStr, parent_upper: Option<&Real>) {
         if let Some(old) = node.alias_key() {
-            let key: crate::node::AliasKey = (parent.id, Arc::from(name));
+            let key: crate::overlay::node::AliasKey = (parent.id, Arc::from(name));
             self.table.drop_alias(&old, node.id);
             self.table.move_alias(key.clone(), node.ino(), node.id);
             node.set_alias(key);
@@ -634,7 +634,7 @@ impl Union {
 
     /// `node` stands for `name` in `parent`, resolved as `found`.
     fn stand_for(&self, node: &Node, parent: &Arc<Node>, name: &OsStr, found: &Found) {
-        let key: crate::node::AliasKey = (parent.id, Arc::from(name));
+        let key: crate::overlay::node::AliasKey = (parent.id, Arc::from(name));
         if let Some(file) = self.per_name_file(found) {
             self.table.move_alias(key.clone(), file, node.id);
             node.set_alias(key.clone());
