@@ -508,6 +508,112 @@ mod tests {
         assert!(CompatOptions::parse(&["timeout=abc".into()]).is_err());
     }
 
+    /// What the command line would be refused with, before anything is
+    /// touched (arguments, options, then the plan); None if it is accepted.
+    fn refusal(args: &[String]) -> Option<String> {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        let inv = match parse_args(&args) {
+            Err(msg) => return Some(msg),
+            Ok(inv) => inv,
+        };
+        let opts = match CompatOptions::parse(&inv.options) {
+            Err(msg) => return Some(msg),
+            Ok(o) => o,
+        };
+        plan(opts, inv.mountpoint.as_deref()).err()
+    }
+
+    #[test]
+    fn bad_input_is_refused_with_a_message_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| {
+            let path = dir.path().join(n);
+            std::fs::create_dir_all(&path).unwrap();
+            path.to_str().unwrap().to_string()
+        };
+        let (l1, up, work, mnt) = (p("l1"), p("up"), p("work"), p("mnt"));
+        let missing = dir.path().join("missing").to_str().unwrap().to_string();
+        let good = format!("lowerdir={l1},upperdir={up},workdir={work}");
+        let o = |opts: String, rest: &[&str]| {
+            let mut v = vec!["-o".to_string(), opts];
+            v.extend(rest.iter().map(|s| s.to_string()));
+            v
+        };
+        assert_eq!(refusal(&o(good.clone(), &[&mnt])), None);
+        let cases: Vec<(Vec<String>, &str)> = vec![
+            (
+                o(format!("upperdir={up},workdir={work}"), &[&mnt]),
+                "no lowerdir",
+            ),
+            (
+                o(format!("lowerdir={l1},upperdir={up}"), &[&mnt]),
+                "needs a workdir",
+            ),
+            (o(good.clone(), &[]), "no mount point"),
+            (
+                o(
+                    format!("lowerdir={missing},upperdir={up},workdir={work}"),
+                    &[&mnt],
+                ),
+                "does not exist",
+            ),
+            (
+                o(
+                    format!("lowerdir={l1},upperdir={missing},workdir={work}"),
+                    &[&mnt],
+                ),
+                "does not exist",
+            ),
+            (o(good.clone(), &[&missing]), "does not exist"),
+            (
+                o(
+                    format!("lowerdir={l1},upperdir={l1},workdir={work}"),
+                    &[&mnt],
+                ),
+                "must not be the same",
+            ),
+            (
+                o(format!("{good},uidmapping=0:1"), &[&mnt]),
+                "bad id mapping",
+            ),
+            (
+                o(format!("{good},gidmapping=a:b:c"), &[&mnt]),
+                "bad id mapping",
+            ),
+            (
+                o(format!("{good},squash_to_uid=x"), &[&mnt]),
+                "squash_to_uid",
+            ),
+            (o(format!("{good},timeout=-1"), &[&mnt]), "timeout"),
+            (
+                o(format!("{good},redirect_dir=sometimes"), &[&mnt]),
+                "redirect_dir=sometimes",
+            ),
+            (
+                o(format!("{good},metacopy=on,redirect_dir=off"), &[&mnt]),
+                "metacopy",
+            ),
+            (
+                o(format!("{good},passthrough=maybe"), &[&mnt]),
+                "passthrough",
+            ),
+            (o(format!("{good},index=maybe"), &[&mnt]), "index"),
+            (
+                vec!["-x".into(), "-o".into(), good.clone(), mnt.clone()],
+                "unknown option '-x'",
+            ),
+            (o(good.clone(), &["a", "b", &mnt]), "too many arguments"),
+            (vec![mnt.clone(), "-o".into()], "-o needs a value"),
+        ];
+        for (args, expect) in &cases {
+            let msg = refusal(args).unwrap_or_else(|| panic!("{args:?} accepted"));
+            assert!(
+                msg.contains(expect) && !msg.contains('\n'),
+                "{args:?}: {msg}"
+            );
+        }
+    }
+
     #[test]
     fn parses_arguments() {
         let i = parse_args(&os(&["-f", "-o", "lowerdir=/a", "-oupperdir=/u", "/m"])).unwrap();

@@ -240,24 +240,19 @@ fn bad_input_is_one_line_exit_1_and_nothing_mounted() {
     let missing = l.s.path.join("missing");
     let missing = missing.to_str().unwrap();
     let good = format!("lowerdir={l1},upperdir={up},workdir={work}");
+    // Every refusal's message is a unit test of the parser and planner
+    // (src/compat.rs); here one of each stage, through the binary: an
+    // argument, an option, a layer on disk, and the work directory (checked
+    // only when the mount is made).
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
-            vec![
-                "-o".into(),
-                format!("upperdir={up},workdir={work}"),
-                mnt.into(),
-            ],
-            "no lowerdir",
+            vec!["-x".into(), "-o".into(), good.clone(), mnt.into()],
+            "unknown option '-x'",
         ),
         (
-            vec![
-                "-o".into(),
-                format!("lowerdir={l1},upperdir={up}"),
-                mnt.into(),
-            ],
-            "needs a workdir",
+            vec!["-o".into(), format!("{good},uidmapping=0:1"), mnt.into()],
+            "bad id mapping",
         ),
-        (vec!["-o".into(), good.clone()], "no mount point"),
         (
             vec![
                 "-o".into(),
@@ -269,82 +264,11 @@ fn bad_input_is_one_line_exit_1_and_nothing_mounted() {
         (
             vec![
                 "-o".into(),
-                format!("lowerdir={l1},upperdir={missing},workdir={work}"),
-                mnt.into(),
-            ],
-            "does not exist",
-        ),
-        (
-            vec![
-                "-o".into(),
-                format!("lowerdir={l1},upperdir={up},workdir={missing}"),
-                mnt.into(),
-            ],
-            "does not exist",
-        ),
-        (
-            vec!["-o".into(), good.clone(), missing.into()],
-            "does not exist",
-        ),
-        (
-            vec![
-                "-o".into(),
-                format!("lowerdir={l1},upperdir={l1},workdir={work}"),
-                mnt.into(),
-            ],
-            "must not be the same",
-        ),
-        (
-            vec![
-                "-o".into(),
                 format!("lowerdir={l1},upperdir={up},workdir={up}"),
                 mnt.into(),
             ],
             "inside one another",
         ),
-        (
-            vec!["-o".into(), format!("{good},uidmapping=0:1"), mnt.into()],
-            "bad id mapping",
-        ),
-        (
-            vec!["-o".into(), format!("{good},gidmapping=a:b:c"), mnt.into()],
-            "bad id mapping",
-        ),
-        (
-            vec!["-o".into(), format!("{good},squash_to_uid=x"), mnt.into()],
-            "squash_to_uid",
-        ),
-        (
-            vec!["-o".into(), format!("{good},timeout=-1"), mnt.into()],
-            "timeout",
-        ),
-        (
-            vec![
-                "-o".into(),
-                format!("{good},redirect_dir=sometimes"),
-                mnt.into(),
-            ],
-            "redirect_dir=sometimes",
-        ),
-        (
-            vec!["-o".into(), format!("{good},passthrough=maybe"), mnt.into()],
-            "passthrough",
-        ),
-        (
-            vec!["-x".into(), "-o".into(), good.clone(), mnt.into()],
-            "unknown option '-x'",
-        ),
-        (
-            vec![
-                "-o".into(),
-                good.clone(),
-                "a".into(),
-                "b".into(),
-                mnt.into(),
-            ],
-            "too many arguments",
-        ),
-        (vec![mnt.into(), "-o".into()], "-o needs a value"),
     ];
     for (args, expect) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
