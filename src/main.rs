@@ -15,6 +15,29 @@ const EXIT_BAD_INPUT: u8 = 2;
 /// Exit code when the union could not be served.
 const EXIT_FAILED: u8 = 1;
 
+const MOUNT_HELP: &str = "\
+Ending: runs in the foreground until the union is unmounted: `umount MNT` or
+`fusermount3 -u MNT` from anywhere, or SIGINT, SIGTERM or SIGHUP to the daemon
+(a busy mount is then detached lazily). Run it in the background with `&`, or
+use the fuse-overlayfs form (`unionfs -o lowerdir=...,upperdir=...,workdir=... MNT`),
+which returns once mounted.
+
+Logs: on stderr; the level is set with RUST_LOG (default unionfs=info;
+RUST_LOG=unionfs=debug shows each copy-up).
+
+Exit status: 0 once unmounted; 1 when the union could not be mounted or served
+(the reason on stderr); 2 for bad input, with nothing mounted or created.";
+
+const RUN_HELP: &str = "\
+Ending: the run ends when CMD (the container's first process) exits; the union
+is unmounted and the run's scratch space removed. Ctrl-C and SIGTERM go to CMD.
+
+Logs: only problems, on stderr; RUST_LOG=unionfs=debug shows more.
+
+Exit status: CMD's own (128+N if it dies of signal N); 125 when the launcher
+fails or is given bad values; 126 when CMD cannot be executed; 127 when it is
+not found in the container.";
+
 #[derive(Parser)]
 #[command(
     name = "unionfs",
@@ -30,6 +53,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Mount LOWER1[:LOWER2...] under the writable UPPER at MNT (foreground).
+    #[command(after_help = MOUNT_HELP)]
     Mount {
         /// Options, comma separated: workdir=DIR, volatile, passthrough=on|off|auto, writeback=on|off, index=on|off, redirect_dir=on|off, metacopy=on|off.
         #[arg(short = 'o', value_name = "OPTS")]
@@ -42,9 +66,7 @@ enum Command {
         mountpoint: PathBuf,
     },
     /// Run CMD in new namespaces with a union of LOWERS as its root filesystem.
-    #[command(
-        after_help = "Exit status: CMD's own (128+N if it dies of signal N); 125 when the launcher fails or is given bad values; 126 when CMD cannot be executed; 127 when it is not found in the container."
-    )]
+    #[command(after_help = RUN_HELP)]
     Run(run::RunRequest),
     /// Show what a union does, in a temporary directory: needs nothing from you.
     Demo,

@@ -51,7 +51,21 @@ fn check_dev_fuse() -> Result<(), String> {
         .write(true)
         .open("/dev/fuse")
         .map(drop)
-        .map_err(|e| format!("/dev/fuse is not usable: {e}"))
+        .map_err(|e| dev_fuse_refused(&e))
+}
+
+/// Why /dev/fuse could not be opened, and what to do about it.
+fn dev_fuse_refused(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            "/dev/fuse does not exist: load the fuse module (modprobe fuse) or, in a container, pass the device in (--device /dev/fuse)".into()
+        }
+        std::io::ErrorKind::PermissionDenied => format!(
+            "/dev/fuse cannot be opened by uid {}: {e} (run as root, or make /dev/fuse usable by this user, e.g. mode 0666 as most distributions ship it)",
+            nix::unistd::geteuid()
+        ),
+        _ => format!("/dev/fuse is not usable: {e}"),
+    }
 }
 
 /// Lifts the open-file limit to its hard maximum: the union holds a

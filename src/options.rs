@@ -374,6 +374,29 @@ pub struct Layers<'a> {
     pub mountpoint: &'a Path,
 }
 
+/// Refuses a lower directory given twice or inside another, as the kernel
+/// does ("conflicting" and "overlapping lowerdir path").
+fn check_lowers_apart(lowers: &[PathBuf]) -> Result<(), String> {
+    for (i, a) in lowers.iter().enumerate() {
+        for b in &lowers[i + 1..] {
+            if a == b {
+                return Err(format!(
+                    "lower directory {} is given twice: name each layer once",
+                    a.display()
+                ));
+            }
+            if overlap(a, b) {
+                return Err(format!(
+                    "lower directories {} and {} are inside one another: layers must be apart, as the kernel requires",
+                    a.display(),
+                    b.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks the directories: all exist, none inside another, the work
 /// directory on the upper's filesystem. Touches nothing.
 pub fn check_layers(l: &Layers) -> Result<(Vec<PathBuf>, Option<UpperPlan>, PathBuf), String> {
@@ -384,6 +407,7 @@ pub fn check_layers(l: &Layers) -> Result<(Vec<PathBuf>, Option<UpperPlan>, Path
         .iter()
         .map(|p| existing_dir("lower directory", p))
         .collect::<Result<Vec<_>, _>>()?;
+    check_lowers_apart(&lowers)?;
     let upper = l
         .upper
         .map(|u| existing_dir("upper directory", u))

@@ -28,7 +28,25 @@ fn help_and_version() {
     assert!(String::from_utf8_lossy(&h.stdout).contains("mount"));
     let m = unionfs(&["mount", "--help"]);
     assert!(m.status.success());
-    assert!(String::from_utf8_lossy(&m.stdout).contains("workdir="));
+    let text = String::from_utf8_lossy(&m.stdout);
+    // The options, how the daemon ends, where its logs go, its exit codes.
+    for needed in [
+        "workdir=",
+        "fusermount3 -u",
+        "SIGTERM",
+        "RUST_LOG",
+        "Exit status",
+    ] {
+        assert!(
+            text.contains(needed),
+            "mount --help lacks {needed:?}: {text}"
+        );
+    }
+    let r = unionfs(&["run", "--help"]);
+    let text = String::from_utf8_lossy(&r.stdout);
+    for needed in ["RUST_LOG", "Exit status", "125", "127"] {
+        assert!(text.contains(needed), "run --help lacks {needed:?}: {text}");
+    }
 }
 
 /// A tmpfs mounted for the test, unmounted at the end.
@@ -99,6 +117,7 @@ fn bad_input_is_refused_cleanly() {
     let (l, u, m) = (lowers.as_str(), ups.as_str(), mnts.as_str());
     let (double_colon, trailing) = (format!("{l1s}::{l2s}"), format!("{l1s}:"));
     let (leading, backslash) = (format!(":{l1s}"), format!("{l1s}\\"));
+    let (twice, nested) = (format!("{l1s}:{l2s}:{l1s}"), format!("{l1s}:{l1s}/inner"));
     // (arguments, what the message must mention)
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec![&missing, u, m], "does not exist"),
@@ -112,6 +131,8 @@ fn bad_input_is_refused_cleanly() {
         (vec![&trailing, u, m], "empty element"),
         (vec![&leading, u, m], "empty element"),
         (vec![&backslash, u, m], "backslash"),
+        (vec![&twice, u, m], "is given twice"),
+        (vec![&nested, u, m], "inside one another"),
         (vec![l, &l1s, m], "must not be the same or inside"),
         (vec![l, &l1_inner, m], "must not be the same or inside"),
         (vec![&up_inner, u, m], "must not be the same or inside"),
@@ -197,7 +218,45 @@ fn missing_dev_fuse_is_named() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("/dev/fuse is not usable"), "{err}");
+    assert!(
+        err.contains("/dev/fuse does not exist") && err.contains("modprobe fuse"),
+        "{err}"
+    );
+    assert!(!is_mounted(&m));
+}
+
+/// A /dev/fuse the user cannot open is named with the way out.
+#[test]
+fn dev_fuse_the_user_cannot_open_is_named_with_a_hint() {
+    let s = Scratch::new("fuseperm");
+    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    for d in [&s.path, &l, &u, &m] {
+        fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    }
+    let closed = s.path.join("closed-fuse");
+    fs::write(&closed, "").unwrap();
+    fs::set_permissions(&closed, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // In a mount namespace of its own, /dev/fuse is a root-only file and the
+    // mount is tried as nobody.
+    let script = format!(
+        "mount --bind {} /dev/fuse && exec setpriv --reuid=65534 --regid=65534 --clear-groups {} mount {} {} {}",
+        closed.display(),
+        bin().display(),
+        l.display(),
+        u.display(),
+        m.display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("/dev/fuse cannot be opened by uid 65534") && err.contains("mode 0666"),
+        "{err}"
+    );
     assert!(!is_mounted(&m));
 }
 

@@ -540,6 +540,11 @@ fn bad_input_gets_one_line_and_nothing_is_left() {
             "ghosts: not in",
         ),
         (
+            vec!["--lower", &lower, "--cwd", "/etc/passwd", "--", "true"],
+            125,
+            "--cwd /etc/passwd is not a directory in the container",
+        ),
+        (
             vec!["--lower", &lower, "--hostname", "bad name", "--", "true"],
             125,
             "bad --hostname",
@@ -706,6 +711,22 @@ fn rootless_with_a_single_id() {
     assert!(out.starts_with("0\n"), "{out}");
     assert!(out.contains("refused"), "{out}");
     assert!(out.trim_end().ends_with("0      65534          1"), "{out}");
+    w.assert_clean();
+}
+
+#[test]
+fn rootless_user_outside_the_mapped_ids_is_named() {
+    let w = World::new("run-unmapped");
+    // nobody has no subordinate ids: only 0 is mapped in its container.
+    let o = run_rootless(&w, "nobody", "--user 70000 -- true");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("user 70000 is not mapped in the container (it maps 0)")
+            && err.contains("/etc/subuid"),
+        "{err}"
+    );
     w.assert_clean();
 }
 

@@ -7,6 +7,7 @@
 # conformance tools fsx and pjdfstest (see tools/install-pjdfstest.sh), and the
 # unprivileged users pjdfstest switches to. Safe to run again.
 set -euo pipefail
+step() { echo "tests/setup.sh: $*"; }
 here=$(cd "$(dirname "$0")" && pwd)
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
@@ -28,14 +29,24 @@ command -v debootstrap >/dev/null || need+=(debootstrap)      # `run` on a Debia
 command -v podman >/dev/null || need+=(podman runc catatonit)  # the real mount_program client
 command -v buildah >/dev/null || need+=(buildah)
 if [ ${#need[@]} -gt 0 ]; then
+    step "installing Debian packages (about 2 minutes): ${need[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+else
+    step "Debian packages: all present"
 fi
+step "loading the overlay and fuse modules"
 grep -qw overlay /proc/filesystems || modprobe overlay || true
 grep -qw fuse /proc/filesystems || modprobe fuse || true
 
-command -v fsx >/dev/null || cargo install --quiet --locked fsx
+if ! command -v fsx >/dev/null; then
+    step "building fsx from crates.io (about 1 minute)"
+    cargo install --quiet --locked fsx
+fi
+step "pjdfstest (built from crates.io the first time, about 2 minutes)"
 bash "$here/tools/install-pjdfstest.sh"
+
+step "test users: nobody, tests (with subordinate ids 100000-165535)"
 
 getent group nogroup >/dev/null || groupadd -g 65534 nogroup
 id nobody >/dev/null 2>&1 || useradd -M -u 65534 -g nogroup -s /usr/sbin/nologin nobody
@@ -43,4 +54,4 @@ id tests >/dev/null 2>&1 || useradd -M -U -s /usr/sbin/nologin tests
 # Subordinate ids for rootless containers (useradd adds them on most systems).
 grep -q '^tests:' /etc/subuid 2>/dev/null || usermod --add-subuids 100000-165535 tests
 grep -q '^tests:' /etc/subgid 2>/dev/null || usermod --add-subgids 100000-165535 tests
-echo "tests/setup.sh: ready"
+step "ready (the first cargo test --release also downloads a Debian rootfs, about 2 minutes)"

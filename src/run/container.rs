@@ -51,6 +51,12 @@ fn set_up(spec: &Spec, root: &Path) -> Result<Exec, Failure> {
     pivot_into(root)?;
     let id = resolve_identity(spec.user.as_ref())?;
     let env = environment(spec, &id);
+    if std::fs::metadata(&spec.cwd).is_ok_and(|m| !m.is_dir()) {
+        return Err(Failure::launcher(format!(
+            "--cwd {} is not a directory in the container: name a directory (a missing one is made)",
+            spec.cwd.display()
+        )));
+    }
     // A missing working directory is made, as an image's WORKDIR is.
     let made = std::fs::DirBuilder::new()
         .recursive(true)

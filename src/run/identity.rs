@@ -94,6 +94,8 @@ pub fn become_identity(id: &Identity) -> Result<(), Failure> {
     let (uid, gid) = (Uid::from_raw(id.uid), Gid::from_raw(id.gid));
     // Refused where the user namespace denies setgroups (single-id
     // mapping): there the process has no other groups to drop.
+    unmapped_refused("user", id.uid, "/proc/self/uid_map")?;
+    unmapped_refused("group", id.gid, "/proc/self/gid_map")?;
     match setgroups(&[gid]) {
         Ok(()) | Err(Errno::EPERM) => {}
         Err(e) => return Err(failed("setgroups", e)),
@@ -101,4 +103,40 @@ pub fn become_identity(id: &Identity) -> Result<(), Failure> {
     setresgid(gid, gid, gid).map_err(|e| failed(format_args!("cannot become group {gid}"), e))?;
     setresuid(uid, uid, uid).map_err(|e| failed(format_args!("cannot become user {uid}"), e))?;
     Ok(())
+}
+
+/// Refuses an id the container's user namespace does not map (the kernel
+/// would say only EINVAL), naming the ids it maps.
+fn unmapped_refused(what: &str, id: u32, map_file: &str) -> Result<(), Failure> {
+    let Ok(map) = std::fs::read_to_string(map_file) else {
+        return Ok(());
+    };
+    let ranges: Vec<(u64, u64)> = map
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            (f.len() == 3).then(|| (f[0], f[2]))
+        })
+        .collect();
+    let id = u64::from(id);
+    if ranges
+        .iter()
+        .any(|&(start, len)| id >= start && id < start + len)
+    {
+        return Ok(());
+    }
+    let shown: Vec<String> = ranges
+        .iter()
+        .map(|&(start, len)| match len {
+            1 => start.to_string(),
+            _ => format!("{start}-{}", start + len - 1),
+        })
+        .collect();
+    Err(Failure::launcher(format!(
+        "{what} {id} is not mapped in the container (it maps {}): choose one of those, or give your user more ids in /etc/subuid and /etc/subgid",
+        shown.join(", ")
+    )))
 }
