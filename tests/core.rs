@@ -486,3 +486,28 @@ fn moved_directories_and_metadata_only_copies() {
         "a whiteout where `a` was"
     );
 }
+
+/// A directory merged from two lowers (no upper) shows one link, as the
+/// kernel shows any merged directory; one only in a lower keeps its own.
+#[test]
+fn a_directory_merged_from_lowers_shows_one_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let (top, bottom) = (dir.path().join("top"), dir.path().join("bottom"));
+    for d in ["top/both/sub", "bottom/both/other", "top/alone/sub"] {
+        fs::create_dir_all(dir.path().join(d)).unwrap();
+    }
+    let union = Union::new(
+        None,
+        vec![open_dir(&top), open_dir(&bottom)],
+        Tuning::new(true),
+    );
+    let nlink = |path: &str| {
+        let mut id = ROOT_ID;
+        for part in path.split('/') {
+            id = union.lookup(id, name(part)).unwrap().0.id;
+        }
+        union.getattr(id, None).unwrap().st_nlink
+    };
+    assert_eq!(nlink("both"), 1);
+    assert_eq!(nlink("alone"), 3);
+}

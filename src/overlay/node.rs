@@ -349,9 +349,14 @@ impl Node {
     pub fn present(&self, mut st: Stat) -> Stat {
         st.st_ino = self.ino();
         let state = self.state.read();
-        if self.is_dir() && state.upper.is_some() && !state.lowers.is_empty() {
-            // As the kernel: counting subdirectories of a merged directory is
-            // not worth it, and nlink 1 tells `find` not to rely on it.
+        let merged = match state.upper {
+            Some(_) => !state.lowers.is_empty(),
+            None => state.lowers.len() > 1,
+        };
+        if self.is_dir() && merged {
+            // As the kernel: counting subdirectories of a merged directory
+            // (over an upper, or of several lowers) is not worth it, and
+            // nlink 1 tells `find` not to rely on it.
             st.st_nlink = 1;
         } else if state.unlinked && state.upper.is_none() && state.index.is_none() {
             st.st_nlink = 0;
