@@ -5,11 +5,13 @@
 //! `readdir`, `dir`, `inode`, `file`, `node`, `format`) knows nothing of
 //! FUSE; `fuse` adapts it to fuser (the only module that knows fuser),
 //! `mount` brings a union up and down, `options` checks what the user asked
-//! for, `run` is the container launcher, `compat` the fuse-overlayfs command
+//! for, `diff` reads an upper directory as a changeset, `run` is the container
+//! launcher, `compat` the fuse-overlayfs command
 //! line.
 
 pub mod compat;
 pub mod demo;
+pub mod diff;
 pub mod fuse;
 pub mod ids;
 pub mod mount;

@@ -1,14 +1,15 @@
 //! The `unionfs` command line.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use unionfs::options::{self, MountRequest};
-use unionfs::{compat, demo, mount, run};
+use unionfs::{compat, demo, diff, mount, run};
 
 /// Exit code for bad input (as clap's own usage errors).
 const EXIT_BAD_INPUT: u8 = 2;
@@ -37,6 +38,18 @@ Logs: only problems, on stderr; RUST_LOG=unionfs=debug shows more.
 Exit status: CMD's own (128+N if it dies of signal N); 125 when the launcher
 fails or is given bad values; 126 when CMD cannot be executed; 127 when it is
 not found in the container.";
+
+const DIFF_HELP: &str = "\
+Reads the upper directory only (never through a symlink) and changes nothing.
+With --lowers, a path the lowers have is C and the rest A, as podman diff
+decides; without, C marks what carries an origin, redirect or metadata-only
+marker of a lower object. An opaque directory over a lower one is D, its
+entries A. --tar writes .wh.NAME for deletions and .wh..wh..opq in opaque
+directories; metadata-only copies need --lowers (their data is there), and
+renamed lower directories (redirect_dir) cannot be exported.
+
+Exit status: 0; 1 when the upper cannot be read or the tarball written; 2 for
+bad input.";
 
 #[derive(Parser)]
 #[command(
@@ -68,8 +81,54 @@ enum Command {
     /// Run CMD in new namespaces with a union of LOWERS as its root filesystem.
     #[command(after_help = RUN_HELP)]
     Run(run::RunRequest),
+    /// List what an upper directory changes (A added, C changed, D deleted, as podman diff), or write it as an OCI layer tarball.
+    #[command(after_help = DIFF_HELP)]
+    Diff(diff::DiffRequest),
     /// Show what a union does, in a temporary directory: needs nothing from you.
     Demo,
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Install: unionfs completions bash > /usr/share/bash-completion/completions/unionfs\n         unionfs completions zsh > /usr/local/share/zsh/site-functions/_unionfs\n         unionfs completions fish > /usr/share/fish/vendor_completions.d/unionfs.fish"
+    )]
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages (unionfs.1 and unionfs-SUBCOMMAND.1) into DIR.
+    #[command(after_help = "Install: unionfs man /usr/local/share/man/man1")]
+    Man {
+        /// Where the pages go (made if missing).
+        dir: PathBuf,
+    },
+}
+
+/// Writes `unionfs.1` and a page per subcommand into `dir`, mode 0644.
+fn write_man_pages(dir: &std::path::Path) -> Result<(), String> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+    let top = Cli::command();
+    let mut pages = vec![(String::from("unionfs"), top.clone())];
+    for sub in top.get_subcommands().filter(|c| c.get_name() != "help") {
+        let name = format!("unionfs-{}", sub.get_name());
+        let shown = format!("unionfs {}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name).bin_name(shown)));
+    }
+    for (name, cmd) in pages {
+        let mut text = Vec::new();
+        clap_mangen::Man::new(cmd)
+            .render(&mut text)
+            .map_err(|e| format!("cannot render {name}.1: {e}"))?;
+        let path = dir.join(format!("{name}.1"));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&text));
+        written.map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn init_logging(default: &str) {
@@ -102,11 +161,13 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     // A launcher speaks only of problems; a mount reports what it does.
-    init_logging(if matches!(cli.command, Command::Run(_)) {
-        "unionfs=warn"
-    } else {
-        "unionfs=info"
-    });
+    init_logging(
+        if matches!(cli.command, Command::Run(_) | Command::Diff(_)) {
+            "unionfs=warn"
+        } else {
+            "unionfs=info"
+        },
+    );
     match cli.command {
         Command::Mount {
             options,
@@ -140,6 +201,25 @@ fn main() -> ExitCode {
             Ok(code) => ExitCode::from(code),
             Err(f) => {
                 eprintln!("unionfs run: {}", f.message);
+                ExitCode::from(f.code)
+            }
+        },
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "unionfs", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man { dir } => match write_man_pages(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                eprintln!("unionfs man: {msg}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        },
+        Command::Diff(req) => match diff::run(&req) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(f) => {
+                eprintln!("unionfs diff: {}", f.message);
                 ExitCode::from(f.code)
             }
         },

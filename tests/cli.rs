@@ -4,6 +4,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -47,6 +48,73 @@ fn help_and_version() {
     for needed in ["RUST_LOG", "Exit status", "125", "127"] {
         assert!(text.contains(needed), "run --help lacks {needed:?}: {text}");
     }
+}
+
+#[test]
+fn man_pages_render_and_completions_load() {
+    let s = Scratch::new("manpages");
+    let dir = s.path.join("man1");
+    let out = unionfs(&["man", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "unionfs",
+        "unionfs-mount",
+        "unionfs-run",
+        "unionfs-demo",
+        "unionfs-completions",
+    ] {
+        let path = dir.join(format!("{page}.1"));
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "{page}.1");
+        let shown = Command::new("man")
+            .arg("-l")
+            .arg(&path)
+            .env("MANWIDTH", "100")
+            .env("MANPAGER", "cat")
+            .output()
+            .expect("man is installed (tests/setup.sh)");
+        let text = String::from_utf8_lossy(&shown.stdout);
+        assert!(
+            shown.status.success() && text.contains("NAME"),
+            "{page}: {text}"
+        );
+        assert!(
+            text.contains(&page.replace('-', " ")) || text.contains(page),
+            "{page}: {text}"
+        );
+    }
+    let mount_page = Command::new("man")
+        .arg("-l")
+        .arg(dir.join("unionfs-mount.1"))
+        .env("MANPAGER", "cat")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&mount_page.stdout).contains("Exit status"));
+    for shell in ["bash", "zsh", "fish"] {
+        let out = unionfs(&["completions", shell]);
+        assert!(out.status.success() && !out.stdout.is_empty(), "{shell}");
+    }
+    let script = s.path.join("unionfs.bash");
+    fs::write(&script, unionfs(&["completions", "bash"]).stdout).unwrap();
+    let loaded = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {} && complete -p unionfs",
+            script.display()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&loaded.stdout);
+    assert!(
+        loaded.status.success() && text.contains("unionfs"),
+        "{text}"
+    );
+    let bad = unionfs(&["completions", "tcsh"]);
+    assert_eq!(bad.status.code(), Some(2));
 }
 
 /// A tmpfs mounted for the test, unmounted at the end.

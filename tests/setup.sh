@@ -28,6 +28,7 @@ command -v newuidmap >/dev/null || need+=(uidmap)             # rootless `run`
 command -v debootstrap >/dev/null || need+=(debootstrap)      # `run` on a Debian rootfs
 command -v podman >/dev/null || need+=(podman runc catatonit)  # the real mount_program client
 command -v buildah >/dev/null || need+=(buildah)
+command -v man >/dev/null || need+=(man-db)                   # the manual pages render
 if [ ${#need[@]} -gt 0 ]; then
     step "installing Debian packages (about 2 minutes): ${need[*]}"
     apt-get update -qq

@@ -1,0 +1,710 @@
+//! `unionfs diff`: an upper directory read as the changeset it is.
+//!
+//! Kernel overlayfs, unionfs and fuse-overlayfs all write the same format:
+//! a 0/0 character device deletes a name, `overlay.opaque` hides a lower
+//! directory, `overlay.origin`/`metacopy`/`redirect` mark what came from a
+//! lower layer. This module lists the changes as `podman diff` does (`A`,
+//! `C`, `D` per path, with the same rules) and writes them as an OCI layer
+//! tarball (`.wh.NAME` deletions, `.wh..wh..opq` opaque directories, owners,
+//! modes, times, xattrs, hard links). Everything is read through
+//! descriptors, one name at a time, never following a symlink.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::overlay::format::{self, LowerPath, XattrNamespace};
+use crate::sys::{self, Stat};
+
+/// What happened to a path, as `podman diff` says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Added,
+    Changed,
+    Deleted,
+}
+
+impl Kind {
+    pub fn letter(self) -> char {
+        match self {
+            Kind::Added => 'A',
+            Kind::Changed => 'C',
+            Kind::Deleted => 'D',
+        }
+    }
+}
+
+/// One change: its kind and the path from the union's root (`/etc/x`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub kind: Kind,
+    pub path: PathBuf,
+}
+
+/// The changes in `podman diff --format json`'s shape.
+#[derive(Serialize, Default)]
+pub struct ChangesJson {
+    pub changed: Vec<String>,
+    pub added: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
+impl ChangesJson {
+    pub fn of(changes: &[Change]) -> ChangesJson {
+        let mut j = ChangesJson::default();
+        for c in changes {
+            let p = c.path.to_string_lossy().into_owned();
+            match c.kind {
+                Kind::Changed => j.changed.push(p),
+                Kind::Added => j.added.push(p),
+                Kind::Deleted => j.deleted.push(p),
+            }
+        }
+        j
+    }
+}
+
+/// An upper directory and (optionally) the lower layers it was made over.
+pub struct Changeset {
+    upper: OwnedFd,
+    lowers: Vec<OwnedFd>,
+    ns: XattrNamespace,
+}
+
+/// An entry of a directory, with its `stat`.
+struct Entry {
+    name: OsString,
+    st: Stat,
+}
+
+fn err(what: impl std::fmt::Display, e: sys::Errno) -> String {
+    format!("{what}: {}", e.desc())
+}
+
+impl Changeset {
+    /// Opens the layers. Markers are read in `ns` (`trusted.overlay.*` or,
+    /// as the kernel's `userxattr`, `user.overlay.*`).
+    pub fn open(upper: &Path, lowers: &[PathBuf], ns: XattrNamespace) -> Result<Changeset, String> {
+        let open = |p: &Path| sys::open_dir_path(p).map_err(|e| err(p.display(), e));
+        Ok(Changeset {
+            upper: open(upper)?,
+            lowers: lowers.iter().map(|p| open(p)).collect::<Result<_, _>>()?,
+            ns,
+        })
+    }
+
+    /// The entries of `dir`, sorted by name (the order `podman diff` walks).
+    fn entries(dir: BorrowedFd<'_>, at: &Path) -> Result<Vec<Entry>, String> {
+        let mut out = Vec::new();
+        for e in sys::read_dir(dir).map_err(|e| err(at.display(), e))? {
+            let st = sys::stat_at(dir, &e.name).map_err(|x| err(at.join(&e.name).display(), x))?;
+            out.push(Entry { name: e.name, st });
+        }
+        out.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+        Ok(out)
+    }
+
+    /// The lower object at `path` (components from the root), in the first
+    /// lower that has it, found without following a symlink.
+    fn in_lowers(&self, path: &[&OsStr]) -> Option<(OwnedFd, Stat)> {
+        self.lowers
+            .iter()
+            .find_map(|root| lookup(root.as_fd(), path))
+    }
+
+    /// Whether the upper has `path` (relative) or hides it: a whiteout or
+    /// an opaque directory on the way.
+    fn upper_has_or_hides(&self, path: &Path) -> bool {
+        let Ok(mut cur) = sys::open_path(self.upper.as_fd(), OsStr::new(".")) else {
+            return false;
+        };
+        for name in path.iter() {
+            let Ok(st) = sys::stat_at(cur.as_fd(), name) else {
+                return false;
+            };
+            if format::is_whiteout_dev(&st) {
+                return true;
+            }
+            let Ok(next) = sys::open_path(cur.as_fd(), name) else {
+                return false;
+            };
+            cur = next;
+            if sys::is_dir(&st) && self.is_opaque(cur.as_fd()) {
+                return true;
+            }
+        }
+        true
+    }
+
+    fn is_opaque(&self, dir: BorrowedFd<'_>) -> bool {
+        format::upper_dir_opacity(dir, self.ns) == format::Opacity::Opaque
+    }
+
+    /// Whether the upper object came from a lower one (without the lowers
+    /// to look in: its origin, metadata-only or redirect marker says so).
+    fn has_lower_marker(&self, obj: BorrowedFd<'_>) -> bool {
+        [self.ns.origin(), self.ns.metacopy(), self.ns.redirect()]
+            .iter()
+            .any(|n| sys::get_xattr(obj, OsStr::new(n)).is_ok())
+    }
+
+    /// Every change, in `podman diff`'s order and by its rules: a whiteout
+    /// is `D`; an opaque directory over a lower one is `D` (replaced), its
+    /// entries `A`; a path a lower layer has is `C` (a directory only when
+    /// its size, mode or modification time differ), else `A`; the parent of
+    /// an `A` or `D` is `C` once. Without lowers, `C` means the object
+    /// carries a marker of a lower origin.
+    pub fn changes(&self) -> Result<Vec<Change>, String> {
+        let mut out = Vec::new();
+        let mut changed_dirs = HashSet::new();
+        self.walk_changes(
+            self.upper.as_fd(),
+            Path::new("/"),
+            &mut out,
+            &mut changed_dirs,
+        )?;
+        Ok(out)
+    }
+
+    fn walk_changes(
+        &self,
+        dir: BorrowedFd<'_>,
+        at: &Path,
+        out: &mut Vec<Change>,
+        changed_dirs: &mut HashSet<PathBuf>,
+    ) -> Result<(), String> {
+        for e in Self::entries(dir, at)? {
+            let path = at.join(&e.name);
+            let obj = sys::open_path(dir, &e.name).map_err(|x| err(path.display(), x))?;
+            let is_dir = sys::is_dir(&e.st);
+            if let Some(kind) = self.classify(obj.as_fd(), &path, &e.st)? {
+                if is_dir {
+                    changed_dirs.insert(path.clone());
+                }
+                let parent = at.to_path_buf();
+                if kind != Kind::Changed
+                    && parent != Path::new("/")
+                    && changed_dirs.insert(parent.clone())
+                {
+                    out.push(Change {
+                        kind: Kind::Changed,
+                        path: parent,
+                    });
+                }
+                out.push(Change {
+                    kind,
+                    path: path.clone(),
+                });
+            }
+            if is_dir {
+                self.walk_changes(obj.as_fd(), &path, out, changed_dirs)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The kind of change of the upper object `obj` at `path`; None for a
+    /// directory that is only there as the parent of a change.
+    fn classify(
+        &self,
+        obj: BorrowedFd<'_>,
+        path: &Path,
+        st: &Stat,
+    ) -> Result<Option<Kind>, String> {
+        if format::is_whiteout_dev(st) {
+            return Ok(Some(Kind::Deleted));
+        }
+        let components: Vec<&OsStr> = path.iter().skip(1).collect();
+        if self.lowers.is_empty() {
+            return Ok(Some(match self.has_lower_marker(obj) {
+                true => Kind::Changed,
+                false => Kind::Added,
+            }));
+        }
+        let Some((_, lower)) = self.in_lowers(&components) else {
+            return Ok(Some(Kind::Added));
+        };
+        if sys::is_dir(st) && self.is_opaque(obj) {
+            return Ok(Some(Kind::Deleted));
+        }
+        if sys::is_dir(st) && sys::is_dir(&lower) && same_dir_attrs(st, &lower) {
+            return Ok(None);
+        }
+        Ok(Some(Kind::Changed))
+    }
+}
+
+/// Whether two directories look the same to `podman diff`: size, mode and
+/// modification time (equal, or equal seconds when one has no nanoseconds).
+fn same_dir_attrs(a: &Stat, b: &Stat) -> bool {
+    let same_time = a.st_mtime == b.st_mtime
+        && (a.st_mtime_nsec == b.st_mtime_nsec || a.st_mtime_nsec == 0 || b.st_mtime_nsec == 0);
+    a.st_size == b.st_size && a.st_mode == b.st_mode && same_time
+}
+
+/// The object at `path` under `root`, each component opened without
+/// following a symlink.
+fn lookup(root: BorrowedFd<'_>, path: &[&OsStr]) -> Option<(OwnedFd, Stat)> {
+    let mut cur = sys::open_path(root, OsStr::new(".")).ok()?;
+    for name in path {
+        let st = sys::stat_at(cur.as_fd(), name).ok()?;
+        if format::is_whiteout_dev(&st) {
+            return None;
+        }
+        cur = sys::open_path(cur.as_fd(), name).ok()?;
+    }
+    let st = sys::stat_fd(cur.as_fd()).ok()?;
+    Some((cur, st))
+}
+
+// --- the OCI layer tarball
+
+/// Writes the changeset as an OCI image layer (an uncompressed tar).
+pub fn write_layer(set: &Changeset, to: impl Write) -> Result<(), String> {
+    let mut tar = tar::Builder::new(to);
+    tar.mode(tar::HeaderMode::Complete);
+    let mut w = LayerWriter {
+        set,
+        tar: &mut tar,
+        links: HashMap::new(),
+        aliases: lower_aliases(set)?,
+    };
+    w.directory(set.upper.as_fd(), Path::new(""))?;
+    tar.finish()
+        .map_err(|e| format!("cannot write the tarball: {e}"))
+}
+
+struct LayerWriter<'a, W: Write> {
+    set: &'a Changeset,
+    tar: &'a mut tar::Builder<W>,
+    /// The first name written of each hard-linked file (device, inode).
+    links: HashMap<(u64, u64), PathBuf>,
+    /// Other lower names of the indexed copies in the upper.
+    aliases: HashMap<PathBuf, Vec<PathBuf>>,
+}
+
+/// The names a union shows for the copies in the upper that keep a lower
+/// hard link whole (the inode index: marked with `overlay.nlink`): for each
+/// such copy, the other names of its lower file that the upper neither has
+/// nor hides. The union shows them as the copy; a layer must link them to it.
+fn lower_aliases(set: &Changeset) -> Result<HashMap<PathBuf, Vec<PathBuf>>, String> {
+    let mut indexed = HashMap::new();
+    if !set.lowers.is_empty() {
+        collect_indexed(set, set.upper.as_fd(), Path::new(""), &mut indexed)?;
+    }
+    let mut aliases: HashMap<PathBuf, Vec<PathBuf>> = HashMap::new();
+    if indexed.is_empty() {
+        return Ok(aliases);
+    }
+    let mut seen = HashSet::new();
+    for root in &set.lowers {
+        let mut found = Vec::new();
+        collect_names(root.as_fd(), Path::new(""), &indexed, &mut seen, &mut found)?;
+        for (key, path) in found {
+            let copy = &indexed[&key];
+            if &path != copy && !set.upper_has_or_hides(&path) {
+                aliases.entry(copy.clone()).or_default().push(path);
+            }
+        }
+    }
+    Ok(aliases)
+}
+
+/// Upper regular files marked as indexed, by the (device, inode) of the
+/// lower file at the same path when that file has several names.
+fn collect_indexed(
+    set: &Changeset,
+    dir: BorrowedFd<'_>,
+    at: &Path,
+    out: &mut HashMap<(u64, u64), PathBuf>,
+) -> Result<(), String> {
+    for e in Changeset::entries(dir, at)? {
+        let path = at.join(&e.name);
+        let obj = sys::open_path(dir, &e.name).map_err(|x| err(path.display(), x))?;
+        if sys::is_dir(&e.st) {
+            collect_indexed(set, obj.as_fd(), &path, out)?;
+            continue;
+        }
+        let is_indexed = sys::file_type(e.st.st_mode) == libc::S_IFREG
+            && sys::get_xattr(obj.as_fd(), OsStr::new(set.ns.nlink())).is_ok();
+        if !is_indexed {
+            continue;
+        }
+        let parts: Vec<&OsStr> = path.iter().collect();
+        if let Some((_, st)) = set.in_lowers(&parts)
+            && st.st_nlink > 1
+        {
+            out.insert((st.st_dev, st.st_ino), path);
+        }
+    }
+    Ok(())
+}
+
+/// The names in a lower tree of the files in `wanted`; `seen` holds the
+/// paths of the lowers above, which hide the same paths below.
+fn collect_names(
+    dir: BorrowedFd<'_>,
+    at: &Path,
+    wanted: &HashMap<(u64, u64), PathBuf>,
+    seen: &mut HashSet<PathBuf>,
+    out: &mut Vec<((u64, u64), PathBuf)>,
+) -> Result<(), String> {
+    for e in Changeset::entries(dir, at)? {
+        let path = at.join(&e.name);
+        let first = seen.insert(path.clone());
+        if sys::is_dir(&e.st) {
+            let sub = sys::open_path(dir, &e.name).map_err(|x| err(path.display(), x))?;
+            collect_names(sub.as_fd(), &path, wanted, seen, out)?;
+        } else if first && wanted.contains_key(&(e.st.st_dev, e.st.st_ino)) {
+            out.push(((e.st.st_dev, e.st.st_ino), path));
+        }
+    }
+    Ok(())
+}
+
+impl<W: Write> LayerWriter<'_, W> {
+    fn directory(&mut self, dir: BorrowedFd<'_>, at: &Path) -> Result<(), String> {
+        for e in Changeset::entries(dir, at)? {
+            let path = at.join(&e.name);
+            let obj = sys::open_path(dir, &e.name).map_err(|x| err(path.display(), x))?;
+            self.entry(dir, obj.as_fd(), &e, &path)?;
+        }
+        Ok(())
+    }
+
+    fn entry(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        obj: BorrowedFd<'_>,
+        e: &Entry,
+        path: &Path,
+    ) -> Result<(), String> {
+        let st = &e.st;
+        let ns = self.set.ns;
+        if format::is_whiteout_dev(st) {
+            let marker = path.with_file_name(format::aufs_whiteout_name(&e.name));
+            return self.marker(st, &marker);
+        }
+        let xattrs = self.xattrs(obj, path)?;
+        let mut h = header(st);
+        match sys::file_type(st.st_mode) {
+            libc::S_IFDIR => {
+                if format::redirect_of(&sys::XattrTarget::fd(obj), ns)
+                    .ok()
+                    .flatten()
+                    .is_some()
+                {
+                    return Err(format!(
+                        "/{} is a renamed lower directory (overlay.redirect): its contents stay in a lower layer, which a layer tarball cannot point to; make the upper with redirect_dir=off to export it",
+                        path.display()
+                    ));
+                }
+                h.set_entry_type(tar::EntryType::Directory);
+                self.append(&mut h, &xattrs, &dir_name(path), std::io::empty())?;
+                if self.set.is_opaque(obj) {
+                    self.marker(st, &path.join(format::AUFS_OPAQUE))?;
+                }
+                return self.directory(obj, path);
+            }
+            libc::S_IFREG => return self.regular(dir, obj, e, path, &mut h, &xattrs),
+            libc::S_IFLNK => {
+                let target = sys::readlink_fd(obj).map_err(|x| err(path.display(), x))?;
+                h.set_entry_type(tar::EntryType::Symlink);
+                self.pax(&xattrs)?;
+                self.tar
+                    .append_link(&mut h, path, OsStr::from_bytes(&target))
+                    .map_err(|x| format!("{}: {x}", path.display()))?;
+                return Ok(());
+            }
+            libc::S_IFCHR => h.set_entry_type(tar::EntryType::Char),
+            libc::S_IFBLK => h.set_entry_type(tar::EntryType::Block),
+            libc::S_IFIFO => h.set_entry_type(tar::EntryType::Fifo),
+            _ => {
+                tracing::warn!(path = %path.display(), "a socket has no place in a layer tarball: left out");
+                return Ok(());
+            }
+        }
+        let (major, minor) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+        h.set_device_major(major).map_err(|x| x.to_string())?;
+        h.set_device_minor(minor).map_err(|x| x.to_string())?;
+        self.append(&mut h, &xattrs, path, std::io::empty())
+    }
+
+    fn regular(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        obj: BorrowedFd<'_>,
+        e: &Entry,
+        path: &Path,
+        h: &mut tar::Header,
+        xattrs: &[(OsString, Vec<u8>)],
+    ) -> Result<(), String> {
+        let st = &e.st;
+        if st.st_nlink > 1 {
+            let key = (st.st_dev, st.st_ino);
+            if let Some(first) = self.links.get(&key) {
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_size(0);
+                let first = first.clone();
+                return self
+                    .tar
+                    .append_link(h, path, &first)
+                    .map_err(|x| format!("{}: {x}", path.display()));
+            }
+            self.links.insert(key, path.to_path_buf());
+        }
+        h.set_entry_type(tar::EntryType::Regular);
+        let data = match format::is_metacopy(&sys::XattrTarget::fd(obj), self.set.ns) {
+            true => self.lower_data(obj, path)?,
+            false => {
+                sys::open_at(dir, &e.name, libc::O_RDONLY).map_err(|x| err(path.display(), x))?
+            }
+        };
+        let file = std::fs::File::from(data);
+        self.append(h, xattrs, path, file.take(st.st_size as u64))?;
+        for alias in self.aliases.remove(path).unwrap_or_default() {
+            let mut link = header(st);
+            link.set_entry_type(tar::EntryType::Link);
+            link.set_size(0);
+            self.tar
+                .append_link(&mut link, &alias, path)
+                .map_err(|x| format!("{}: {x}", alias.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The data of the metadata-only copy at `path`: the lower file it was
+    /// copied from (at its redirect, or the same path).
+    fn lower_data(&self, obj: BorrowedFd<'_>, path: &Path) -> Result<OwnedFd, String> {
+        if self.set.lowers.is_empty() {
+            return Err(format!(
+                "/{} is a metadata-only copy (metacopy=on): its data is in a lower layer; give the lowers with --lowers",
+                path.display()
+            ));
+        }
+        let parts: Vec<OsString> = path.iter().map(OsStr::to_os_string).collect();
+        let mut at = LowerPath::Absolute(parts);
+        if let Ok(Some(r)) = format::redirect_of(&sys::XattrTarget::fd(obj), self.set.ns) {
+            at = at.redirected(0, &r);
+        }
+        let LowerPath::Absolute(parts) = at else {
+            unreachable!("an absolute path stays absolute")
+        };
+        let parts: Vec<&OsStr> = parts.iter().map(OsString::as_os_str).collect();
+        for root in &self.set.lowers {
+            let Some((found, st)) = lookup(root.as_fd(), &parts) else {
+                continue;
+            };
+            let metacopy = format::is_metacopy(&sys::XattrTarget::fd(found.as_fd()), self.set.ns);
+            if sys::file_type(st.st_mode) == libc::S_IFREG && !metacopy {
+                return sys::reopen(found.as_fd(), libc::O_RDONLY)
+                    .map_err(|x| err(path.display(), x));
+            }
+        }
+        Err(format!(
+            "/{}: the data of this metadata-only copy is in none of the lowers given",
+            path.display()
+        ))
+    }
+
+    /// The xattrs a layer keeps: all but the overlay markers of the
+    /// namespace read (escaped names of a nested overlay shown unescaped).
+    fn xattrs(&self, obj: BorrowedFd<'_>, path: &Path) -> Result<Vec<(OsString, Vec<u8>)>, String> {
+        let names = match sys::list_xattr(obj) {
+            Ok(n) => n,
+            Err(sys::Errno::ENOTSUP) => return Ok(Vec::new()),
+            Err(x) => return Err(err(path.display(), x)),
+        };
+        let mut out = Vec::new();
+        for stored in names {
+            let Some(shown) = format::shown_xattr_name(&stored, self.set.ns) else {
+                continue;
+            };
+            if let Ok(v) = sys::get_xattr(obj, &stored) {
+                out.push((shown, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// An empty marker file (`.wh.NAME`, `.wh..wh..opq`) owned as `st`.
+    fn marker(&mut self, st: &Stat, path: &Path) -> Result<(), String> {
+        let mut h = header(st);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o600);
+        h.set_size(0);
+        self.append(&mut h, &[], path, std::io::empty())
+    }
+
+    fn pax(&mut self, xattrs: &[(OsString, Vec<u8>)]) -> Result<(), String> {
+        if xattrs.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<(String, &[u8])> = xattrs
+            .iter()
+            .map(|(n, v)| {
+                (
+                    format!("SCHILY.xattr.{}", n.to_string_lossy()),
+                    v.as_slice(),
+                )
+            })
+            .collect();
+        self.tar
+            .append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v)))
+            .map_err(|e| format!("cannot write the tarball: {e}"))
+    }
+
+    fn append(
+        &mut self,
+        h: &mut tar::Header,
+        xattrs: &[(OsString, Vec<u8>)],
+        path: &Path,
+        data: impl Read,
+    ) -> Result<(), String> {
+        self.pax(xattrs)?;
+        self.tar
+            .append_data(h, path, data)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// A tar header with the owner, mode, size and time of `st`.
+fn header(st: &Stat) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(st.st_mode & 0o7777);
+    h.set_uid(u64::from(st.st_uid));
+    h.set_gid(u64::from(st.st_gid));
+    h.set_mtime(st.st_mtime.max(0) as u64);
+    h.set_size(match sys::file_type(st.st_mode) {
+        libc::S_IFREG => st.st_size as u64,
+        _ => 0,
+    });
+    h
+}
+
+/// A directory's name in a tarball (with the trailing slash tar gives it).
+fn dir_name(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_os_string();
+    s.push("/");
+    PathBuf::from(s)
+}
+
+// --- the command
+
+/// `unionfs diff`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct DiffRequest {
+    /// The lower layers the upper was made over, top-most first, separated
+    /// by ':' as for mount: then A and C are told apart by looking there, as
+    /// podman does, and metadata-only copies can be exported.
+    #[arg(long, value_name = "LOWERS")]
+    pub lowers: Option<String>,
+    /// Print the changes as JSON (podman diff --format json's shape).
+    #[arg(long, conflicts_with = "tar")]
+    pub json: bool,
+    /// Write the changes as an OCI layer tarball to FILE ('-' for stdout).
+    #[arg(long, value_name = "FILE")]
+    pub tar: Option<PathBuf>,
+    /// Read the overlay markers as user.overlay.* (the kernel's userxattr;
+    /// the default for a user other than root).
+    #[arg(long)]
+    pub userxattr: bool,
+    /// The upper directory (of kernel overlayfs, unionfs or fuse-overlayfs;
+    /// a live mount's too).
+    pub upper: PathBuf,
+}
+
+/// Bad input or a failure, with the exit code it ends with.
+pub struct DiffFailure {
+    pub code: u8,
+    pub message: String,
+}
+
+fn bad_input(message: String) -> DiffFailure {
+    DiffFailure { code: 2, message }
+}
+
+fn failure(message: String) -> DiffFailure {
+    DiffFailure { code: 1, message }
+}
+
+/// Runs `unionfs diff`.
+pub fn run(req: &DiffRequest) -> Result<(), DiffFailure> {
+    let dir = |what: &str, p: &Path| match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(bad_input(format!(
+            "{what} {} is not a directory",
+            p.display()
+        ))),
+        Err(e) => Err(bad_input(format!("{what} {}: {e}", p.display()))),
+    };
+    dir("upper directory", &req.upper)?;
+    let lowers = match &req.lowers {
+        Some(l) => crate::options::split_lowers(l).map_err(bad_input)?,
+        None => Vec::new(),
+    };
+    for l in &lowers {
+        dir("lower directory", l)?;
+    }
+    let ns = match req.userxattr || !nix::unistd::geteuid().is_root() {
+        true => XattrNamespace::User,
+        false => XattrNamespace::Trusted,
+    };
+    let set = Changeset::open(&req.upper, &lowers, ns).map_err(failure)?;
+    match &req.tar {
+        Some(to) => export(&set, to),
+        None => print_changes(&set, req.json),
+    }
+}
+
+fn print_changes(set: &Changeset, json: bool) -> Result<(), DiffFailure> {
+    let changes = set.changes().map_err(failure)?;
+    let mut text = String::new();
+    match json {
+        true => {
+            text = serde_json::to_string_pretty(&ChangesJson::of(&changes))
+                .map_err(|e| failure(e.to_string()))?;
+            text.push('\n');
+        }
+        false => {
+            for c in &changes {
+                text.push_str(&format!("{} {}\n", c.kind.letter(), c.path.display()));
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => Ok(()),
+        // A reader that went away (`| head`) is not a failure.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(failure(format!("cannot write the changes: {e}"))),
+    }
+}
+
+/// Writes the layer to `to` (made with mode 0644, or replaced), or stdout;
+/// a partial file is removed when the export fails.
+fn export(set: &Changeset, to: &Path) -> Result<(), DiffFailure> {
+    if to == Path::new("-") {
+        let out = std::io::BufWriter::new(std::io::stdout().lock());
+        return write_layer(set, out).map_err(failure);
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(to)
+        .map_err(|e| bad_input(format!("cannot write {}: {e}", to.display())))?;
+    let written = write_layer(set, std::io::BufWriter::new(file));
+    if let Err(msg) = written {
+        let _ = std::fs::remove_file(to);
+        return Err(failure(msg));
+    }
+    Ok(())
+}

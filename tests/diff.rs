@@ -1,0 +1,401 @@
+//! `unionfs diff`: the changes of an upper directory as podman lists them
+//! (compared with `podman diff` on podman's own kernel-overlay upper, and on
+//! a unionfs upper made by the same script), as JSON, and as an OCI layer
+//! tarball that, extracted and stacked, gives the union's view again.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+/// The changes every upper here is made with (run in the merged root).
+const SCRIPT: &str = "set -e
+echo more >> etc/motd
+rm bin/ls
+mkdir newdir
+echo f > newdir/f
+ln newdir/f newdir/link
+rm -r opq
+mkdir opq
+echo n > opq/n
+ln -s target sym
+mknod devnode c 1 3
+mkfifo fifo
+setfattr -n user.note -v yes etc/group
+echo changed > hl1";
+
+/// What `SCRIPT` changes, as podman lists it.
+const EXPECTED: &str = "C /bin
+D /bin/ls
+A /devnode
+C /etc/group
+C /etc/motd
+A /fifo
+C /hl1
+A /newdir
+A /newdir/f
+A /newdir/link
+D /opq
+A /opq/n
+A /sym
+";
+
+/// The lower tree: files, a directory to replace, a hard-linked pair. Old
+/// times, as an image's: a same-size file with an equal mtime second is
+/// unchanged to podman.
+fn make_lower(root: &Path) {
+    for d in ["bin", "etc", "opq/deep"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::write(root.join("bin/ls"), "ls\n").unwrap();
+    fs::write(root.join("bin/cat"), "cat\n").unwrap();
+    fs::write(root.join("etc/motd"), "welcome\n").unwrap();
+    fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    fs::write(root.join("opq/deep/o"), "o\n").unwrap();
+    fs::write(root.join("hl1"), "linked\n").unwrap();
+    fs::hard_link(root.join("hl1"), root.join("hl2")).unwrap();
+    let st = Command::new("touch")
+        .args(["-h", "-d", "2020-01-01"])
+        .args(["bin", "bin/ls", "bin/cat", "etc", "etc/motd", "etc/group"])
+        .args(["opq", "opq/deep", "opq/deep/o", "hl1", "."])
+        .current_dir(root)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn apply_script(merged: &Path) {
+    let out = Command::new("sh")
+        .args(["-c", SCRIPT])
+        .current_dir(merged)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+fn unionfs(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+/// `unionfs diff ARGS`, which must succeed: its stdout.
+fn diff(args: &[&str]) -> String {
+    let mut full = vec!["diff"];
+    full.extend_from_slice(args);
+    let out = unionfs(&full);
+    assert!(out.status.success(), "diff {args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// A unionfs upper made by `SCRIPT` over `lower`, with mount options `opts`.
+fn unionfs_upper(s: &Scratch, tag: &str, lower: &Path, opts: &[&str]) -> PathBuf {
+    let (upper, mnt) = (s.dir(&format!("{tag}-upper")), s.dir(&format!("{tag}-mnt")));
+    let m = Mount::unionfs(&[lower.to_path_buf()], &upper, &mnt, opts);
+    apply_script(&mnt);
+    m.unmount();
+    upper
+}
+
+#[test]
+fn lists_changes_of_kernel_and_unionfs_uppers() {
+    let s = Scratch::new("diff-list");
+    let lower = s.dir("lower");
+    make_lower(&lower);
+    let (kupper, kwork, kmnt) = (s.dir("k-upper"), s.dir("k-work"), s.dir("k-mnt"));
+    let k = Mount::kernel(std::slice::from_ref(&lower), &kupper, &kwork, &kmnt);
+    apply_script(&kmnt);
+    k.unmount();
+    let uupper = unionfs_upper(&s, "u", &lower, &[]);
+    let l = lower.to_str().unwrap();
+    for upper in [&kupper, &uupper] {
+        let u = upper.to_str().unwrap();
+        assert_eq!(diff(&["--lowers", l, u]), EXPECTED, "{u}");
+        // Without the lowers: what carries a lower origin is C; an opaque
+        // directory cannot be told from a new one, and directories only
+        // there as parents are listed (C, with their origin).
+        let alone = diff(&[u]);
+        for line in [
+            "C /bin",
+            "D /bin/ls",
+            "C /etc/motd",
+            "A /newdir/f",
+            "A /opq",
+            "A /sym",
+        ] {
+            assert!(
+                alone.lines().any(|x| x == line),
+                "{u}: no {line:?} in\n{alone}"
+            );
+        }
+        let json: serde_json::Value =
+            serde_json::from_str(&diff(&["--json", "--lowers", l, u])).unwrap();
+        let list = |k: &str| json[k].as_array().unwrap().len();
+        assert_eq!(
+            (list("changed"), list("added"), list("deleted")),
+            (4, 7, 2),
+            "{json}"
+        );
+        assert_eq!(json["deleted"][1], "/opq");
+    }
+}
+
+/// podman with storage of its own (kernel overlay, no mount program).
+struct Podman {
+    dir: PathBuf,
+}
+
+impl Podman {
+    fn new(dir: PathBuf) -> Podman {
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"overlay\"\nrunroot = \"{d}/run\"\ngraphroot = \"{d}/graph\"\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        Podman { dir }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let mut c = Command::new("podman");
+        c.args(args)
+            .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"));
+        let out = run_to_end(c);
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(["rm", "-a", "-f"])
+            .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
+            .output();
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let under = self.dir.to_string_lossy().into_owned();
+        let mut mounts: Vec<&str> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&under))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            umount_lazy(Path::new(m));
+        }
+    }
+}
+
+#[test]
+fn agrees_with_podman_diff() {
+    // Short paths (podman 4.3 and long storage paths: see tests/engines.rs).
+    let dir = tempfile::Builder::new()
+        .prefix("pd")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let s = Scratch { path: dir.keep() };
+    let lower = s.dir("lower");
+    make_lower(&lower);
+    let tar = s.path.join("lower.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&lower)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let p = Podman::new(s.path.join("podman"));
+    p.ok(&["import", "-q", tar.to_str().unwrap(), "localhost/difftest"]);
+    p.ok(&["create", "--name", "c", "localhost/difftest", "/bin/true"]);
+    let merged = p.ok(&["mount", "c"]);
+    apply_script(Path::new(merged.trim()));
+    p.ok(&["umount", "c"]);
+    let theirs = p.ok(&["diff", "c"]);
+    let field = |f: &str| {
+        p.ok(&[
+            "inspect",
+            "c",
+            "--format",
+            &format!("{{{{.GraphDriver.Data.{f}}}}}"),
+        ])
+    };
+    let (upper, lowers) = (field("UpperDir"), field("LowerDir"));
+    let (upper, lowers) = (upper.trim(), lowers.trim());
+    // podman's own upper (kernel overlay), read with podman's lowers.
+    assert_eq!(diff(&["--lowers", lowers, upper]), theirs);
+    assert_eq!(theirs, EXPECTED, "podman itself");
+    let their_json: serde_json::Value =
+        serde_json::from_str(&p.ok(&["diff", "--format", "json", "c"])).unwrap();
+    let ours: serde_json::Value =
+        serde_json::from_str(&diff(&["--json", "--lowers", lowers, upper])).unwrap();
+    assert_eq!(ours, their_json);
+    // A unionfs upper made by the same script over podman's image layer.
+    let image_layer = PathBuf::from(lowers.split(':').next().unwrap());
+    let ours_upper = unionfs_upper(&s, "u", &image_layer, &[]);
+    assert_eq!(
+        diff(&["--lowers", lowers, ours_upper.to_str().unwrap()]),
+        theirs
+    );
+    // The changeset as a layer tarball, imported by podman.
+    let layer = s.path.join("layer.tar");
+    diff(&["--tar", layer.to_str().unwrap(), "--lowers", lowers, upper]);
+    p.ok(&["import", "-q", layer.to_str().unwrap(), "localhost/layer"]);
+    let root = PathBuf::from(p.ok(&["image", "mount", "localhost/layer"]).trim());
+    assert_eq!(fs::read_to_string(root.join("newdir/link")).unwrap(), "f\n");
+    assert_eq!(
+        fs::read_link(root.join("sym")).unwrap(),
+        Path::new("target")
+    );
+    // The markers became deletions (podman stores them as whiteouts).
+    for gone in ["bin/.wh.ls", "opq/.wh..wh..opq", "bin/ls"] {
+        assert!(fs::symlink_metadata(root.join(gone)).is_err(), "{gone}");
+    }
+    p.ok(&["image", "unmount", "localhost/layer"]);
+    p.ok(&["rm", "c"]);
+    p.ok(&["rmi", "-a", "-f"]);
+}
+
+/// Extracts a layer tarball into `into`, as an image tool does (owners,
+/// modes, xattrs).
+fn extract(tar: &Path, into: &Path) {
+    let out = Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"])
+        .arg(tar)
+        .arg("-C")
+        .arg(into)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn the_layer_tarball_gives_the_union_back() {
+    let s = Scratch::new("diff-tar");
+    let lower = s.dir("lower");
+    make_lower(&lower);
+    // With metadata-only copies too: their data comes from the lowers.
+    for (tag, opts) in [("plain", vec![]), ("meta", vec!["metacopy=on"])] {
+        let upper = unionfs_upper(&s, tag, &lower, &opts);
+        let (l, u) = (lower.to_str().unwrap(), upper.to_str().unwrap());
+        if tag == "meta" {
+            // chown copies metadata only: the tarball needs the lowers.
+            let mnt = s.dir("meta-mnt2");
+            let m = Mount::unionfs(std::slice::from_ref(&lower), &upper, &mnt, &opts);
+            std::os::unix::fs::lchown(mnt.join("bin/cat"), Some(7), Some(8)).unwrap();
+            m.unmount();
+            let out = unionfs(&["diff", "--tar", "-", u]);
+            assert_eq!(out.status.code(), Some(1));
+            let err = text(&out.stderr);
+            assert!(
+                err.contains("metadata-only copy") && err.contains("--lowers"),
+                "{err}"
+            );
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        let tar = s.path.join(format!("{tag}.tar"));
+        diff(&["--tar", tar.to_str().unwrap(), "--lowers", l, u]);
+        assert_eq!(
+            fs::metadata(&tar).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        let listing = text(
+            &Command::new("tar")
+                .arg("-tvf")
+                .arg(&tar)
+                .output()
+                .unwrap()
+                .stdout,
+        );
+        for needed in [
+            "bin/.wh.ls",
+            "opq/.wh..wh..opq",
+            "newdir/link link to newdir/f",
+            "sym -> target",
+        ] {
+            assert!(
+                listing.contains(needed),
+                "{tag}: no {needed:?} in\n{listing}"
+            );
+        }
+        let layer = s.dir(&format!("{tag}-layer"));
+        extract(&tar, &layer);
+        // The union of the lower and its upper, and the lower under the
+        // extracted layer (whose .wh. markers unionfs reads), look the same.
+        let (m1, m2, fresh) = (
+            s.dir(&format!("{tag}-v1")),
+            s.dir(&format!("{tag}-v2")),
+            s.dir(&format!("{tag}-fresh")),
+        );
+        let a = Mount::unionfs(std::slice::from_ref(&lower), &upper, &m1, &[]);
+        let b = Mount::unionfs(&[layer.clone(), lower.clone()], &fresh, &m2, &[]);
+        let (va, vb) = (snapshot(&m1, View::Merged), snapshot(&m2, View::Merged));
+        a.unmount();
+        b.unmount();
+        assert_eq!(va, vb, "{tag}: the view differs");
+        assert!(va.contains_key("newdir/link") && !va.contains_key("bin/ls"));
+    }
+}
+
+#[test]
+fn what_a_tarball_cannot_hold_is_refused_and_nothing_is_left() {
+    let s = Scratch::new("diff-refused");
+    let lower = s.dir("lower");
+    make_lower(&lower);
+    // A lower directory renamed: its contents stay in the lower.
+    let (upper, mnt) = (s.dir("upper"), s.dir("mnt"));
+    let m = Mount::unionfs(
+        std::slice::from_ref(&lower),
+        &upper,
+        &mnt,
+        &["redirect_dir=on"],
+    );
+    fs::rename(mnt.join("opq"), mnt.join("moved")).unwrap();
+    m.unmount();
+    let tar = s.path.join("out.tar");
+    let (l, u, t) = (
+        lower.to_str().unwrap(),
+        upper.to_str().unwrap(),
+        tar.to_str().unwrap(),
+    );
+    let out = unionfs(&["diff", "--tar", t, "--lowers", l, u]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("unionfs diff: /moved is a renamed lower directory"),
+        "{err}"
+    );
+    assert!(
+        err.contains("redirect_dir=off") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(!tar.exists(), "a partial tarball was left");
+    // The listing still works: the rename is a deletion and an addition.
+    let listing = diff(&["--lowers", l, u]);
+    assert!(
+        listing.contains("A /moved\n") && listing.contains("D /opq\n"),
+        "{listing}"
+    );
+    // Bad input: one line, exit 2.
+    let missing = s.path.join("missing");
+    for args in [
+        vec!["diff", missing.to_str().unwrap()],
+        vec!["diff", "--lowers", missing.to_str().unwrap(), u],
+        vec!["diff", "--json", "--tar", t, u],
+    ] {
+        let out = unionfs(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(!tar.exists());
+    }
+}
