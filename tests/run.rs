@@ -248,6 +248,59 @@ fn the_throwaway_upper_is_removed_and_the_lower_untouched() {
     w.assert_clean();
 }
 
+/// The upper of a run holds what the command changed and nothing the
+/// launcher needed: mount points missing from the image live in the
+/// launcher's own layer, gone with the run.
+#[test]
+fn the_upper_holds_only_what_the_command_changed() {
+    let w = World::new("run-pure");
+    for d in ["dev", "proc", "sys"] {
+        fs::remove_dir(w.lower.join(d)).unwrap();
+    }
+    let upper = w.s.dir("upper");
+    let data = w.s.dir("data");
+    fs::write(data.join("in"), "bound\n").unwrap();
+    let file = w.s.path.join("one-file");
+    fs::write(&file, "file\n").unwrap();
+    let (u, d, f) = (
+        upper.to_str().unwrap(),
+        format!("{}:/mnt/deep/data", data.display()),
+        format!("{}:/etc/bound-file:ro", file.display()),
+    );
+    let out = ok(&w.run(&[
+        "--upper", u, "--bind", &d, "--bind", &f, "--cwd", "/work/here", "--", "sh", "-c",
+        "pwd; cat /mnt/deep/data/in /etc/bound-file; ls /proc/self/fd >/dev/null && ls -d /sys /dev/null",
+    ]));
+    assert_eq!(out, "/work/here\nbound\nfile\n/dev/null\n/sys\n");
+    let left: Vec<_> = fs::read_dir(&upper)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "the upper holds {left:?}");
+    // A command's own changes stay, and a second run over the same upper
+    // (with the launcher's layer made anew) sees them.
+    ok(&w.run(&["--upper", u, "--", "sh", "-c", "echo kept > /kept"]));
+    let left: Vec<_> = fs::read_dir(&upper)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("kept")]);
+    assert_eq!(ok(&w.run(&["--upper", u, "--", "cat", "/kept"])), "kept\n");
+    // The image's own directories keep their modes and owners.
+    fs::create_dir(w.lower.join("proc")).unwrap();
+    fs::set_permissions(w.lower.join("proc"), fs::Permissions::from_mode(0o555)).unwrap();
+    let shown = ok(&w.run(&[
+        "--upper",
+        u,
+        "--",
+        "sh",
+        "-c",
+        "umount /proc 2>/dev/null; stat -c %a /proc",
+    ]));
+    assert!(shown == "555\n" || shown.contains("555"), "{shown}");
+    w.assert_clean();
+}
+
 #[test]
 fn init_reaps_orphans_and_passes_signals() {
     let w = World::new("run-init");
@@ -370,9 +423,10 @@ fn binds_environment_user_cwd_and_network() {
         "stdout"
     );
     assert_eq!(fs::read_to_string(data.join("out")).unwrap(), "w\n");
-    assert!(upper.join("work/here").is_dir());
-    // Bind mount points were made in the upper; the binds' content was not.
-    assert!(!upper.join("mnt/rw/out").exists());
+    // The working directory and the bind mount points were made in the
+    // launcher's layer, and the binds' content stayed on the host: the
+    // upper holds none of them.
+    assert!(!upper.join("work").exists() && !upper.join("mnt").exists());
 
     let out = ok(&w.run(&[
         "--upper",
@@ -860,9 +914,16 @@ fn everything_the_launcher_makes_has_a_private_mode() {
     fs::write(&bind_file, "x").unwrap();
     let file_bind = format!("{}:/new/file", bind_file.display());
     let dir_bind = format!("{}:/newdir/sub", w.tmp.display());
-    let throwaway = permissive(w.cmd(&["--stop-timeout", "1", "--", "sleep", "4106"]))
+    // Markers of this test process alone: another run of the suite may
+    // have containers of its own sleeping.
+    let (t_secs, k_secs) = (
+        format!("41060{}", std::process::id()),
+        format!("41070{}", std::process::id()),
+    );
+    let throwaway = permissive(w.cmd(&["--stop-timeout", "1", "--", "sleep", &t_secs]))
         .spawn()
         .unwrap();
+    let throwaway = Reaped(Some(throwaway));
     let kept = permissive(w.cmd(&[
         "--stop-timeout",
         "1",
@@ -876,12 +937,14 @@ fn everything_the_launcher_makes_has_a_private_mode() {
         "/made/cwd",
         "--",
         "sleep",
-        "4107",
+        &k_secs,
     ]))
     .spawn()
     .unwrap();
+    let kept = Reaped(Some(kept));
+    let (t_marker, k_marker) = (format!("sleep {t_secs}"), format!("sleep {k_secs}"));
     wait_until("both containers", || {
-        !processes_with("sleep 4106").is_empty() && !processes_with("sleep 4107").is_empty()
+        !processes_with(&t_marker).is_empty() && !processes_with(&k_marker).is_empty()
     });
 
     let scratches: Vec<PathBuf> = fs::read_dir(&w.tmp)
@@ -924,19 +987,42 @@ fn everything_the_launcher_makes_has_a_private_mode() {
     assert_eq!(mode_owner(&work), (0o700, 0));
     assert_eq!(mode_owner(&work.join("work")), (0o700, 0));
     assert!(!nobody_can(&format!("touch {}/planted", work.display())));
-    // Mount points and the working directory made in the upper.
-    assert_eq!(mode_owner(&upper.join("new")), (0o755, 0));
-    assert_eq!(mode_owner(&upper.join("new/file")), (0o644, 0));
-    assert_eq!(mode_owner(&upper.join("newdir")), (0o755, 0));
-    assert_eq!(mode_owner(&upper.join("newdir/sub")), (0o755, 0));
-    assert_eq!(mode_owner(&upper.join("made")), (0o755, 0));
-    assert_eq!(mode_owner(&upper.join("made/cwd")), (0o755, 0));
+    // Mount points and the working directory, made in the launcher's layer
+    // (not in the upper).
+    let kept_dir = scratches
+        .iter()
+        .find(|s| !s.join("upper").exists())
+        .expect("the kept run's scratch");
+    let init = kept_dir.join("init");
+    assert_eq!(mode_owner(&init), (0o755, 0));
+    assert!(!nobody_can(&format!("touch {}/planted", init.display())));
+    assert_eq!(mode_owner(&init.join("new")), (0o755, 0));
+    assert_eq!(mode_owner(&init.join("new/file")), (0o644, 0));
+    assert_eq!(mode_owner(&init.join("newdir")), (0o755, 0));
+    assert_eq!(mode_owner(&init.join("newdir/sub")), (0o755, 0));
+    assert_eq!(mode_owner(&init.join("made")), (0o755, 0));
+    assert_eq!(mode_owner(&init.join("made/cwd")), (0o755, 0));
+    assert_eq!(
+        fs::read_dir(&upper).unwrap().count(),
+        0,
+        "the upper is not clean"
+    );
 
-    for child in [throwaway, kept] {
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        finish(child);
-    }
+    drop((throwaway, kept));
     w.assert_clean();
+}
+
+/// A launcher stopped (SIGTERM) and waited for when dropped, also when a
+/// test fails half-way: no container outlives its test.
+struct Reaped(Option<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            finish(child);
+        }
+    }
 }
 
 /// The launcher started with umask 0: a permissive umask must not leak into

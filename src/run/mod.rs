@@ -12,6 +12,7 @@ mod container;
 mod exec;
 mod identity;
 mod idmap;
+mod init_layer;
 mod mounts;
 mod request;
 mod signals;
@@ -100,8 +101,9 @@ pub fn run(req: RunRequest) -> Result<u8, Failure> {
     }
     enter_private_mount_namespace()?;
     scratch.remove_stale_siblings();
+    init_layer::prepare(&scratch.path("init"), &spec)?;
     let plan = options::plan(&MountRequest {
-        lowers: spec.lowers.clone(),
+        lowers: init_layer::stacked_under(&spec.lowers, &scratch.path("init")),
         upper: spec.upper.clone().unwrap_or_else(|| scratch.path("upper")),
         mountpoint: scratch.path("root"),
         options: mount_options(&spec),
@@ -179,8 +181,9 @@ impl Scratch {
             |e| Failure::launcher(format!("cannot write in {}: {e}", scratch.dir.display())),
         )?;
         // The container's root mount point and work directory are the
-        // launcher's alone; a throwaway upper is the container's `/`.
-        let mut subdirs = vec![("root", 0o700)];
+        // launcher's alone; a throwaway upper is the container's `/`, the
+        // init layer lies under it.
+        let mut subdirs = vec![("root", 0o700), ("init", 0o755)];
         if throwaway_upper {
             subdirs.extend([("upper", 0o755), ("work", 0o700)]);
         }
