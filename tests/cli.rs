@@ -269,12 +269,22 @@ fn bad_input_is_refused_cleanly() {
     eprintln!("bad invocations refused: {}", cases.len() + 4);
 }
 
-#[test]
-fn missing_dev_fuse_is_named() {
-    let s = Scratch::new("nofuse");
+/// `unionfs mount` of fresh layers, run (prefixed by `as_user`) in a
+/// private mount namespace after the shell command `setup` (`{closed}`
+/// there names a root-only empty file); returns its stderr once checked
+/// that it failed with exit 1, said one line, and mounted nothing.
+fn mount_where_dev_fuse_is(tag: &str, setup: &str, as_user: &str) -> String {
+    let s = Scratch::new(tag);
     let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    for d in [&s.path, &l, &u, &m] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let closed = s.path.join("closed-fuse");
+    fs::write(&closed, "").unwrap();
+    fs::set_permissions(&closed, fs::Permissions::from_mode(0o600)).unwrap();
     let script = format!(
-        "mount -t tmpfs none /dev && exec {} mount {} {} {}",
+        "{} && exec {as_user} {} mount {} {} {}",
+        setup.replace("{closed}", &closed.display().to_string()),
         bin().display(),
         l.display(),
         u.display(),
@@ -284,48 +294,32 @@ fn missing_dev_fuse_is_named() {
         .args(["-m", "--propagation", "private", "sh", "-c", &script])
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!is_mounted(&m));
+    err
+}
+
+#[test]
+fn missing_dev_fuse_is_named() {
+    let err = mount_where_dev_fuse_is("nofuse", "mount -t tmpfs none /dev", "");
     assert!(
         err.contains("/dev/fuse does not exist") && err.contains("modprobe fuse"),
         "{err}"
     );
-    assert!(!is_mounted(&m));
 }
 
-/// A /dev/fuse the user cannot open is named with the way out.
+/// A /dev/fuse the user cannot open is named with the way out: here a
+/// root-only file bound over it, and the mount tried as nobody.
 #[test]
 fn dev_fuse_the_user_cannot_open_is_named_with_a_hint() {
-    let s = Scratch::new("fuseperm");
-    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
-    for d in [&s.path, &l, &u, &m] {
-        fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-    }
-    let closed = s.path.join("closed-fuse");
-    fs::write(&closed, "").unwrap();
-    fs::set_permissions(&closed, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    // In a mount namespace of its own, /dev/fuse is a root-only file and the
-    // mount is tried as nobody.
-    let script = format!(
-        "mount --bind {} /dev/fuse && exec setpriv --reuid=65534 --regid=65534 --clear-groups {} mount {} {} {}",
-        closed.display(),
-        bin().display(),
-        l.display(),
-        u.display(),
-        m.display()
-    );
-    let out = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c", &script])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
+    let nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups";
+    let err = mount_where_dev_fuse_is("fuseperm", "mount --bind {closed} /dev/fuse", nobody);
     assert!(
         err.contains("/dev/fuse cannot be opened by uid 65534") && err.contains("mode 0666"),
         "{err}"
     );
-    assert!(!is_mounted(&m));
 }
 
 #[test]

@@ -181,17 +181,7 @@ impl Drop for Podman {
             .args(["rm", "-a", "-f"])
             .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
             .output();
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let under = self.dir.to_string_lossy().into_owned();
-        let mut mounts: Vec<&str> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(&under))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            umount_lazy(Path::new(m));
-        }
+        unmount_all_under(&self.dir);
     }
 }
 

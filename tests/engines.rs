@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Scratch, bin, run_to_end, text, umount_lazy};
+use common::{Scratch, bin, run_to_end, text, unmount_all_under};
 
 /// A busybox rootfs tarball.
 fn busybox_tarball(s: &Scratch) -> PathBuf {
@@ -129,17 +129,7 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         // Whatever a failed test left mounted under the storage.
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let under = self.dir.to_string_lossy().into_owned();
-        let mut mounts: Vec<&str> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(&under))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            umount_lazy(Path::new(m));
-        }
+        unmount_all_under(&self.dir);
     }
 }
 

@@ -767,3 +767,19 @@ pub fn run_to_end(mut cmd: Command) -> Output {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// Unmounts (lazily, deepest first) every mount at or below `dir`: what a
+/// failed test of a container engine left under its storage.
+pub fn unmount_all_under(dir: &Path) {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let under = dir.to_string_lossy().into_owned();
+    let mut mounts: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&under))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        umount_lazy(Path::new(m));
+    }
+}
