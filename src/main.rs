@@ -48,6 +48,8 @@ entries A. --tar writes .wh.NAME for deletions and .wh..wh..opq in opaque
 directories; metadata-only copies need --lowers (their data is there), and
 renamed lower directories (redirect_dir) cannot be exported.
 
+Logs: only problems, on stderr (RUST_LOG sets the level).
+
 Exit status: 0; 1 when the upper cannot be read or the tarball written; 2 for
 bad input.";
 
@@ -85,6 +87,9 @@ enum Command {
     #[command(after_help = DIFF_HELP)]
     Diff(diff::DiffRequest),
     /// Show what a union does, in a temporary directory: needs nothing from you.
+    #[command(
+        after_help = "Ending: runs to its end by itself, then unmounts and removes its temporary directory.\n\nLogs: on stderr; RUST_LOG=unionfs=debug shows each copy-up.\n\nExit status: 0; 1 when the demo could not run (the reason on stderr)."
+    )]
     Demo,
     /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
     #[command(

@@ -43,6 +43,14 @@ fn help_and_version() {
             "mount --help lacks {needed:?}: {text}"
         );
     }
+    for sub in ["demo", "diff"] {
+        let h = unionfs(&[sub, "--help"]);
+        let text = String::from_utf8_lossy(&h.stdout);
+        assert!(
+            text.contains("RUST_LOG") && text.contains("Exit status"),
+            "{sub}: {text}"
+        );
+    }
     let r = unionfs(&["run", "--help"]);
     let text = String::from_utf8_lossy(&r.stdout);
     for needed in ["RUST_LOG", "Exit status", "125", "127"] {
