@@ -185,6 +185,10 @@ impl Drop for Podman {
     }
 }
 
+/// The container's name: `podman diff NAME` would take an image whose id
+/// starts with NAME first, so the container commands are named as such.
+const CTR: &str = "unionfs-difftest";
+
 #[test]
 fn agrees_with_podman_diff() {
     // Short paths (podman 4.3 and long storage paths: see tests/engines.rs).
@@ -207,15 +211,16 @@ fn agrees_with_podman_diff() {
     assert!(st.success());
     let p = Podman::new(s.path.join("podman"));
     p.ok(&["import", "-q", tar.to_str().unwrap(), "localhost/difftest"]);
-    p.ok(&["create", "--name", "c", "localhost/difftest", "/bin/true"]);
-    let merged = p.ok(&["mount", "c"]);
+    p.ok(&["create", "--name", CTR, "localhost/difftest", "/bin/true"]);
+    let merged = p.ok(&["container", "mount", CTR]);
     apply_script(Path::new(merged.trim()));
-    p.ok(&["umount", "c"]);
-    let theirs = p.ok(&["diff", "c"]);
+    p.ok(&["container", "umount", CTR]);
+    let theirs = p.ok(&["container", "diff", CTR]);
     let field = |f: &str| {
         p.ok(&[
+            "container",
             "inspect",
-            "c",
+            CTR,
             "--format",
             &format!("{{{{.GraphDriver.Data.{f}}}}}"),
         ])
@@ -226,7 +231,7 @@ fn agrees_with_podman_diff() {
     assert_eq!(diff(&["--lowers", lowers, upper]), theirs);
     assert_eq!(theirs, EXPECTED, "podman itself");
     let their_json: serde_json::Value =
-        serde_json::from_str(&p.ok(&["diff", "--format", "json", "c"])).unwrap();
+        serde_json::from_str(&p.ok(&["container", "diff", "--format", "json", CTR])).unwrap();
     let ours: serde_json::Value =
         serde_json::from_str(&diff(&["--json", "--lowers", lowers, upper])).unwrap();
     assert_eq!(ours, their_json);
@@ -252,7 +257,7 @@ fn agrees_with_podman_diff() {
         assert!(fs::symlink_metadata(root.join(gone)).is_err(), "{gone}");
     }
     p.ok(&["image", "unmount", "localhost/layer"]);
-    p.ok(&["rm", "c"]);
+    p.ok(&["container", "rm", CTR]);
     p.ok(&["rmi", "-a", "-f"]);
 }
 

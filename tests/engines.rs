@@ -188,7 +188,7 @@ fn podman_and_buildah_run_containers_on_unionfs() {
     // podman run returns before conmon's cleanup process has unmounted the
     // container: diff it once that is done, as a user would.
     e.wait_unmounted("c1");
-    let diff = e.ok("podman", &["diff", "c1"]);
+    let diff = e.ok("podman", &["container", "diff", "c1"]);
     let missing: Vec<&str> = ["C /etc/motd", "D /bin/ls", "A /newdir", "A /newdir/f"]
         .into_iter()
         .filter(|line| !diff.lines().any(|l| l == *line))
