@@ -170,14 +170,15 @@ fn a_busybox_container_sees_its_own_world() {
         "--",
         "sh",
         "-c",
-        "echo hi > /x; echo pid=$$; hostname; cat /etc/os-release; ps -o pid,args | wc -l; \
+        "echo hi > /x; echo pid=$$; hostname; cat /etc/os-release; ps -o pid,args > /dev/shm/ps; wc -l < /dev/shm/ps; \
          ls /dev; grep ' / ' /proc/mounts; grep ' /sys ' /proc/mounts; echo path=$PATH",
     ]));
     assert!(out.contains("pid=1\n"), "{out}");
     assert!(out.contains("box1\n"), "{out}");
     assert!(out.contains("busybox test rootfs"), "{out}");
-    // The header, sh, ps and wc: nothing of the host.
-    assert!(out.contains("\n4\n"), "{out}");
+    // The header, sh and ps: nothing of the host. (Through a file: in a
+    // pipe, wc may not have started when ps reads the process list.)
+    assert!(out.contains("\n3\n"), "{out}");
     for dev in [
         "null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm", "fd",
     ] {
