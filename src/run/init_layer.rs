@@ -64,7 +64,9 @@ fn make_path(root: BorrowedFd<'_>, path: &Path, is_dir: bool) -> sys::Result<()>
     match is_dir {
         true => enter_dir(at.as_fd(), last).map(drop),
         false => match sys::create_file(at.as_fd(), last, libc::O_WRONLY, 0o644) {
-            Ok(_) | Err(sys::Errno::EEXIST) => Ok(()),
+            // Exactly 0644, whatever the launcher's umask.
+            Ok(f) => sys::chmod_fd(f.as_fd(), 0o644),
+            Err(sys::Errno::EEXIST) => Ok(()),
             Err(e) => Err(e),
         },
     }
@@ -72,9 +74,16 @@ fn make_path(root: BorrowedFd<'_>, path: &Path, is_dir: bool) -> sys::Result<()>
 
 /// The directory `name` in `dir`, made (0755) if missing.
 fn enter_dir(dir: BorrowedFd<'_>, name: &OsStr) -> sys::Result<OwnedFd> {
-    match sys::mkdir_at(dir, name, 0o755) {
-        Ok(()) | Err(sys::Errno::EEXIST) => {}
+    let made = match sys::mkdir_at(dir, name, 0o755) {
+        Ok(()) => true,
+        Err(sys::Errno::EEXIST) => false,
         Err(e) => return Err(e),
+    };
+    let sub = sys::open_path(dir, name)?;
+    if made {
+        // Exactly 0755, whatever the launcher's umask: a command run as
+        // another user must be able to pass through.
+        sys::chmod_fd(sub.as_fd(), 0o755)?;
     }
-    sys::open_path(dir, name)
+    Ok(sub)
 }
