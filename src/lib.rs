@@ -14,6 +14,7 @@ pub mod demo;
 pub mod diff;
 pub mod fuse;
 pub mod ids;
+pub mod image;
 pub mod mount;
 pub mod options;
 pub mod overlay;
