@@ -82,7 +82,7 @@ enum Command {
     },
     /// Run CMD in new namespaces with a union of LOWERS as its root filesystem.
     #[command(after_help = RUN_HELP)]
-    Run(run::RunRequest),
+    Run(Box<run::RunRequest>),
     /// List what an upper directory changes (A added, C changed, D deleted, as podman diff), or write it as an OCI layer tarball.
     #[command(after_help = DIFF_HELP)]
     Diff(diff::DiffRequest),
@@ -202,7 +202,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run(req) => match run::run(req) {
+        Command::Run(req) => match run::run(*req) {
             Ok(code) => ExitCode::from(code),
             Err(f) => {
                 eprintln!("unionfs run: {}", f.message);

@@ -212,6 +212,19 @@ pub fn split_lowers(s: &str) -> Result<Vec<PathBuf>, String> {
         .collect())
 }
 
+/// A path as one element of a lower list (`:` and `\\` escaped), the
+/// inverse of `split_lowers`.
+pub fn escape_lower(path: &std::path::Path) -> String {
+    let mut out = String::new();
+    for c in path.to_string_lossy().chars() {
+        if c == ':' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Options given with `-o`.
 #[derive(Clone, Debug, Default)]
 struct Options {

@@ -8,6 +8,7 @@
 //! 125 when the launcher itself fails or is given bad values; 126 when the
 //! command cannot be executed; 127 when it is not found in the container.
 
+mod cgroup;
 mod container;
 mod exec;
 mod identity;
@@ -90,14 +91,26 @@ impl From<String> for Failure {
 
 /// Runs the request and returns the exit code for the launcher.
 pub fn run(req: RunRequest) -> Result<u8, Failure> {
-    let spec = request::check(req)?;
+    let (mut spec, image) = request::check(req)?;
     let rootless = !geteuid().is_root();
     if rootless {
         check_dev_fuse_for_user()?;
     }
+    // Made by the user as they are (a rootless cgroup must be delegated to
+    // the user, not to the ids of the user namespace).
+    let cgroup = spec
+        .limits
+        .wanted()
+        .then(|| cgroup::Cgroup::create(&spec.limits))
+        .transpose()?;
     let scratch = Scratch::create(spec.upper.is_none())?;
     if rootless {
         idmap::enter_user_namespace()?;
+    }
+    // Unpacked inside the user namespace, so that a rootless layer's owners
+    // map as the container's do.
+    if let Some(run) = &image {
+        spec.lowers = unpack_image(run)?;
     }
     enter_private_mount_namespace()?;
     scratch.remove_stale_siblings();
@@ -111,6 +124,12 @@ pub fn run(req: RunRequest) -> Result<u8, Failure> {
     })?;
     let signals = signals::block_signals();
     let container = supervise::fork_container(&spec, &plan.mountpoint)?;
+    if let Some(cg) = &cgroup
+        && let Err(f) = cg.add(container.pid())
+    {
+        container.abandon();
+        return Err(f);
+    }
     let running = match mount::start(&plan) {
         Ok(r) => r,
         Err(e) => {
@@ -121,9 +140,25 @@ pub fn run(req: RunRequest) -> Result<u8, Failure> {
     debug!(root = %plan.mountpoint.display(), "union mounted; starting the container");
     let status = container.start_and_wait(signals, spec.stop_timeout);
     running.stop();
+    if let Some(cg) = &cgroup {
+        cg.report();
+    }
+    drop(cgroup);
     drop(scratch);
     info!(status, "container exited");
     Ok(status)
+}
+
+/// The image's layers in the store (unpacked there if missing), as the
+/// lower list of the union.
+fn unpack_image(run: &request::ImageRun) -> Result<String, Failure> {
+    let store = crate::image::Store::open(&run.store)?;
+    let layers = run.image.unpack_into(&store)?;
+    Ok(layers
+        .iter()
+        .map(|l| options::escape_lower(l))
+        .collect::<Vec<_>>()
+        .join(":"))
 }
 
 fn mount_options(spec: &Spec) -> Vec<String> {

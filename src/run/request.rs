@@ -5,9 +5,11 @@ use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
+use crate::image::{self, Image, RunDefaults};
 use crate::options::split_lowers;
 
 use super::Failure;
+use super::cgroup::Limits;
 
 /// The container's network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -22,8 +24,36 @@ pub enum Net {
 #[derive(Clone, Debug, clap::Args)]
 pub struct RunRequest {
     /// Read-only layers, top-most first, separated by ':'.
-    #[arg(long = "lower", value_name = "L1[:L2...]")]
-    pub lowers: String,
+    #[arg(
+        long = "lower",
+        value_name = "L1[:L2...]",
+        required_unless_present = "image",
+        conflicts_with = "image"
+    )]
+    pub lowers: Option<String>,
+    /// Run an image: an OCI image layout directory or an OCI or docker
+    /// archive, optionally with the tag to run. Its layers are unpacked once
+    /// into the layer store; its config gives the command, environment,
+    /// working directory and user when not given here.
+    #[arg(long, value_name = "PATH[:TAG]")]
+    pub image: Option<String>,
+    /// The layer store for --image (default: $XDG_DATA_HOME/unionfs, or
+    /// ~/.local/share/unionfs; /var/lib/unionfs for root).
+    #[arg(long, value_name = "DIR", requires = "image")]
+    pub store: Option<PathBuf>,
+    /// Memory limit, swap included (e.g. 512M, 2G): processes beyond it are
+    /// killed by the kernel.
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// CPU time limit in CPUs, fractions allowed (0.5: half of one CPU).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<String>,
+    /// Limit on the container's processes and threads.
+    #[arg(long = "pids-limit", value_name = "N")]
+    pub pids_limit: Option<String>,
+    /// At exit, report the peak memory, CPU time and peak process count.
+    #[arg(long)]
+    pub stats: bool,
     /// Keep the container's changes in this directory (default: a temporary one, removed at exit).
     #[arg(long, value_name = "DIR")]
     pub upper: Option<PathBuf>,
@@ -54,8 +84,9 @@ pub struct RunRequest {
     /// Mount options for the union, as for `unionfs mount -o`.
     #[arg(short = 'o', value_name = "OPTS")]
     pub mount_options: Vec<String>,
-    /// The command and its arguments.
-    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    /// The command and its arguments (with --image: the image's Cmd when
+    /// none is given, always after its Entrypoint).
+    #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<OsString>,
 }
 
@@ -93,35 +124,168 @@ pub struct Spec {
     pub stop_timeout: u64,
     pub mount_options: Vec<String>,
     pub command: Vec<CString>,
+    pub limits: Limits,
+}
+
+/// An image to unpack into its store before the union is mounted.
+pub struct ImageRun {
+    pub image: Image,
+    pub store: PathBuf,
 }
 
 const DEFAULT_HOSTNAME: &str = "unionfs";
 
-pub fn check(req: RunRequest) -> Result<Spec, Failure> {
-    check_lowers(&req.lowers)?;
+/// Checks the request; with `--image`, reads the image (nothing is
+/// written) and fills in what its config says and the request does not.
+pub fn check(req: RunRequest) -> Result<(Spec, Option<ImageRun>), Failure> {
+    let limits = check_limits(&req)?;
+    let image = req.image.as_deref().map(open_image).transpose()?;
+    let defaults = image
+        .as_ref()
+        .map(|i| i.defaults().clone())
+        .unwrap_or_default();
+    if let Some(lowers) = &req.lowers {
+        check_lowers(lowers)?;
+    }
     let upper = req.upper.as_deref().map(check_upper).transpose()?;
-    Ok(Spec {
-        lowers: req.lowers,
+    let image_env = defaults.env.iter().flatten().filter(|e| e.contains('='));
+    let cwd = req.cwd.clone().or_else(|| image_working_dir(&defaults));
+    let user = req
+        .user
+        .clone()
+        .or_else(|| defaults.user.clone().filter(|u| !u.is_empty()));
+    let spec = Spec {
+        lowers: req.lowers.clone().unwrap_or_default(),
         upper,
         hostname: check_hostname(req.hostname.as_deref().unwrap_or(DEFAULT_HOSTNAME))?,
-        env: req
-            .env
-            .iter()
+        env: image_env
+            .chain(&req.env)
             .map(|e| check_env(e))
             .collect::<Result<_, _>>()?,
-        cwd: check_cwd(req.cwd.as_deref().unwrap_or("/"))?,
+        cwd: check_cwd(cwd.as_deref().unwrap_or("/"))?,
         binds: req
             .binds
             .iter()
             .map(|b| check_bind(b))
             .collect::<Result<_, _>>()?,
         net: req.net,
-        user: req.user.as_deref().map(check_user).transpose()?,
+        user: user.as_deref().map(check_user).transpose()?,
         init: req.init,
         stop_timeout: req.stop_timeout,
         mount_options: req.mount_options,
-        command: check_command(&req.command)?,
+        command: check_command(&command_line(&req.command, &defaults, image.is_some())?)?,
+        limits,
+    };
+    let store = match (&image, req.store) {
+        (Some(_), Some(dir)) => Some(dir),
+        (Some(_), None) => Some(image::default_store_dir()?),
+        _ => None,
+    };
+    Ok((
+        spec,
+        image
+            .zip(store)
+            .map(|(image, store)| ImageRun { image, store }),
+    ))
+}
+
+fn open_image(reference: &str) -> Result<Image, Failure> {
+    Image::open(reference).map_err(Failure::launcher)
+}
+
+/// An image's `WorkingDir`, made absolute.
+fn image_working_dir(d: &RunDefaults) -> Option<String> {
+    let w = d.working_dir.as_deref().filter(|w| !w.is_empty())?;
+    Some(if w.starts_with('/') {
+        w.to_string()
+    } else {
+        format!("/{w}")
     })
+}
+
+/// The command: the image's `Entrypoint` followed by the arguments given,
+/// or by its `Cmd` when none are.
+fn command_line(
+    given: &[OsString],
+    d: &RunDefaults,
+    from_image: bool,
+) -> Result<Vec<OsString>, Failure> {
+    if !from_image {
+        return Ok(given.to_vec());
+    }
+    let mut cmd: Vec<OsString> = d.entrypoint.iter().flatten().map(OsString::from).collect();
+    if given.is_empty() {
+        cmd.extend(d.cmd.iter().flatten().map(OsString::from));
+    } else {
+        cmd.extend(given.iter().cloned());
+    }
+    if cmd.is_empty() {
+        return Err(Failure::launcher(
+            "no command given and the image has no Entrypoint or Cmd: name one after --",
+        ));
+    }
+    Ok(cmd)
+}
+
+fn check_limits(req: &RunRequest) -> Result<Limits, Failure> {
+    Ok(Limits {
+        memory: req.memory.as_deref().map(check_size).transpose()?,
+        cpus: req.cpus.as_deref().map(check_cpus).transpose()?,
+        pids: req.pids_limit.as_deref().map(check_pids).transpose()?,
+        stats: req.stats,
+        memory_shown: req.memory.clone().unwrap_or_default(),
+    })
+}
+
+/// `512M`, `2G`, `65536`, `64k`, `1GiB`: binary units, case ignored.
+fn check_size(s: &str) -> Result<u64, Failure> {
+    let bad_size = || {
+        bad(
+            "--memory",
+            s,
+            "expected a size such as 512M or 2G (units b, k, m, g, t)",
+        )
+    };
+    let lower = s.trim().to_ascii_lowercase();
+    let digits = lower.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &lower[digits.len()..];
+    let shift = match unit {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(bad_size()),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad_size())?;
+    let bytes = n
+        .checked_shl(shift)
+        .filter(|b| b >> shift == n)
+        .ok_or_else(bad_size)?;
+    if bytes < 1 << 20 {
+        return Err(bad("--memory", s, "a container needs at least 1M"));
+    }
+    Ok(bytes)
+}
+
+fn check_cpus(s: &str) -> Result<f64, Failure> {
+    let have = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let why = format!("expected a number of CPUs from 0.01 to {have} (this machine has {have})");
+    match s.trim().parse::<f64>() {
+        Ok(n) if n.is_finite() && (0.01..=have as f64).contains(&n) => Ok(n),
+        _ => Err(bad("--cpus", s, &why)),
+    }
+}
+
+fn check_pids(s: &str) -> Result<u64, Failure> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(bad(
+            "--pids-limit",
+            s,
+            "expected a whole number of processes, at least 1",
+        )),
+    }
 }
 
 fn bad(what: &str, value: &str, why: &str) -> Failure {
@@ -259,7 +423,9 @@ fn check_user(u: &str) -> Result<UserSpec, Failure> {
 
 fn check_command(cmd: &[OsString]) -> Result<Vec<CString>, Failure> {
     if cmd.is_empty() || cmd[0].is_empty() {
-        return Err(Failure::launcher("no command given"));
+        return Err(Failure::launcher(
+            "no command given: name it after the options (unionfs run ... -- CMD [ARGS])",
+        ));
     }
     cmd.iter()
         .map(|a| {

@@ -63,6 +63,10 @@ fn wait_for_go(fd: &OwnedFd) -> bool {
 }
 
 impl Container {
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
     /// The union could not be mounted: the supervisor exits unstarted.
     pub fn abandon(self) {
         drop(self.go);
