@@ -142,49 +142,6 @@ fn lists_changes_of_kernel_and_unionfs_uppers() {
     }
 }
 
-/// podman with storage of its own (kernel overlay, no mount program).
-struct Podman {
-    dir: PathBuf,
-}
-
-impl Podman {
-    fn new(dir: PathBuf) -> Podman {
-        fs::create_dir_all(&dir).unwrap();
-        fs::write(
-            dir.join("storage.conf"),
-            format!(
-                "[storage]\ndriver = \"overlay\"\nrunroot = \"{d}/run\"\ngraphroot = \"{d}/graph\"\n",
-                d = dir.display()
-            ),
-        )
-        .unwrap();
-        Podman { dir }
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let mut c = Command::new("podman");
-        c.args(args)
-            .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"));
-        let out = run_to_end(c);
-        assert!(
-            out.status.success(),
-            "podman {args:?}: {}",
-            text(&out.stderr)
-        );
-        text(&out.stdout)
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        let _ = Command::new("podman")
-            .args(["rm", "-a", "-f"])
-            .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
-            .output();
-        unmount_all_under(&self.dir);
-    }
-}
-
 /// The container's name: `podman diff NAME` would take an image whose id
 /// starts with NAME first, so the container commands are named as such.
 const CTR: &str = "unionfs-difftest";

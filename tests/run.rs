@@ -10,39 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Scratch, bin, lgetxattr};
-
-/// A busybox rootfs: the static binary, its applet links and a few files.
-fn busybox_rootfs(root: &Path) {
-    for d in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root",
-    ] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
-    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
-    let list = Command::new("/bin/busybox")
-        .arg("--list-full")
-        .output()
-        .unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        let link = root.join(applet);
-        if !link.exists() {
-            std::os::unix::fs::symlink("/bin/busybox", link).unwrap();
-        }
-    }
-    fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-    )
-    .unwrap();
-    fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
-    fs::write(
-        root.join("etc/os-release"),
-        "NAME=\"busybox test rootfs\"\nID=busybox\n",
-    )
-    .unwrap();
-}
+use common::{Scratch, bin, busybox_rootfs, debian_rootfs, lgetxattr};
 
 /// A test's world: a rootfs lower, a scratch TMPDIR for the launcher.
 struct World {
@@ -804,30 +772,6 @@ fn rootless_without_a_usable_dev_fuse_says_so() {
     assert!(err.contains("/dev/fuse cannot be opened"), "{err}");
     assert_eq!(err.lines().count(), 1);
     w.assert_clean();
-}
-
-/// A minimal Debian bookworm rootfs, made once per machine.
-fn debian_rootfs() -> PathBuf {
-    let cached = PathBuf::from("/var/tmp/unionfs-test-debian");
-    if cached.join("var/lib/dpkg/status").exists() {
-        return cached;
-    }
-    let building = PathBuf::from(format!(
-        "/var/tmp/unionfs-test-debian.{}",
-        std::process::id()
-    ));
-    let mirror = "http://deb.debian.org/debian";
-    let o = Command::new("debootstrap")
-        .args(["--variant=minbase", "bookworm"])
-        .arg(&building)
-        .arg(mirror)
-        .output()
-        .expect("debootstrap is installed (tests/setup.sh)");
-    assert!(o.status.success(), "debootstrap failed: {}", stderr(&o));
-    if fs::rename(&building, &cached).is_err() {
-        let _ = fs::remove_dir_all(&building);
-    }
-    cached
 }
 
 #[test]

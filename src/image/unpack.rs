@@ -139,9 +139,12 @@ impl Unpacker {
                 let target = entry
                     .link_name_bytes()
                     .ok_or("a hard link without a target")?;
+                let shown = String::from_utf8_lossy(&target).into_owned();
                 let target = components(&target)?;
                 let (tname, tparent) = target.split_last().ok_or("a hard link to the root")?;
-                let tdir = self.open_dir(tparent)?;
+                let tdir = self.open_dir(tparent).map_err(|e| {
+                    format!("the link target {shown} is not an earlier entry of the layer ({e})")
+                })?;
                 self.make_room(dir, name, false)?;
                 sys::link_at(tdir.as_fd(), tname, dir, name).map_err(|e| {
                     err(

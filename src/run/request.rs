@@ -43,13 +43,13 @@ pub struct RunRequest {
     pub store: Option<PathBuf>,
     /// Memory limit, swap included (e.g. 512M, 2G): processes beyond it are
     /// killed by the kernel.
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub memory: Option<String>,
     /// CPU time limit in CPUs, fractions allowed (0.5: half of one CPU).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
     pub cpus: Option<String>,
     /// Limit on the container's processes and threads.
-    #[arg(long = "pids-limit", value_name = "N")]
+    #[arg(long = "pids-limit", value_name = "N", allow_hyphen_values = true)]
     pub pids_limit: Option<String>,
     /// At exit, report the peak memory, CPU time and peak process count.
     #[arg(long)]
@@ -86,7 +86,11 @@ pub struct RunRequest {
     pub mount_options: Vec<String>,
     /// The command and its arguments (with --image: the image's Cmd when
     /// none is given, always after its Entrypoint).
-    #[arg(trailing_var_arg = true, value_name = "CMD")]
+    #[arg(
+        trailing_var_arg = true,
+        value_name = "CMD",
+        required_unless_present = "image"
+    )]
     pub command: Vec<OsString>,
 }
 

@@ -783,3 +783,106 @@ pub fn unmount_all_under(dir: &Path) {
         umount_lazy(Path::new(m));
     }
 }
+
+/// A busybox rootfs: the static binary, its applet links and a few files.
+pub fn busybox_rootfs(root: &Path) {
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
+    let list = Command::new("/bin/busybox")
+        .arg("--list-full")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let link = root.join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("/bin/busybox", link).unwrap();
+        }
+    }
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )
+    .unwrap();
+    fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    fs::write(
+        root.join("etc/os-release"),
+        "NAME=\"busybox test rootfs\"\nID=busybox\n",
+    )
+    .unwrap();
+}
+
+/// A minimal Debian bookworm rootfs, made once per machine.
+pub fn debian_rootfs() -> PathBuf {
+    let cached = PathBuf::from("/var/tmp/unionfs-test-debian");
+    if cached.join("var/lib/dpkg/status").exists() {
+        return cached;
+    }
+    let building = PathBuf::from(format!(
+        "/var/tmp/unionfs-test-debian.{}",
+        std::process::id()
+    ));
+    let mirror = "http://deb.debian.org/debian";
+    let o = Command::new("debootstrap")
+        .args(["--variant=minbase", "bookworm"])
+        .arg(&building)
+        .arg(mirror)
+        .output()
+        .expect("debootstrap is installed (tests/setup.sh)");
+    assert!(
+        o.status.success(),
+        "debootstrap failed: {}",
+        text(&o.stderr)
+    );
+    if fs::rename(&building, &cached).is_err() {
+        let _ = fs::remove_dir_all(&building);
+    }
+    cached
+}
+
+/// podman with storage of its own (kernel overlay, no mount program).
+pub struct Podman {
+    pub dir: PathBuf,
+}
+
+impl Podman {
+    pub fn new(dir: PathBuf) -> Podman {
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"overlay\"\nrunroot = \"{d}/run\"\ngraphroot = \"{d}/graph\"\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        Podman { dir }
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let mut c = Command::new("podman");
+        c.args(args)
+            .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"));
+        let out = run_to_end(c);
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(["rm", "-a", "-f"])
+            .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
+            .output();
+        unmount_all_under(&self.dir);
+    }
+}
