@@ -70,6 +70,8 @@ WORKLOADS = [
     ("rw_rewrite", "real world: rewrite many files", "ms", LOWER),
     ("rss", "daemon peak RSS", "MiB", LOWER),
     ("container", "container start to exit, busybox `true` (unionfs run)", "ms", LOWER),
+    ("image_first", "container start to exit from an OCI image, first run (unpack)", "ms", LOWER),
+    ("image_cached", "container start to exit from an OCI image, layers stored", "ms", LOWER),
 ]
 
 
@@ -287,6 +289,37 @@ def make_data(base, prof):
     stamp.write_text(want)
 
 
+def make_oci_layout(rootfs, dest):
+    """An OCI image layout of one gzip layer (the tree `rootfs`) whose
+    command is `true`."""
+    import gzip
+    import hashlib
+    import io
+
+    def blob(data):
+        digest = hashlib.sha256(data).hexdigest()
+        (dest / "blobs/sha256" / digest).write_bytes(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    (dest / "blobs/sha256").mkdir(parents=True)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as t:
+        t.add(rootfs, arcname=".")
+    tar = raw.getvalue()
+    layer = dict(blob(gzip.compress(tar, compresslevel=6)), mediaType="application/vnd.oci.image.layer.v1.tar+gzip")
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["true"]},
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest()]},
+    }
+    cfg = dict(blob(json.dumps(config).encode()), mediaType="application/vnd.oci.image.config.v1+json")
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": cfg, "layers": [layer]}
+    m = dict(blob(json.dumps(manifest).encode()), mediaType="application/vnd.oci.image.manifest.v1+json")
+    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [m]}))
+    (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
 # ------------------------------------------------------------------ variants
 
 
@@ -322,6 +355,12 @@ class Variant:
         """Median time from launch to exit of a container running `true`;
         None for a variant without a container launcher."""
         return None
+
+    def image_start_ms(self, layout, scratch, runs):
+        """Medians from launch to exit of a container of the OCI image
+        `layout` running `true`: with an empty layer store, and with the
+        layers stored. (None, None) without a container launcher."""
+        return None, None
 
 
 class Bare(Variant):
@@ -415,6 +454,25 @@ class Unionfs(Variant):
         cmd = [str(self.binary), "run", "--lower", str(rootfs), "--", "true"]
         times = [sh_timed(cmd, env=env) for _ in range(runs)]
         return statistics.median(times)
+
+    def image_start_ms(self, layout, scratch, runs):
+        scratch.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, TMPDIR=str(scratch))
+
+        def once(store):
+            cmd = [str(self.binary), "run", "--store", str(store), "--image", str(layout), "--", "true"]
+            return sh_timed(cmd, env=env)
+
+        first = []
+        for i in range(runs):
+            store = scratch / f"store-{i}"
+            first.append(once(store))
+            shutil.rmtree(store)
+        store = scratch / "store"
+        once(store)
+        cached = [once(store) for _ in range(runs)]
+        shutil.rmtree(store)
+        return statistics.median(first), statistics.median(cached)
 
 
 def peak_rss_mib(pid):
@@ -613,6 +671,10 @@ def real_world_round(variant, data, scratch):
         variant.unmount(mnt)
     if (data / "rw-lower/bin/busybox").exists():
         r["container"] = variant.container_start_ms(data / "rw-lower", scratch / "containers", CONTAINER_RUNS)
+        layout = data / "oci"
+        if not (layout / "index.json").exists():
+            make_oci_layout(data / "rw-lower", layout)
+        r["image_first"], r["image_cached"] = variant.image_start_ms(layout, scratch / "images", CONTAINER_RUNS)
     return r
 
 

@@ -30,14 +30,23 @@ Exit status: 0 once unmounted; 1 when the union could not be mounted or served
 (the reason on stderr); 2 for bad input, with nothing mounted or created.";
 
 const RUN_HELP: &str = "\
+Images: --image PATH[:TAG] runs an OCI image layout directory or an OCI or
+docker archive; its layers are unpacked once into the layer store (checked by
+digest) and its Cmd, Entrypoint, Env, WorkingDir and User are the defaults.
+
+Limits: --memory, --cpus and --pids-limit (and --stats) put the container in a
+cgroup of its own (v2 where offered, else v1), removed when the run ends.
+
 Ending: the run ends when CMD (the container's first process) exits; the union
-is unmounted and the run's scratch space removed. Ctrl-C and SIGTERM go to CMD.
+is unmounted, the run's scratch space and cgroup removed. Ctrl-C and SIGTERM
+go to CMD.
 
 Logs: only problems, on stderr; RUST_LOG=unionfs=debug shows more.
 
 Exit status: CMD's own (128+N if it dies of signal N); 125 when the launcher
 fails or is given bad values; 126 when CMD cannot be executed; 127 when it is
-not found in the container.";
+not found in the container. A process killed for going past --memory exits 137,
+and the launcher says so.";
 
 const DIFF_HELP: &str = "\
 Reads the upper directory only (never through a symlink) and changes nothing.
@@ -80,7 +89,7 @@ enum Command {
         /// Where to mount the union.
         mountpoint: PathBuf,
     },
-    /// Run CMD in new namespaces with a union of LOWERS as its root filesystem.
+    /// Run CMD in new namespaces with a union of LOWERS (or an image's layers) as its root filesystem.
     #[command(after_help = RUN_HELP)]
     Run(Box<run::RunRequest>),
     /// List what an upper directory changes (A added, C changed, D deleted, as podman diff), or write it as an OCI layer tarball.

@@ -57,4 +57,6 @@ fn bench_smoke_produces_every_figure() {
     assert!(md.contains("| unionfs/kernel |"), "{md}");
     // Rows appear only with a figure: the launcher's was measured.
     assert!(md.contains("| container start to exit"), "{md}");
+    assert!(md.contains("from an OCI image, first run"), "{md}");
+    assert!(md.contains("from an OCI image, layers stored"), "{md}");
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Podman, Scratch, bin, busybox_rootfs, debian_rootfs, text};
+use common::{Podman, Scratch, bin, busybox_rootfs, debian_rootfs, subuid_start, text, uid_of};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -926,7 +926,59 @@ fn rootless_without_a_delegated_cgroup_gets_one_line() {
     w.assert_clean();
 }
 
-fn uid_of(user: &str) -> u32 {
-    let o = Command::new("id").args(["-u", user]).output().unwrap();
-    text(&o.stdout).trim().parse().unwrap()
+#[test]
+fn rootless_images_keep_their_owners_through_the_user_namespace() {
+    let w = World::new("image-rootless");
+    let base = w.busybox_layer(Packing::Gzip);
+    let owned = {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o640);
+        h.set_uid(1000);
+        h.set_gid(1000);
+        h.set_size(3);
+        h.set_mtime(1_600_000_000);
+        b.append_data(&mut h, "owned", &b"abc"[..]).unwrap();
+        Layer::new(b.into_inner().unwrap(), Packing::Zstd)
+    };
+    let oci = w.s.path.join("oci");
+    Layout::new(oci.clone()).image(
+        "t",
+        &[&base, &owned],
+        json!({"Cmd": ["stat", "-c", "%u %g %a", "/owned"]}),
+    );
+    let uid = uid_of("tests");
+    std::os::unix::fs::chown(&w.tmp, Some(uid), None).unwrap();
+    let home = w.s.dir("home");
+    std::os::unix::fs::chown(&home, Some(uid), None).unwrap();
+    let node = w.s.path.join("fuse-node");
+    let script = format!(
+        "mknod -m 666 {node} c 10 229 && mount --bind {node} /dev/fuse && \\
+         exec setpriv --reuid=tests --regid=$(id -g tests) --clear-groups env -u XDG_DATA_HOME HOME={home} TMPDIR={tmp} {bin} run --image {oci}",
+        node = node.display(),
+        home = home.display(),
+        tmp = w.tmp.display(),
+        bin = bin().display(),
+        oci = oci.display(),
+    );
+    let o = finish(
+        Command::new("unshare")
+            .args(["-m", "sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(ok(&o), "1000 1000 640\n");
+    // The store is the user's (~/.local/share/unionfs); the layer's file is
+    // owned by the subordinate id that uid 1000 of the container maps to.
+    let store = home.join(".local/share/unionfs");
+    assert_eq!(fs::metadata(&store).unwrap().uid(), uid);
+    let file = store.join("layers").join(&owned.diff_id[7..]).join("owned");
+    assert_eq!(
+        fs::metadata(&file).unwrap().uid(),
+        subuid_start("tests") + 999
+    );
+    w.assert_clean();
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Scratch, bin, busybox_rootfs, debian_rootfs, lgetxattr};
+use common::{Scratch, bin, busybox_rootfs, debian_rootfs, lgetxattr, subuid_start, uid_of};
 
 /// A test's world: a rootfs lower, a scratch TMPDIR for the launcher.
 struct World {
@@ -637,24 +637,6 @@ fn run_rootless(w: &World, user: &str, args: &str) -> Output {
         .spawn()
         .unwrap();
     finish(child)
-}
-
-fn uid_of(user: &str) -> u32 {
-    let o = Command::new("id").args(["-u", user]).output().unwrap();
-    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
-}
-
-fn subuid_start(user: &str) -> u32 {
-    let text = fs::read_to_string("/etc/subuid").unwrap_or_default();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{user}:"))?
-                .split(':')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("{user} has no range in /etc/subuid (tests/setup.sh adds it)"))
 }
 
 #[test]

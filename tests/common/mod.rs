@@ -886,3 +886,23 @@ impl Drop for Podman {
         unmount_all_under(&self.dir);
     }
 }
+
+/// The uid of a user by name.
+pub fn uid_of(user: &str) -> u32 {
+    let o = Command::new("id").args(["-u", user]).output().unwrap();
+    text(&o.stdout).trim().parse().unwrap()
+}
+
+/// The first subordinate uid of a user (tests/setup.sh grants them).
+pub fn subuid_start(user: &str) -> u32 {
+    let text = fs::read_to_string("/etc/subuid").unwrap_or_default();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{user}:"))?
+                .split(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{user} has no range in /etc/subuid (tests/setup.sh adds it)"))
+}
