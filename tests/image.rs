@@ -815,8 +815,10 @@ fn half_a_cpu_holds_a_busy_loop_near_half() {
         .and_then(|t| t.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no cpu time in: {err}"));
-    // 3 s of wall time at half a CPU: 1.5 s, never more than the quota.
-    assert!((1.0..=1.65).contains(&cpu), "cpu {cpu} s: {err}");
+    // 3 s of wall time at half a CPU: 1.5 s, never more than the quota
+    // (unlimited, the loop takes 3 s; less than 1.5 s when the machine is
+    // busy with other tests).
+    assert!((0.6..=1.65).contains(&cpu), "cpu {cpu} s: {err}");
     w.assert_clean();
 }
 

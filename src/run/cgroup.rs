@@ -20,6 +20,8 @@ use super::Failure;
 /// The period of the CPU bandwidth limit, in microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
 const NAME_PREFIX: &str = "unionfs-run.";
+/// The leaf a v2 launcher moves to (see `vacate`).
+const LAUNCHER_PREFIX: &str = "unionfs-launcher.";
 
 /// What the run is held to, and whether to report its use at exit.
 #[derive(Clone, Debug, Default)]
@@ -85,6 +87,18 @@ struct Hierarchy {
 fn hierarchies() -> Vec<Hierarchy> {
     let membership = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    parse_hierarchies(&mountinfo, &membership, &|own| {
+        std::fs::read_to_string(own.join("cgroup.controllers")).unwrap_or_default()
+    })
+}
+
+/// The hierarchies a mount table and a process's cgroup list describe;
+/// `controllers_of` reads a v2 cgroup's `cgroup.controllers`.
+fn parse_hierarchies(
+    mountinfo: &str,
+    membership: &str,
+    controllers_of: &dyn Fn(&Path) -> String,
+) -> Vec<Hierarchy> {
     let mut out = Vec::new();
     for line in mountinfo.lines() {
         let Some((before, after)) = line.split_once(" - ") else {
@@ -102,8 +116,7 @@ fn hierarchies() -> Vec<Hierarchy> {
                     continue;
                 };
                 let own = mount.join(path.trim_start_matches('/'));
-                let controllers = std::fs::read_to_string(own.join("cgroup.controllers"))
-                    .unwrap_or_default()
+                let controllers = controllers_of(&own)
                     .split_whitespace()
                     .map(str::to_string)
                     .collect();
@@ -166,6 +179,9 @@ impl Cgroup {
             let parent = h.own.clone();
             remove_stale(&parent);
             let dir = parent.join(&name);
+            if !enabled(&parent, &wanted) && !is_hierarchy_root(&parent) {
+                vacate(&parent)?;
+            }
             enable_controllers(&parent, &wanted)?;
             make_cgroup_dir(&dir)?;
             for c in wanted.iter().filter(|c| **c != "cpuacct") {
@@ -342,21 +358,52 @@ fn no_controller(c: &str) -> Failure {
     ))
 }
 
-/// v2: lets the children of `parent` use the controllers.
-fn enable_controllers(parent: &Path, wanted: &[&str]) -> Result<(), Failure> {
+/// v2: the controllers of `wanted` that `parent` does not hand down yet.
+fn missing_controllers(parent: &Path, wanted: &[&str]) -> Vec<String> {
     let enabled =
         std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
-    let missing: Vec<String> = wanted
+    wanted
         .iter()
         .filter(|c| **c != "cpuacct" && !enabled.split_whitespace().any(|e| e == **c))
         .map(|c| format!("+{c}"))
-        .collect();
+        .collect()
+}
+
+fn enabled(parent: &Path, wanted: &[&str]) -> bool {
+    missing_controllers(parent, wanted).is_empty()
+}
+
+/// The root of a v2 hierarchy may hold processes and hand controllers down.
+fn is_hierarchy_root(dir: &Path) -> bool {
+    !dir.join("cgroup.type").exists()
+}
+
+/// v2: a cgroup that hands controllers down may hold no process, so the
+/// launcher leaves its own cgroup for a leaf `unionfs-launcher.PID` in it
+/// (as in a scope started for the run, where it is the only process). The
+/// leaf is removed by a later run once the launcher is gone.
+fn vacate(own: &Path) -> Result<(), Failure> {
+    let procs = std::fs::read_to_string(own.join("cgroup.procs")).unwrap_or_default();
+    let me = std::process::id().to_string();
+    if !procs.lines().any(|p| p.trim() == me) {
+        return Ok(());
+    }
+    let leaf = own.join(format!("{LAUNCHER_PREFIX}{me}"));
+    if !leaf.exists() {
+        make_cgroup_dir(&leaf)?;
+    }
+    write_value(&leaf, "cgroup.procs", &me)
+}
+
+/// v2: lets the children of `parent` use the controllers.
+fn enable_controllers(parent: &Path, wanted: &[&str]) -> Result<(), Failure> {
+    let missing = missing_controllers(parent, wanted);
     if missing.is_empty() {
         return Ok(());
     }
     std::fs::write(parent.join("cgroup.subtree_control"), missing.join(" ")).map_err(|e| {
         Failure::launcher(format!(
-            "cannot enable {} for the cgroups under {}: {e} (when rootless, run in a delegated cgroup, e.g. systemd-run --user --scope -p Delegate=yes unionfs run ...)",
+            "cannot enable {} for the cgroups under {}: {e} (the launcher's cgroup must be delegated to it and hold no other process, e.g. systemd-run --user --scope -p Delegate=yes unionfs run ...)",
             missing.join(" "),
             parent.display()
         ))
@@ -433,7 +480,10 @@ fn remove_stale(parent: &Path) {
         let name = e.file_name();
         let Some(pid) = name
             .to_str()
-            .and_then(|n| n.strip_prefix(NAME_PREFIX))
+            .and_then(|n| {
+                n.strip_prefix(NAME_PREFIX)
+                    .or(n.strip_prefix(LAUNCHER_PREFIX))
+            })
             .and_then(|p| p.parse::<i32>().ok())
         else {
             continue;
@@ -442,5 +492,138 @@ fn remove_stale(parent: &Path) {
             debug!(dir = %e.path().display(), "removing a cgroup a killed launcher left");
             remove_cgroup(&e.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V1_MOUNTS: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+    const V1_MEMBERSHIP: &str =
+        "9:name=systemd:/\n8:pids:/\n4:memory:/jobs/a1\n2:cpuacct:/\n1:cpu:/\n0::/\n";
+
+    #[test]
+    fn a_legacy_layout_gives_each_controller_its_hierarchy() {
+        let all = parse_hierarchies(V1_MOUNTS, V1_MEMBERSHIP, &|_| String::new());
+        let v1: Vec<(&str, &Path)> = all
+            .iter()
+            .filter(|h| h.version == Version::V1)
+            .map(|h| (h.controllers[0].as_str(), h.own.as_path()))
+            .collect();
+        assert!(v1.contains(&("memory", Path::new("/sys/fs/cgroup/memory/jobs/a1"))));
+        assert!(v1.contains(&("pids", Path::new("/sys/fs/cgroup/pids"))));
+        assert!(v1.contains(&("cpuacct", Path::new("/sys/fs/cgroup/cpuacct"))));
+        // The empty unified hierarchy offers nothing.
+        let v2: Vec<&Hierarchy> = all.iter().filter(|h| h.version == Version::V2).collect();
+        assert_eq!(v2.len(), 1);
+        assert!(v2[0].controllers.is_empty());
+    }
+
+    #[test]
+    fn a_unified_layout_offers_what_its_cgroup_lists() {
+        let mounts = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        let membership = "0::/user.slice/user-1000.slice/run.scope\n";
+        let all = parse_hierarchies(mounts, membership, &|own| {
+            assert_eq!(
+                own,
+                Path::new("/sys/fs/cgroup/user.slice/user-1000.slice/run.scope")
+            );
+            "cpu memory pids\n".into()
+        });
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].version, Version::V2);
+        assert_eq!(all[0].controllers, ["cpu", "memory", "pids"]);
+    }
+
+    #[test]
+    fn v2_limits_and_controllers_are_written_as_the_kernel_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dir.path();
+        let child = parent.join("unionfs-run.1");
+        std::fs::create_dir(&child).unwrap();
+        std::fs::write(parent.join("cgroup.subtree_control"), "memory").unwrap();
+        std::fs::write(child.join("memory.swap.max"), "max").unwrap();
+        let limits = Limits {
+            memory: Some(32 << 20),
+            cpus: Some(0.5),
+            pids: Some(64),
+            stats: false,
+            memory_shown: "32M".into(),
+        };
+        let wanted = limits.controllers();
+        // The launcher in the cgroup that must hand controllers down: it
+        // moves to a leaf of its own first.
+        let me = std::process::id();
+        std::fs::write(parent.join("cgroup.procs"), format!("1\n{me}\n")).unwrap();
+        assert!(!enabled(parent, &wanted));
+        vacate(parent).unwrap();
+        let leaf = parent.join(format!("unionfs-launcher.{me}"));
+        assert_eq!(
+            std::fs::read_to_string(leaf.join("cgroup.procs")).unwrap(),
+            me.to_string()
+        );
+        enable_controllers(parent, &wanted).unwrap();
+        // Only what is not yet enabled is asked for.
+        let asked = std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap();
+        assert_eq!(asked, "+cpu +pids");
+        let cg = Cgroup {
+            version: Version::V2,
+            dirs: wanted.iter().map(|c| (*c, child.clone())).collect(),
+            limits,
+        };
+        cg.set_limits().unwrap();
+        let read = |f: &str| std::fs::read_to_string(child.join(f)).unwrap();
+        assert_eq!(read("memory.max"), "33554432");
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("cpu.max"), "50000 100000");
+        assert_eq!(read("pids.max"), "64");
+        std::fs::write(
+            child.join("memory.events"),
+            "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
+        assert_eq!(cg.oom_kills(), 1);
+        std::mem::forget(cg); // its Drop would rmdir a directory of files
+    }
+
+    #[test]
+    fn v1_limits_are_written_per_hierarchy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mem, cpu) = (dir.path().join("memory"), dir.path().join("cpu"));
+        for d in [&mem, &cpu] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(mem.join("memory.memsw.limit_in_bytes"), "").unwrap();
+        let cg = Cgroup {
+            version: Version::V1,
+            dirs: vec![("memory", mem.clone()), ("cpu", cpu.clone())],
+            limits: Limits {
+                memory: Some(1 << 30),
+                cpus: Some(1.25),
+                ..Limits::default()
+            },
+        };
+        cg.set_limits().unwrap();
+        let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+        assert_eq!(read(&mem, "memory.limit_in_bytes"), "1073741824");
+        assert_eq!(read(&mem, "memory.memsw.limit_in_bytes"), "1073741824");
+        assert_eq!(read(&cpu, "cpu.cfs_period_us"), "100000");
+        assert_eq!(read(&cpu, "cpu.cfs_quota_us"), "125000");
+        std::fs::write(
+            mem.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .unwrap();
+        assert_eq!(cg.oom_kills(), 3);
+        std::mem::forget(cg);
     }
 }
