@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Podman, Scratch, bin, busybox_rootfs, debian_rootfs, subuid_start, text, uid_of};
+use common::{
+    Podman, Scratch, bin, busybox_rootfs, debian_rootfs, ok, subuid_start, text, uid_of,
+    wait_output,
+};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -269,26 +272,8 @@ impl World {
 }
 
 /// Waits for a child, killing it after two minutes (a hang is a failure).
-fn finish(mut child: Child) -> Output {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("unionfs run hung");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "status {:?}, stderr: {}",
-        o.status,
-        text(&o.stderr)
-    );
-    text(&o.stdout)
+fn finish(child: Child) -> Output {
+    wait_output(child, Duration::from_secs(120))
 }
 
 fn unpacks(o: &Output) -> usize {

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Scratch, bin, busybox_rootfs, debian_rootfs, lgetxattr, subuid_start, uid_of};
+use common::{
+    Scratch, bin, busybox_rootfs, debian_rootfs, lgetxattr, ok, subuid_start, uid_of, wait_output,
+};
 
 /// A test's world: a rootfs lower, a scratch TMPDIR for the launcher.
 struct World {
@@ -67,34 +69,12 @@ impl World {
 }
 
 /// Waits for a child, killing it after a minute (a hang is a failure).
-fn finish(mut child: Child) -> Output {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("unionfs run hung");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
+fn finish(child: Child) -> Output {
+    wait_output(child, Duration::from_secs(60))
 }
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "status {:?}, stderr: {}",
-        o.status,
-        stderr(o)
-    );
-    stdout(o)
 }
 
 /// Processes other than launchers whose command line contains `marker`.

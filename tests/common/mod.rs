@@ -906,3 +906,27 @@ pub fn subuid_start(user: &str) -> u32 {
         })
         .unwrap_or_else(|| panic!("{user} has no range in /etc/subuid (tests/setup.sh adds it)"))
 }
+
+/// Waits for a child, killing it after `limit` (a hang is a failure).
+pub fn wait_output(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the command hung (more than {limit:?})");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The stdout of a command that must have succeeded.
+pub fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "status {:?}, stderr: {}",
+        o.status,
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
