@@ -360,6 +360,53 @@ mod tests {
         assert!(!tag_matches("localhost/xprobe:v1", "probe:v1"));
     }
 
+    /// Writes `data` as a blob of the layout in `dir`; gives its descriptor.
+    fn blob(dir: &std::path::Path, media_type: &str, data: &[u8]) -> serde_json::Value {
+        let d = Digest::of(data);
+        std::fs::write(dir.join("blobs/sha256").join(d.hex()), data).unwrap();
+        serde_json::json!({"mediaType": media_type, "digest": d.to_string(), "size": data.len()})
+    }
+
+    #[test]
+    fn a_multi_platform_index_resolves_to_this_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("blobs/sha256")).unwrap();
+        let layer = b"not unpacked here";
+        let layer_d = Digest::of(layer);
+        let mut platforms = Vec::new();
+        for (arch, cmd) in [("s390x", "other"), (platform_here(), "mine")] {
+            let config = serde_json::json!({
+                "config": {"Cmd": [cmd]},
+                "rootfs": {"type": "layers", "diff_ids": [layer_d.to_string()]},
+            });
+            let config = blob(root, CONFIG_TYPES[0], config.to_string().as_bytes());
+            let layer = blob(root, "application/vnd.oci.image.layer.v1.tar", layer);
+            let manifest =
+                serde_json::json!({"schemaVersion": 2, "config": config, "layers": [layer]});
+            let mut m = blob(root, OCI_MANIFEST, manifest.to_string().as_bytes());
+            m["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
+            platforms.push(m);
+        }
+        let nested = serde_json::json!({"schemaVersion": 2, "manifests": platforms});
+        let mut top = blob(root, OCI_INDEX, nested.to_string().as_bytes());
+        top["annotations"] = serde_json::json!({REF_NAME: "multi:1"});
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [top]});
+        std::fs::write(root.join("index.json"), index.to_string()).unwrap();
+        let src = Source::Dir(root.to_path_buf());
+        for tag in [None, Some("1"), Some("multi:1")] {
+            let r = resolve(&src, tag).unwrap();
+            assert_eq!(r.defaults.cmd, Some(vec!["mine".to_string()]));
+            assert_eq!(r.layers[0].diff_id, layer_d);
+            assert_eq!(r.layers[0].compression, Compression::None);
+        }
+        let e = resolve(&src, Some("2")).unwrap_err();
+        assert!(
+            e.contains("no image tagged '2'") && e.contains("tags: multi:1"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn layer_media_types() {
         assert_eq!(
