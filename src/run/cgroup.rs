@@ -20,6 +20,11 @@ use super::Failure;
 /// The period of the CPU bandwidth limit, in microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
 const NAME_PREFIX: &str = "unionfs-run.";
+/// Processes of the launcher in the cgroup: the supervisor, which joins
+/// before it forks the container's first process. It is not the container's
+/// (it is outside the container's PID namespace), so `--pids-limit` and the
+/// reported peak leave it out.
+const SUPERVISORS: u64 = 1;
 /// The leaf a v2 launcher moves to (see `vacate`).
 const LAUNCHER_PREFIX: &str = "unionfs-launcher.";
 
@@ -245,7 +250,7 @@ impl Cgroup {
             }
         }
         if let (Some(n), Some(dir)) = (l.pids, self.dir_of("pids")) {
-            write_value(dir, "pids.max", &n.to_string())?;
+            write_value(dir, "pids.max", &(n + SUPERVISORS).to_string())?;
         }
         Ok(())
     }
@@ -311,6 +316,7 @@ impl Cgroup {
         if let Some(n) = self
             .dir_of("pids")
             .and_then(|d| read_number(&d.join("pids.peak")))
+            .map(|n| n.saturating_sub(SUPERVISORS))
         {
             parts.push(format!("pids peak {n}"));
         }
@@ -585,7 +591,8 @@ mod tests {
         assert_eq!(read("memory.max"), "33554432");
         assert_eq!(read("memory.swap.max"), "0");
         assert_eq!(read("cpu.max"), "50000 100000");
-        assert_eq!(read("pids.max"), "64");
+        // The container's 64, and the supervisor.
+        assert_eq!(read("pids.max"), "65");
         std::fs::write(
             child.join("memory.events"),
             "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n",
