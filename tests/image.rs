@@ -969,3 +969,140 @@ fn rootless_images_keep_their_owners_through_the_user_namespace() {
     );
     w.assert_clean();
 }
+
+/// What `find` sees of a container's root (its own mounts and the files
+/// an engine binds in left out), sorted, written to /out/listing (a bind
+/// mount: the listing is larger than a pipe's buffer). Not compared: `/`
+/// (podman's storage makes every layer root and container upper 0555,
+/// whatever the layer says; a unionfs run's is its upper's, 0755) and the
+/// `/etc/mtab` link podman adds to images without one.
+const LISTING: &str = "find / -xdev \\( -path /proc -o -path /sys -o -path /dev -o -path /run \
+     -o -path /etc/hosts -o -path /etc/hostname -o -path /etc/resolv.conf -o -path /etc/mtab -o -path /out \\) -prune \
+     -o -path / -o -type d -printf 'd %m %U %G %p\\n' -o -printf '%y %m %U %G %s %n %T@ %p %l\\n' \
+     | sort > /out/listing";
+
+#[test]
+fn the_view_of_a_layered_image_is_podmans() {
+    let w = World::new("image-vs-podman");
+    let p = Podman::new(w.s.path.join("podman"));
+    let base = Layer::of_dir(&debian_rootfs(), Packing::Plain);
+    // Deletions by whiteout and by opaque directory, a directory replaced
+    // by a file and a file by a directory, a hard link pair, a symlink, odd
+    // owners and modes.
+    let top = {
+        let mut b = tar::Builder::new(Vec::new());
+        let entry = |b: &mut tar::Builder<Vec<u8>>,
+                     kind,
+                     name: &str,
+                     mode,
+                     uid,
+                     data: &[u8],
+                     link: Option<&str>| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_uid(uid);
+            h.set_gid(uid);
+            h.set_size(data.len() as u64);
+            h.set_mtime(1_650_000_000);
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+            }
+            b.append_data(&mut h, name, data).unwrap();
+        };
+        use tar::EntryType::{Directory as D, Link as L, Regular as F, Symlink as S};
+        entry(&mut b, F, "usr/share/doc/.wh..wh..opq", 0o644, 0, b"", None);
+        entry(
+            &mut b,
+            F,
+            "usr/share/doc/kept-alone",
+            0o644,
+            0,
+            b"x\n",
+            None,
+        );
+        entry(&mut b, F, "usr/bin/.wh.tac", 0o644, 0, b"", None);
+        entry(&mut b, F, "etc/.wh.motd", 0o644, 0, b"", None);
+        entry(
+            &mut b,
+            F,
+            "var/mail",
+            0o600,
+            8,
+            b"a file where a directory was\n",
+            None,
+        );
+        entry(&mut b, D, "etc/debian_version", 0o750, 1000, b"", None);
+        entry(
+            &mut b,
+            F,
+            "etc/debian_version/inside",
+            0o640,
+            1000,
+            b"a directory where a file was\n",
+            None,
+        );
+        entry(&mut b, D, "srv/app", 0o2775, 1000, b"", None);
+        entry(&mut b, F, "srv/app/data", 0o4755, 1000, b"data\n", None);
+        entry(
+            &mut b,
+            L,
+            "srv/app/data-link",
+            0o4755,
+            1000,
+            b"",
+            Some("srv/app/data"),
+        );
+        entry(&mut b, S, "srv/app/to-data", 0o777, 1000, b"", Some("data"));
+        Layer::new(b.into_inner().unwrap(), Packing::Gzip)
+    };
+    // podman names the image after the layout's path, which must then be
+    // lower case (the scratch directory's name is not).
+    let lower_case = tempfile::Builder::new()
+        .prefix("unionfs-image-cmp-")
+        .rand_bytes(0)
+        .suffix(&std::process::id().to_string())
+        .tempdir()
+        .unwrap();
+    let oci = lower_case.path().join("oci");
+    Layout::new(oci.clone()).image("cmp", &[&base, &top], json!({"Cmd": ["true"]}));
+    let id = p.ok(&["pull", "-q", &format!("oci:{}:cmp", oci.display())]);
+    let (their_out, our_out) = (w.s.dir("podman-out"), w.s.dir("unionfs-out"));
+    let their_bind = format!("{}:/out", their_out.display());
+    p.ok(&[
+        "run",
+        "--rm",
+        "--net",
+        "none",
+        "-v",
+        &their_bind,
+        // This machine's hard limits are below podman's defaults.
+        "--ulimit",
+        "nofile=20000:20000",
+        "--ulimit",
+        "nproc=32768:32768",
+        id.trim(),
+        "sh",
+        "-c",
+        LISTING,
+    ]);
+    let image = format!("{}:cmp", oci.display());
+    let our_bind = format!("{}:/out", our_out.display());
+    ok(&w.run(&[
+        "--image", &image, "--net", "none", "--bind", &our_bind, "--", "sh", "-c", LISTING,
+    ]));
+    let theirs = fs::read_to_string(their_out.join("listing")).unwrap();
+    let ours = fs::read_to_string(our_out.join("listing")).unwrap();
+    assert!(theirs.lines().count() > 1000, "{theirs}");
+    assert!(
+        ours.contains(" /srv/app/data-link \n") && !ours.contains("/usr/bin/tac"),
+        "{ours}"
+    );
+    if ours != theirs {
+        let (o, t): (Vec<&str>, Vec<&str>) = (ours.lines().collect(), theirs.lines().collect());
+        let only_ours: Vec<_> = o.iter().filter(|l| !t.contains(l)).collect();
+        let only_theirs: Vec<_> = t.iter().filter(|l| !o.contains(l)).collect();
+        panic!("the views differ:\nonly unionfs: {only_ours:#?}\nonly podman: {only_theirs:#?}");
+    }
+    w.assert_clean();
+}
