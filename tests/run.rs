@@ -945,3 +945,32 @@ fn permissive(mut c: Command) -> Command {
     c.stdout(Stdio::null());
     c
 }
+
+#[test]
+fn a_restrictive_umask_does_not_close_what_the_launcher_makes() {
+    let w = World::new("run-umask");
+    let host_file = w.s.path.join("hostfile");
+    fs::write(&host_file, "x\n").unwrap();
+    fs::set_permissions(&host_file, fs::Permissions::from_mode(0o644)).unwrap();
+    // Under umask 077, a user of the container must still pass through the
+    // directories the launcher made for --cwd and a bind target, and the
+    // command starts with the conventional umask.
+    let script = format!(
+        "umask 077; exec {bin} run --lower {lower} --cwd /made/here --user 65534 \
+         --bind {file}:/deep/in/file:ro -- \
+         sh -c 'stat -c %a /made /made/here /deep /deep/in; cat /deep/in/file; umask'",
+        bin = bin().display(),
+        lower = w.lower.display(),
+        file = host_file.display(),
+    );
+    let mut c = Command::new("sh");
+    c.args(["-c", &script])
+        .env("TMPDIR", &w.tmp)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = ok(&finish(c.spawn().unwrap()));
+    assert_eq!(out, "755\n755\n755\n755\nx\n0022\n");
+    w.assert_clean();
+}
