@@ -159,6 +159,9 @@ pub struct CompatOptions {
     /// `redirect_dir=on|off` (`follow` and `nofollow` write none either);
     /// unset means on.
     pub redirect_dir: Option<bool>,
+    /// `redirect_dir=follow` was given: as the kernel, it is `on` for a
+    /// union without an upper directory (which writes nothing).
+    pub redirect_follow: bool,
     /// `metacopy=on|off`; unset means off.
     pub metacopy: Option<bool>,
     pub file_io: FileIo,
@@ -257,7 +260,10 @@ impl CompatOptions {
             ("passthrough", Some(v)) => self.file_io.passthrough = v.parse()?,
             ("writeback", Some(v)) => self.file_io.writeback = on_off(key, v)?,
             ("index", Some(v)) => self.index = Some(on_off(key, v)?),
-            ("redirect_dir", Some("follow" | "nofollow")) => self.redirect_dir = Some(false),
+            ("redirect_dir", Some(mode @ ("follow" | "nofollow"))) => {
+                self.redirect_dir = Some(false);
+                self.redirect_follow = mode == "follow";
+            }
             ("redirect_dir", Some(v)) => self.redirect_dir = Some(on_off(key, v)?),
             ("metacopy", Some(v)) => self.metacopy = Some(on_off(key, v)?),
             ("ro", None) => self.flags.read_only = true,
@@ -303,7 +309,11 @@ pub fn plan(o: CompatOptions, mountpoint: Option<&Path>) -> Result<MountPlan, St
     let mut flags = o.flags;
     // Without an upper directory the union is read-only, as fuse-overlayfs's.
     flags.read_only |= upper.is_none();
-    let (redirect_dir, metacopy) = crate::options::layout_with(o.redirect_dir, o.metacopy)?;
+    let redirect_dir = match upper {
+        None if o.redirect_follow => Some(true),
+        _ => o.redirect_dir,
+    };
+    let (redirect_dir, metacopy) = crate::options::layout_with(redirect_dir, o.metacopy)?;
     Ok(MountPlan {
         redirect_dir,
         metacopy,
@@ -625,5 +635,24 @@ mod tests {
         assert!(parse_args(&os(&["a", "b", "c"])).is_err());
         assert!(parse_args(&os(&["-x"])).is_err());
         assert!(parse_args(&os(&["-o"])).is_err());
+    }
+
+    #[test]
+    fn redirect_follow_is_on_without_an_upper_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let path = |n: &str| d.path().join(n).display().to_string();
+        for n in ["l1", "l2", "mnt", "u", "w"] {
+            std::fs::create_dir(d.path().join(n)).unwrap();
+        }
+        let (l1, l2, u, w) = (path("l1"), path("l2"), path("u"), path("w"));
+        let mnt = d.path().join("mnt");
+        // As the kernel: a read-only union follows redirects with metacopy.
+        let lower_only = format!("lowerdir={l1}:{l2},redirect_dir=follow,metacopy=on");
+        let p = plan(CompatOptions::parse(&[lower_only]).unwrap(), Some(&mnt)).unwrap();
+        assert!(p.redirect_dir && p.metacopy && p.upper.is_none());
+        // With an upper the kernel says "conflicting options".
+        let upper =
+            format!("lowerdir={l1},upperdir={u},workdir={w},redirect_dir=follow,metacopy=on");
+        assert!(plan(CompatOptions::parse(&[upper]).unwrap(), Some(&mnt)).is_err());
     }
 }
