@@ -413,14 +413,17 @@ pub fn serve(plan: &MountPlan, on_mounted: impl FnOnce()) -> Result<(), String> 
     let (session, work, _union) = mount_union(plan)?;
     spawn_signal_watcher(signals, plan.mountpoint.clone());
     on_mounted();
-    if let Err(e) = session.serve() {
+    let finish = move || {
+        if let Some(lock) = &work {
+            let _ = sys::unlink_at(lock.as_fd(), OsStr::new(HOLDER_FILE), false);
+        }
+        drop(work);
+        info!("unmounted");
+        std::process::exit(0)
+    };
+    if let Err(e) = session.serve(finish) {
         warn!("session ended: {e}");
     }
-    if let Some(lock) = &work {
-        let _ = sys::unlink_at(lock.as_fd(), OsStr::new(HOLDER_FILE), false);
-    }
-    drop(work);
-    info!("unmounted");
     Ok(())
 }
 

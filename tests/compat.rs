@@ -27,12 +27,17 @@ impl Drop for MountGuard {
 
 /// The pid of the daemon serving `mnt` (its command line names it).
 fn daemon_of(mnt: &Path) -> Option<u32> {
+    daemons_of(mnt).into_iter().next()
+}
+
+/// The pids of every daemon whose command line names `mnt`.
+fn daemons_of(mnt: &Path) -> Vec<u32> {
     let want = mnt.to_string_lossy().into_owned();
     fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
+        .filter(|pid| {
             fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
                 let args: Vec<String> = c.split(|b| *b == 0).map(text).collect();
                 args.contains(&want)
@@ -41,6 +46,7 @@ fn daemon_of(mnt: &Path) -> Option<u32> {
                         .is_some_and(|a| a.ends_with("unionfs") || a.ends_with("fuse-overlayfs"))
             })
         })
+        .collect()
 }
 
 fn wait_gone(pid: u32) {
@@ -546,4 +552,39 @@ impl Drop for InstalledLink {
             let _ = fs::remove_file(p);
         }
     }
+}
+
+/// A union detached while busy and a new one mounted at the same path (as
+/// container engines do when a container restarts): when the old daemon's
+/// session ends, the new union must stay mounted.
+#[test]
+fn a_daemon_on_its_way_out_leaves_a_new_mount_at_its_path_alone() {
+    let l = Layers::new("compat-remount");
+    let opts = format!("lowerdir={}:{}", l.l1.display(), l.l2.display());
+    let mnt = l.mnt.to_str().unwrap();
+    let _guard = MountGuard(l.mnt.clone());
+    assert!(compat(&["-o", &opts, mnt]).status.success());
+    let old = daemon_of(&l.mnt).expect("the first daemon");
+    // A process keeps a file of the first union open, so the detached
+    // union lives on until it lets go.
+    let holder = Command::new("sleep")
+        .arg("30")
+        .stdin(fs::File::open(l.mnt.join("top")).unwrap())
+        .spawn()
+        .unwrap();
+    umount_lazy(&l.mnt);
+    assert!(compat(&["-o", &opts, mnt]).status.success());
+    let new = daemons_of(&l.mnt)
+        .into_iter()
+        .find(|p| *p != old)
+        .expect("the second daemon");
+    let mut holder = holder;
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    wait_gone(old);
+    assert!(is_mounted(&l.mnt), "the old daemon took the new union down");
+    assert_eq!(fs::read_to_string(l.mnt.join("top")).unwrap(), "top\n");
+    assert!(Path::new(&format!("/proc/{new}")).exists());
+    umount_lazy(&l.mnt);
+    wait_gone(new);
 }

@@ -47,16 +47,24 @@ pub struct UnionFs {
     /// kernel may trust what it was told (every change to the union passes
     /// through the kernel, and the lowers do not change by contract).
     shown: Presentation,
+    /// What ends the daemon once the session is over (see `session::serve`).
+    at_end: session::AtEnd,
 }
 
 impl UnionFs {
-    pub fn new(core: Arc<Union>, file_io: FileIo, shown: Presentation) -> UnionFs {
+    pub fn new(
+        core: Arc<Union>,
+        file_io: FileIo,
+        shown: Presentation,
+        at_end: session::AtEnd,
+    ) -> UnionFs {
         UnionFs {
             core,
             file_io,
             writeback: false,
             io: IoModes::default(),
             shown,
+            at_end,
         }
     }
 
@@ -865,6 +873,9 @@ impl Filesystem for UnionFs {
 
     fn destroy(&mut self) {
         debug!("session destroyed");
+        if let Some(end) = self.at_end.lock().take() {
+            end();
+        }
     }
 }
 

@@ -11,27 +11,49 @@ use super::{FuseKernelCache, UnionFs};
 use crate::options::{Access, MountPlan};
 use crate::overlay::superblock::Union;
 
+/// What ends a foreground daemon when its session is over, run from the
+/// filesystem's `destroy`.
+///
+/// fuser 0.18 unmounts the mount point by its path when a session ends and
+/// takes a connection the kernel has severed for a live one (its poll check
+/// is the reverse of libfuse's): by then a new union may be mounted at the
+/// same path (container engines unmount and mount again when a container
+/// restarts), and that unmount would take it down. The daemon therefore
+/// finishes in `destroy`, which fuser calls before it unmounts.
+pub type AtEnd = Arc<parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>>;
+
 /// A union mounted on FUSE and not served yet.
-pub struct FuseMount(Session<UnionFs>);
+pub struct FuseMount {
+    session: Session<UnionFs>,
+    at_end: AtEnd,
+}
 
 /// Mounts `union` as `plan` says; requests wait until it is served.
 pub fn mount(union: Arc<Union>, plan: &MountPlan) -> Result<FuseMount, String> {
-    let fs = UnionFs::new(union.clone(), plan.file_io, plan.presentation.clone());
+    let at_end = AtEnd::default();
+    let fs = UnionFs::new(
+        union.clone(),
+        plan.file_io,
+        plan.presentation.clone(),
+        at_end.clone(),
+    );
     let session = Session::new(fs, &plan.mountpoint, &session_config(plan))
         .map_err(|e| format!("cannot mount on {}: {e}", plan.mountpoint.display()))?;
     union.set_kernel_cache(Box::new(FuseKernelCache(session.notifier())));
-    Ok(FuseMount(session))
+    Ok(FuseMount { session, at_end })
 }
 
 impl FuseMount {
-    /// Serves requests until the mount goes.
-    pub fn serve(self) -> io::Result<()> {
-        self.0.run()
+    /// Serves requests until the mount goes, then runs `finish`, which
+    /// must end the process (see `AtEnd`).
+    pub fn serve(self, finish: impl FnOnce() + Send + 'static) -> io::Result<()> {
+        *self.at_end.lock() = Some(Box::new(finish));
+        self.session.run()
     }
 
     /// Serves requests on background threads.
     pub fn spawn(self) -> io::Result<Served> {
-        self.0.spawn().map(Served)
+        self.session.spawn().map(Served)
     }
 }
 
