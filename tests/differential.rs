@@ -11,6 +11,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::*;
 
@@ -381,6 +382,18 @@ impl Pair {
     /// Unmounts both unions and mounts them again, each over its own upper
     /// directory, or (`swapped`) over the other's.
     fn mount_uppers(&mut self, swapped: bool) {
+        let (kmnt, umnt) = self.unmount_both();
+        let mut k = (&self.kupper, &self.kwork);
+        let mut u = (&self.uupper, &self.uwork);
+        if swapped {
+            std::mem::swap(&mut k, &mut u);
+        }
+        self.kernel = Mount::kernel_with(&self.lowers, k.0, k.1, &kmnt, self.features);
+        self.ours = mount_ours(&self.lowers, u.0, u.1, &umnt, self.features);
+    }
+
+    /// Unmounts both unions; gives their mount points.
+    fn unmount_both(&mut self) -> (PathBuf, PathBuf) {
         let placeholder = |kind| Mount {
             kind,
             mnt: PathBuf::from("/nonexistent/unionfs-test-placeholder"),
@@ -393,13 +406,89 @@ impl Pair {
         kernel.unmount();
         let status = ours.unmount();
         assert!(status.is_some_and(|s| s.success()), "unionfs: {status:?}");
-        let mut k = (&self.kupper, &self.kwork);
-        let mut u = (&self.uupper, &self.uwork);
-        if swapped {
-            std::mem::swap(&mut k, &mut u);
+        (kmnt, umnt)
+    }
+
+    /// Each upper directory as the top layer of a read-only union of the
+    /// same lowers (as an engine stacks a committed layer): the kernel and
+    /// unionfs must show the same over either, the other's as well as
+    /// their own. Then both unions are mounted again as they were.
+    fn compare_as_read_only_layers(&mut self, label: &str) {
+        let (kmnt, umnt) = self.unmount_both();
+        // Without an upper, `follow` is what the kernel accepts with metacopy.
+        let redirect = if self.features.redirect_dir {
+            "follow"
+        } else {
+            "nofollow"
+        };
+        let metacopy = if self.features.metacopy { "on" } else { "off" };
+        for (whose, top) in [("the kernel's", &self.kupper), ("unionfs's", &self.uupper)] {
+            let mut layers = vec![top.clone()];
+            layers.extend(self.lowers.iter().cloned());
+            let opts = format!(
+                "lowerdir={},redirect_dir={redirect},metacopy={metacopy}",
+                lower_arg(&layers)
+            );
+            let st = Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o", &opts])
+                .arg(&kmnt)
+                .status()
+                .unwrap();
+            assert!(st.success(), "kernel overlay: {opts}");
+            let _kernel = Mount {
+                kind: Kind::Kernel,
+                mnt: kmnt.clone(),
+                child: None,
+                log: None,
+            };
+            let out = run_to_end({
+                let mut c = Command::new(bin());
+                c.args(["-o", &opts]).arg(&umnt);
+                c
+            });
+            assert!(
+                out.status.success(),
+                "unionfs {opts}: {}",
+                text(&out.stderr)
+            );
+            let _ours = Mount {
+                kind: Kind::Kernel,
+                mnt: umnt.clone(),
+                child: None,
+                log: None,
+            };
+            let what = format!("{label}: {whose} upper as a read-only layer");
+            let d = diff(
+                "kernel",
+                &snapshot(&kmnt, View::Merged),
+                "unionfs",
+                &snapshot(&umnt, View::Merged),
+            );
+            assert!(
+                d.is_empty(),
+                "{what}: views differ (unionfs mounted: {}):\n{d}",
+                is_mounted(&umnt)
+            );
+            assert_eq!(
+                link_structure(&what, &umnt, true),
+                link_structure(&what, &kmnt, false),
+                "{what}: the hard links differ (unionfs, kernel)"
+            );
         }
-        self.kernel = Mount::kernel_with(&self.lowers, k.0, k.1, &kmnt, self.features);
-        self.ours = mount_ours(&self.lowers, u.0, u.1, &umnt, self.features);
+        self.kernel = Mount::kernel_with(
+            &self.lowers,
+            &self.kupper,
+            &self.kwork,
+            &kmnt,
+            self.features,
+        );
+        self.ours = mount_ours(
+            &self.lowers,
+            &self.uupper,
+            &self.uwork,
+            &umnt,
+            self.features,
+        );
     }
 
     /// Runs `ops` on both; panics on the first different outcome.
@@ -1141,6 +1230,7 @@ fn random_operations_match(features: Features) {
         pair.compare_views(&format!("seed {seed}, remounted"));
         pair.compare_copies(&format!("seed {seed}, remounted"));
         pair.exchange_uppers(&format!("seed {seed}"));
+        pair.compare_as_read_only_layers(&format!("seed {seed}"));
         // Finally `rm -rf` of everything that is left.
         let everything: Vec<Op> = fs::read_dir(&pair.kernel.mnt)
             .unwrap()
