@@ -101,6 +101,11 @@ pub enum LowerPath {
 }
 
 impl LowerPath {
+    /// Whether the path goes from the layers' roots.
+    pub fn is_absolute(&self) -> bool {
+        matches!(self, LowerPath::Absolute(_))
+    }
+
     /// Reads an `overlay.redirect` value as the kernel checks it: an
     /// absolute path of non-empty components, or one name; `.` and `..`
     /// never (they would leave the layer). None if malformed.

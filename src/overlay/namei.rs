@@ -98,6 +98,86 @@ pub enum Above {
     Metacopy,
 }
 
+/// A walk down the lower layers for one path (`lookup_lower_path`): what
+/// it has found so far and what it is looking for below.
+struct LowerWalk {
+    /// The path looked up in the next layer (a redirect changes it).
+    path: LowerPath,
+    out: LowerStack,
+    /// A directory was found above: only directories merge in below.
+    merging: bool,
+    /// A metadata-only copy was found above: its data is looked for below.
+    wants_data: bool,
+    ns: XattrNamespace,
+}
+
+impl LowerWalk {
+    /// A non-directory in `layer`: the object shown, or the data of the
+    /// metadata-only copy above. `stop`: the layer said the walk ends here.
+    /// Gives whether it does.
+    fn file(&mut self, layer: &LowerObj, real: Real, st: Stat, stop: bool) -> Result<bool> {
+        let regular = sys::file_type(st.st_mode) == libc::S_IFREG;
+        if self.merging || (self.wants_data && !regular) {
+            return Ok(true);
+        }
+        let xattrs = real.xattrs()?;
+        let metacopy = format::may_be_metacopy(&st) && format::is_metacopy(&xattrs, self.ns);
+        // Of a chain of metadata-only copies, only the top one and the
+        // data count.
+        if self.out.objs.is_empty() || !metacopy {
+            self.push(layer, real, st, false);
+        }
+        self.wants_data = metacopy;
+        if !metacopy {
+            return Ok(true);
+        }
+        if let Some(r) = format::redirect_of(&xattrs, self.ns)? {
+            self.path = self.path.redirected(0, &r);
+        }
+        Ok(stop)
+    }
+
+    /// A directory in `layer`: merged in (unless a file's data is looked
+    /// for), its opacity and redirect followed. `stop`: the layer said the
+    /// walk ends here. Gives whether it does.
+    fn dir(&mut self, layer: &LowerObj, real: Real, st: Stat, mut stop: bool) -> Result<bool> {
+        if self.wants_data {
+            return Ok(true);
+        }
+        self.merging = true;
+        let opacity = format::dir_opacity(real.dir(), true);
+        let redirect = match opacity {
+            Opacity::Opaque => None,
+            _ => format::redirect_of(&real.xattrs()?, self.ns)?,
+        };
+        self.push(layer, real, st, opacity == Opacity::HasXattrWhiteouts);
+        stop |= opacity == Opacity::Opaque;
+        if let Some(r) = redirect {
+            // An absolute redirect goes on from the roots, below.
+            stop &= !r.is_absolute();
+            self.path = self.path.redirected(0, &r);
+        }
+        Ok(stop)
+    }
+
+    fn push(&mut self, layer: &LowerObj, real: Real, st: Stat, xwhiteouts: bool) {
+        self.out.objs.push(LowerObj {
+            layer: layer.layer,
+            real,
+            xwhiteouts,
+        });
+        self.out.stat.get_or_insert(st);
+    }
+
+    fn finish(self) -> Result<LowerStack> {
+        if self.wants_data {
+            // A metadata-only copy whose data is nowhere: as the kernel.
+            return Err(Errno::EIO);
+        }
+        Ok(self.out)
+    }
+}
+
 /// What the lower layers add under an upper object.
 #[derive(Default)]
 pub struct Below {
@@ -210,76 +290,35 @@ impl Union {
     pub fn lookup_lower_path(
         &self,
         dirs: &[LowerObj],
-        mut path: LowerPath,
+        path: LowerPath,
         above: Above,
     ) -> Result<LowerStack> {
         let roots = self.lower_roots();
-        let ns = self.ns;
-        let from_roots = |p: &LowerPath| matches!(p, LowerPath::Absolute(_));
-        let mut stack = if from_roots(&path) { roots } else { dirs };
-        let mut out = LowerStack::default();
-        let mut merging = above == Above::Dir;
-        let mut wants_data = above == Above::Metacopy;
+        let mut walk = LowerWalk {
+            path,
+            out: LowerStack::default(),
+            merging: above == Above::Dir,
+            wants_data: above == Above::Metacopy,
+            ns: self.ns,
+        };
+        let mut stack = if walk.path.is_absolute() { roots } else { dirs };
         let mut i = 0;
         while i < stack.len() {
             let layer = &stack[i];
-            let step = lookup_in_layer(layer, &path, ns)?;
-            let mut stop = step.stop;
-            path = step.path;
-            match step.hit {
-                InLayer::Absent => {}
-                InLayer::Whiteout => break,
+            let step = lookup_in_layer(layer, &walk.path, self.ns)?;
+            walk.path = step.path;
+            let stop = match step.hit {
+                InLayer::Absent => step.stop,
+                InLayer::Whiteout => true,
                 InLayer::Object(real, st) if !sys::is_dir(&st) => {
-                    if merging || (wants_data && sys::file_type(st.st_mode) != libc::S_IFREG) {
-                        break;
-                    }
-                    let xattrs = real.xattrs()?;
-                    let metacopy = format::may_be_metacopy(&st) && format::is_metacopy(&xattrs, ns);
-                    // Of a chain of metadata-only copies, only the top one
-                    // and the data count.
-                    if out.objs.is_empty() || !metacopy {
-                        out.objs.push(LowerObj {
-                            layer: layer.layer,
-                            real: real.clone(),
-                            xwhiteouts: false,
-                        });
-                        out.stat.get_or_insert(st);
-                    }
-                    wants_data = metacopy;
-                    if !metacopy {
-                        break;
-                    }
-                    if let Some(r) = format::redirect_of(&xattrs, ns)? {
-                        path = path.redirected(0, &r);
-                    }
+                    walk.file(layer, real, st, step.stop)?
                 }
-                InLayer::Object(real, st) => {
-                    if wants_data {
-                        break;
-                    }
-                    merging = true;
-                    let opacity = format::dir_opacity(real.dir(), true);
-                    let redirect = match opacity {
-                        Opacity::Opaque => None,
-                        _ => format::redirect_of(&real.xattrs()?, ns)?,
-                    };
-                    out.objs.push(LowerObj {
-                        layer: layer.layer,
-                        real,
-                        xwhiteouts: opacity == Opacity::HasXattrWhiteouts,
-                    });
-                    out.stat.get_or_insert(st);
-                    stop |= opacity == Opacity::Opaque;
-                    if let Some(r) = redirect {
-                        stop &= !from_roots(&r);
-                        path = path.redirected(0, &r);
-                    }
-                }
-            }
+                InLayer::Object(real, st) => walk.dir(layer, real, st, step.stop)?,
+            };
             if stop {
                 break;
             }
-            if from_roots(&path) && !std::ptr::eq(stack, roots) {
+            if walk.path.is_absolute() && !std::ptr::eq(stack, roots) {
                 // Go on from the roots, below the layer just searched.
                 stack = roots;
                 i = layer.layer as usize;
@@ -287,11 +326,7 @@ impl Union {
                 i += 1;
             }
         }
-        if wants_data {
-            // A metadata-only copy whose data is nowhere: as the kernel.
-            return Err(Errno::EIO);
-        }
-        Ok(out)
+        walk.finish()
     }
 
     /// Resolves `name` in the directory `parent`, without touching the
