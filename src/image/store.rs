@@ -140,10 +140,16 @@ impl Store {
         }
         blob_seen.map_err(|e| format!("layer {}: {e}", layer.file))?;
         debug!(size, entries = done.entries, "layer unpacked");
-        if done.devices_skipped + done.owners_unmapped + done.xattrs_skipped > 0 {
+        if done.devices_skipped + done.owners_unmapped + done.xattrs_skipped + done.kinds_skipped
+            > 0
+        {
             warn!(
-                "layer {}: {} device nodes not made, {} entries kept as root's (owner not mapped), {} extended attributes not set",
-                layer.diff_id, done.devices_skipped, done.owners_unmapped, done.xattrs_skipped
+                "layer {}: {} device nodes not made, {} entries kept as root's (owner not mapped), {} extended attributes not set, {} entries of unknown kinds left out",
+                layer.diff_id,
+                done.devices_skipped,
+                done.owners_unmapped,
+                done.xattrs_skipped,
+                done.kinds_skipped
             );
         }
         Ok(())

@@ -27,6 +27,8 @@ pub struct Unpacked {
     pub owners_unmapped: u64,
     /// Extended attributes the filesystem or the user could not set.
     pub xattrs_skipped: u64,
+    /// Entries of kinds a filesystem has no object for.
+    pub kinds_skipped: u64,
 }
 
 /// An entry's path inside the layer, as its components.
@@ -114,7 +116,8 @@ impl Unpacker {
                 self.set_xattrs(fd.as_fd(), entry)?;
                 self.dir_times.push((path.clone(), mtime));
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
+            // A sparse file's holes are read back as zeroes.
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 self.make_room(dir, name, false)?;
                 let fd = sys::create_file(dir, name, libc::O_WRONLY, 0o600)
                     .map_err(|e| err("create", e))?;
@@ -172,7 +175,10 @@ impl Unpacker {
                 sys::chmod_at(dir, name, mode).map_err(|e| err("chmod", e))?;
                 sys::set_times_at(dir, name, at(mtime), at(mtime)).map_err(|e| err("times", e))?;
             }
-            other => debug!(?other, "layer entry of a kind not unpacked"),
+            other => {
+                debug!(?other, "layer entry of a kind not unpacked");
+                self.done.kinds_skipped += 1;
+            }
         }
         Ok(())
     }
@@ -331,6 +337,33 @@ fn device(header: &tar::Header) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sparse_file_unpacks_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let f = std::fs::File::create(src.join("sparse")).unwrap();
+        f.set_len(1 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, b"end", (1 << 20) - 3).unwrap();
+        let tarball = d.path().join("layer.tar");
+        let st = std::process::Command::new("tar")
+            .args(["--sparse", "--format=gnu", "-cf"])
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&src)
+            .arg("sparse")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let dest = d.path().join("dest");
+        std::fs::create_dir(&dest).unwrap();
+        let done = unpack(std::fs::File::open(&tarball).unwrap(), &dest).unwrap();
+        assert_eq!(done.kinds_skipped, 0);
+        let data = std::fs::read(dest.join("sparse")).unwrap();
+        assert_eq!(data.len(), 1 << 20);
+        assert!(data.ends_with(b"end") && data[..(1 << 20) - 3].iter().all(|&b| b == 0));
+    }
 
     #[test]
     fn entry_names_never_leave_the_layer() {
