@@ -962,6 +962,15 @@ fn rootless_images_keep_their_owners_through_the_user_namespace() {
     // owned by the subordinate id that uid 1000 of the container maps to.
     let store = home.join(".local/share/unionfs");
     assert_eq!(fs::metadata(&store).unwrap().uid(), uid);
+    // The directories made on the way are the user's, 0700.
+    for d in [".local", ".local/share"] {
+        let m = fs::metadata(home.join(d)).unwrap();
+        assert_eq!(
+            (m.uid(), m.permissions().mode() & 0o777),
+            (uid, 0o700),
+            "{d}"
+        );
+    }
     let file = store.join("layers").join(&owned.diff_id[7..]).join("owned");
     assert_eq!(
         fs::metadata(&file).unwrap().uid(),

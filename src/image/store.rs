@@ -53,11 +53,8 @@ pub fn default_dir() -> Result<PathBuf, String> {
 impl Store {
     /// Opens the store at `dir`, making it (and its parents) if missing.
     pub fn open(dir: &Path) -> Result<Store, String> {
-        if !dir.exists()
-            && let Some(parent) = dir.parent()
-        {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        if let Some(parent) = dir.parent() {
+            make_ancestors(parent)?;
         }
         let store = Store {
             dir: dir.to_path_buf(),
@@ -199,6 +196,23 @@ impl Store {
                 let _ = remove_path(&e.path());
             }
         }
+    }
+}
+
+/// Makes the missing directories of `dir`, each 0700 (as the XDG base
+/// directory rules ask of `~/.local/share` and the like).
+fn make_ancestors(dir: &Path) -> Result<(), String> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        make_ancestors(parent)?;
+    }
+    match crate::run::make_dir(dir, 0o700) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            Err(format!("cannot create {}: {e}", dir.display()))
+        }
+        _ => Ok(()),
     }
 }
 
