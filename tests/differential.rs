@@ -451,6 +451,8 @@ impl Pair {
                 "unionfs {opts}: {}",
                 text(&out.stderr)
             );
+            // Torn down by umount alone, as a kernel mount: the daemon of
+            // the fuse-overlayfs form ends by itself.
             let _ours = Mount {
                 kind: Kind::Kernel,
                 mnt: umnt.clone(),

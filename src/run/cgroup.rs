@@ -257,14 +257,21 @@ impl Cgroup {
 
     /// Moves process `pid` (the supervisor, before it starts anything) in.
     pub fn add(&self, pid: Pid) -> Result<(), Failure> {
-        let mut seen = Vec::new();
-        for (_, dir) in &self.dirs {
-            if !seen.contains(dir) {
-                write_value(dir, "cgroup.procs", &pid.to_string())?;
-                seen.push(dir.clone());
-            }
+        for dir in self.distinct_dirs() {
+            write_value(dir, "cgroup.procs", &pid.to_string())?;
         }
         Ok(())
+    }
+
+    /// Each directory once (on v2 every controller has the same one).
+    fn distinct_dirs(&self) -> Vec<&Path> {
+        let mut dirs: Vec<&Path> = Vec::new();
+        for (_, dir) in &self.dirs {
+            if !dirs.contains(&dir.as_path()) {
+                dirs.push(dir);
+            }
+        }
+        dirs
     }
 
     /// Says, after the container ended, whether its memory limit killed
@@ -348,12 +355,8 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        let mut seen: Vec<PathBuf> = Vec::new();
-        for (_, dir) in &self.dirs {
-            if !seen.contains(dir) {
-                remove_cgroup(dir);
-                seen.push(dir.clone());
-            }
+        for dir in self.distinct_dirs() {
+            remove_cgroup(dir);
         }
     }
 }
