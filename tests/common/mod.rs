@@ -816,16 +816,35 @@ pub fn busybox_rootfs(root: &Path) {
     .unwrap();
 }
 
-/// A minimal Debian bookworm rootfs, made once per machine.
+/// Where rootfs builds are cached between runs: `UNIONFS_TEST_CACHE`, else
+/// `/var/tmp` (CI points its first pass at an empty directory, as a machine
+/// that never ran the tests has).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("UNIONFS_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+}
+
+/// A minimal Debian bookworm rootfs, made once per machine (per cache
+/// directory). Tests of every binary may ask at once: one builds, under a
+/// lock on a file beside the cache, and the others wait for it.
 pub fn debian_rootfs() -> PathBuf {
-    let cached = PathBuf::from("/var/tmp/unionfs-test-debian");
-    if cached.join("var/lib/dpkg/status").exists() {
+    let base = cache_dir();
+    let cached = base.join("unionfs-test-debian");
+    let built = |p: &Path| p.join("var/lib/dpkg/status").exists();
+    if built(&cached) {
         return cached;
     }
-    let building = PathBuf::from(format!(
-        "/var/tmp/unionfs-test-debian.{}",
-        std::process::id()
-    ));
+    fs::create_dir_all(&base).unwrap();
+    let lock = fs::File::create(base.join("unionfs-test-debian.lock")).unwrap();
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("lock the Debian rootfs cache");
+    if built(&cached) {
+        return cached; // another test built it while this one waited
+    }
+    let building = base.join("unionfs-test-debian.building");
+    let _ = fs::remove_dir_all(&building); // a build that was killed
     let mirror = "http://deb.debian.org/debian";
     let o = Command::new("debootstrap")
         .args(["--variant=minbase", "bookworm"])
@@ -833,15 +852,28 @@ pub fn debian_rootfs() -> PathBuf {
         .arg(mirror)
         .output()
         .expect("debootstrap is installed (tests/setup.sh)");
-    assert!(
-        o.status.success(),
-        "debootstrap failed: {}",
-        text(&o.stderr)
-    );
-    if fs::rename(&building, &cached).is_err() {
+    if !o.status.success() {
+        let log =
+            fs::read_to_string(building.join("debootstrap/debootstrap.log")).unwrap_or_default();
         let _ = fs::remove_dir_all(&building);
+        panic!(
+            "debootstrap --variant=minbase bookworm {} {mirror} failed ({}):\n\
+             stdout:\n{}\nstderr:\n{}\ndebootstrap.log (end):\n{}",
+            building.display(),
+            o.status,
+            last_lines(&text(&o.stdout), 30),
+            last_lines(&text(&o.stderr), 30),
+            last_lines(&log, 30)
+        );
     }
+    fs::rename(&building, &cached).expect("move the built rootfs into the cache");
     cached
+}
+
+/// The last `n` lines of `t`.
+fn last_lines(t: &str, n: usize) -> String {
+    let lines: Vec<&str> = t.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// podman with storage of its own (kernel overlay, no mount program).
