@@ -57,12 +57,13 @@ impl UnionFs {
         file_io: FileIo,
         shown: Presentation,
         at_end: session::AtEnd,
+        kernel: Arc<std::sync::OnceLock<fuser::Notifier>>,
     ) -> UnionFs {
         UnionFs {
             core,
             file_io,
             writeback: false,
-            io: IoModes::default(),
+            io: IoModes::new(kernel),
             shown,
             at_end,
         }

@@ -17,9 +17,13 @@
 
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
-use fuser::{BackingId, FileAttr, FileHandle, FopenFlags, Generation, ReplyCreate, ReplyOpen};
+use fuser::{
+    BackingId, FileAttr, FileHandle, FopenFlags, Generation, INodeNo, Notifier, ReplyCreate,
+    ReplyOpen,
+};
 use tracing::{info, warn};
 
 /// The I/O mode of one inode's live opens.
@@ -101,9 +105,19 @@ pub struct IoModes {
     inodes: DashMap<u64, Mode>,
     /// Open file handle -> its inode, and whether the open may write.
     handles: DashMap<u64, (u64, bool)>,
+    /// The session's notifier, set once the session exists.
+    kernel: Arc<OnceLock<Notifier>>,
 }
 
 impl IoModes {
+    /// `kernel` gets the session's notifier once it exists.
+    pub fn new(kernel: Arc<OnceLock<Notifier>>) -> IoModes {
+        IoModes {
+            kernel,
+            ..IoModes::default()
+        }
+    }
+
     pub fn enable(&self) {
         self.enabled.store(true, Ordering::Relaxed);
     }
@@ -159,6 +173,9 @@ impl IoModes {
             Mode::Passthrough { id, opens, writers } => {
                 *opens += 1;
                 *writers += usize::from(writable);
+                if writable {
+                    self.forget_attributes(ino);
+                }
                 reply.passthrough(fh, id);
             }
             Mode::Cached(n) if *n > 0 || !settled => {
@@ -167,6 +184,9 @@ impl IoModes {
             }
             Mode::Cached(_) => match reply.backing(real) {
                 Ok(id) => {
+                    if writable {
+                        self.forget_attributes(ino);
+                    }
                     reply.passthrough(fh, &id);
                     *mode = Mode::Passthrough {
                         id,
@@ -186,6 +206,25 @@ impl IoModes {
                     reply.cached(fh, cached_flags);
                 }
             },
+        }
+    }
+
+    /// Makes the kernel drop the attributes it keeps of inode `ino`, before
+    /// a passthrough open that may write is answered. Writes through a
+    /// shared mapping (and the mtime they move) reach the backing file
+    /// without the FUSE inode hearing of them; attributes kept from before
+    /// the open (a lookup or a setattr, kept for the mount's timeout) would
+    /// still answer a `stat` after `close`. Once dropped, the kernel asks
+    /// `getattr`, answered uncached while the open lasts (`attr_ttl`; a
+    /// mapping holds the open: its release comes after `munmap`) and
+    /// fresh after it. A create needs none of this: its file is empty and
+    /// can be mapped only after a write, truncate or fallocate, each of
+    /// which drops the attributes itself.
+    fn forget_attributes(&self, ino: u64) {
+        if let Some(kernel) = self.kernel.get()
+            && let Err(e) = kernel.inval_inode(INodeNo(ino), -1, 0)
+        {
+            tracing::debug!(ino, "attribute invalidation: {e}");
         }
     }
 

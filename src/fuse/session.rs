@@ -31,14 +31,17 @@ pub struct FuseMount {
 /// Mounts `union` as `plan` says; requests wait until it is served.
 pub fn mount(union: Arc<Union>, plan: &MountPlan) -> Result<FuseMount, String> {
     let at_end = AtEnd::default();
+    let notifier = Arc::new(std::sync::OnceLock::new());
     let fs = UnionFs::new(
         union.clone(),
         plan.file_io,
         plan.presentation.clone(),
         at_end.clone(),
+        notifier.clone(),
     );
     let session = Session::new(fs, &plan.mountpoint, &session_config(plan))
         .map_err(|e| format!("cannot mount on {}: {e}", plan.mountpoint.display()))?;
+    let _ = notifier.set(session.notifier());
     union.set_kernel_cache(Box::new(FuseKernelCache(session.notifier())));
     Ok(FuseMount { session, at_end })
 }
