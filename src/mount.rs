@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::fuse::session::{self, FuseMount, Served};
 use crate::options::{MountPlan, UpperPlan};
-use crate::overlay::index::{Refusal, describe};
+use crate::overlay::index::{RecordedUpper, Refusal, describe};
 use crate::overlay::superblock::{Tuning, Union};
 use crate::tree::remove_tree;
 use crate::{sys, trust};
@@ -299,6 +299,76 @@ fn fresh_scratch_dir(top: BorrowedFd<'_>, wd: &Path, me: u32) -> Result<OwnedFd,
     sys::open_path(top, name).map_err(|e| format!("cannot open {}: {e}", path.display()))
 }
 
+/// Turns the union's index on over `WORKDIR/index` (`asked`: the user
+/// gave `index=on`). The default work directory belongs to the upper's
+/// path, not to one upper: when its index is another upper's and that
+/// upper is gone, or this upper is new and empty, the index starts afresh
+/// (an existing upper's index is kept aside, so its files keep their link
+/// counts). A work directory the user named is refused, as the kernel
+/// refuses it.
+fn enable_index(
+    union: &mut Union,
+    top: BorrowedFd<'_>,
+    u: &UpperPlan,
+    asked: bool,
+) -> Result<(), String> {
+    let refused = |r: Refusal| match r {
+        Refusal::OtherLowers => format!("upper directory {} {}", u.upper.display(), describe(&r)),
+        Refusal::OtherUpper(_) => {
+            format!("work directory {} {}", u.workdir.display(), describe(&r))
+        }
+    };
+    let dir = open_index_dir(top, &u.workdir)?;
+    let recorded = match union.enable_index(dir, asked) {
+        Ok(()) => return Ok(()),
+        Err(Refusal::OtherUpper(recorded)) if u.default_workdir => recorded,
+        Err(r) => return Err(refused(r)),
+    };
+    let index = u.workdir.join(INDEX_SUBDIR);
+    match &recorded {
+        RecordedUpper::Gone => {
+            remove_tree(top, OsStr::new(INDEX_SUBDIR))
+                .map_err(|e| format!("cannot remove {}: {e}", index.display()))?;
+            info!(
+                "the index in {} belonged to an upper directory that no longer exists; started a new one",
+                index.display()
+            );
+        }
+        RecordedUpper::At(old) if union.upper_is_empty() => {
+            let kept = keep_aside(top, &u.workdir)?;
+            info!(
+                "the index in {} belonged to the upper directory {}; kept it as {} and started a new one for the empty {}",
+                index.display(),
+                old.display(),
+                kept.display(),
+                u.upper.display()
+            );
+        }
+        _ => return Err(refused(Refusal::OtherUpper(recorded))),
+    }
+    let dir = open_index_dir(top, &u.workdir)?;
+    union.enable_index(dir, asked).map_err(refused)
+}
+
+/// Renames `WORKDIR/index` to the first free `index.old.N`; returns its path.
+fn keep_aside(top: BorrowedFd<'_>, wd: &Path) -> Result<PathBuf, String> {
+    for n in 1.. {
+        let name = format!("{INDEX_SUBDIR}.old.{n}");
+        let (from, to) = (OsStr::new(INDEX_SUBDIR), OsStr::new(&name));
+        match sys::rename_at(top, from, top, to, libc::RENAME_NOREPLACE) {
+            Ok(()) => return Ok(wd.join(name)),
+            Err(sys::Errno::EEXIST) => continue,
+            Err(e) => {
+                return Err(format!(
+                    "cannot rename {}: {e}",
+                    wd.join(INDEX_SUBDIR).display()
+                ));
+            }
+        }
+    }
+    unreachable!("the numbers ran out")
+}
+
 /// `WORKDIR/index`, made if missing; held to the trust rules of the work
 /// directory.
 fn open_index_dir(top: BorrowedFd<'_>, wd: &Path) -> Result<OwnedFd, String> {
@@ -377,16 +447,7 @@ fn mount_union(plan: &MountPlan) -> Result<Mounted, String> {
     };
     let mut union = Union::new(upper, lowers, tuning);
     if let (Some(u), Some(top), true) = (&plan.upper, &lock, plan.index != Some(false)) {
-        let dir = open_index_dir(top.as_fd(), &u.workdir)?;
-        let asked = plan.index == Some(true);
-        union.enable_index(dir, asked).map_err(|r| match r {
-            Refusal::OtherLowers => {
-                format!("upper directory {} {}", u.upper.display(), describe(&r))
-            }
-            Refusal::OtherUpper => {
-                format!("work directory {} {}", u.workdir.display(), describe(&r))
-            }
-        })?;
+        enable_index(&mut union, top.as_fd(), u, plan.index == Some(true))?;
     }
     let union = Arc::new(union);
     let session = session::mount(union.clone(), plan)?;

@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -387,6 +387,98 @@ fn an_upper_made_over_other_lowers_is_refused_with_the_index() {
     let ours = Mount::unionfs(std::slice::from_ref(&l2), &u, &m, &["index=off"]);
     assert_eq!(fs::read_to_string(m.join("f")).unwrap(), "made over l1\n");
     ours.unmount();
+}
+
+/// The default work directory belongs to the upper's path: when the upper
+/// it indexed is removed and made again (or moved away and a new empty one
+/// made), the index starts afresh with one log line; the old index of an
+/// upper still there is kept aside. A work directory the user named still
+/// refuses another upper's index, naming what became of that upper.
+#[test]
+fn a_default_workdir_outliving_its_upper_starts_a_new_index() {
+    if index_unavailable("a_default_workdir_outliving_its_upper_starts_a_new_index") {
+        return;
+    }
+    let s = Scratch::new("staleindex");
+    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    write(&l.join("f"), "lower\n");
+    fs::hard_link(l.join("f"), l.join("g")).unwrap();
+    let index = s.path.join(".u.unionfs-work/index");
+    let lowers = std::slice::from_ref(&l);
+    let write_through = |m: &Path| {
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(m.join("f"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"more\n").unwrap();
+    };
+    // Removed and made again.
+    let first = Mount::unionfs(lowers, &u, &m, &[]);
+    write_through(&m);
+    first.unmount();
+    assert_eq!(fs::read_dir(&index).unwrap().count(), 1, "an index entry");
+    fs::remove_dir_all(&u).unwrap();
+    fs::create_dir(&u).unwrap();
+    let again = Mount::unionfs(lowers, &u, &m, &[]);
+    let log = again.log_text();
+    assert!(log.contains("no longer exists; started a new one"), "{log}");
+    assert_eq!(fs::read_to_string(m.join("g")).unwrap(), "lower\n");
+    write_through(&m);
+    assert_eq!(fs::read_to_string(m.join("g")).unwrap(), "lower\nmore\n");
+    again.unmount();
+    // Moved away, a new empty one made: the old index is kept aside.
+    let moved = s.path.join("u.moved");
+    fs::rename(&u, &moved).unwrap();
+    fs::create_dir(&u).unwrap();
+    let fresh = Mount::unionfs(lowers, &u, &m, &[]);
+    let log = fresh.log_text();
+    assert!(
+        log.contains(&format!(
+            "belonged to the upper directory {}",
+            moved.display()
+        )),
+        "{log}"
+    );
+    let kept = s.path.join(".u.unionfs-work/index.old.1");
+    assert_eq!(
+        fs::read_dir(&kept).unwrap().count(),
+        1,
+        "the moved upper's entry kept"
+    );
+    assert_eq!(
+        fs::metadata(moved.join("f")).unwrap().nlink(),
+        2,
+        "its link count kept"
+    );
+    fresh.unmount();
+    // A named work directory holding the moved upper's index: refused.
+    let (l_, moved_, m_) = (
+        l.display().to_string(),
+        moved.display().to_string(),
+        m.display().to_string(),
+    );
+    let named = format!("workdir={}", s.path.join(".u.unionfs-work").display());
+    let out = unionfs(&["mount", "-o", &named, &l_, &moved_, &m_]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "holds the index of the upper directory {}",
+            u.display()
+        )),
+        "{err}"
+    );
+    assert!(!is_mounted(&m));
+    // Nor when that upper is gone: the way out is named.
+    fs::remove_dir_all(&u).unwrap();
+    let out = unionfs(&["mount", "-o", &named, &l_, &moved_, &m_]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no longer exists; remove the index directory"),
+        "{err}"
+    );
+    assert!(!is_mounted(&m));
 }
 
 fn wait_exit(m: &mut Mount) -> i32 {

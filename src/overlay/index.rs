@@ -14,8 +14,9 @@
 //! entries orphaned by a crash are removed, as the kernel does.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
@@ -40,8 +41,19 @@ pub struct Index {
 pub enum Refusal {
     /// The upper root records another first lower root as its origin.
     OtherLowers,
-    /// The index directory records another upper root.
-    OtherUpper,
+    /// The index directory records another upper root, which is now as said.
+    OtherUpper(RecordedUpper),
+}
+
+/// What became of the upper directory an index directory records.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RecordedUpper {
+    /// Its file handle opens nothing any more: it was removed.
+    Gone,
+    /// It is still there, at this path.
+    At(PathBuf),
+    /// Cannot tell (unreadable record, or handles cannot be opened here).
+    Unknown,
 }
 
 /// The origin of `obj`, as an origin or index entry records it.
@@ -87,9 +99,10 @@ impl Union {
             .then_some(())
             .ok_or(Refusal::OtherLowers)?;
         let upper_flag = format::FB_FLAG_UPPER;
-        self.check_recorded(dir.as_fd(), self.ns.upper(), &upper_handle, upper_flag)
-            .then_some(())
-            .ok_or(Refusal::OtherUpper)?;
+        if !self.check_recorded(dir.as_fd(), self.ns.upper(), &upper_handle, upper_flag) {
+            let recorded = self.recorded_upper(dir.as_fd(), upper_root.dir());
+            return Err(Refusal::OtherUpper(recorded));
+        }
         let index = Index {
             dir: Arc::new(dir),
             lock: Mutex::new(()),
@@ -97,6 +110,35 @@ impl Union {
         remove_orphans(&index, self.ns.nlink());
         self.index = Some(index);
         Ok(())
+    }
+
+    /// What became of the upper directory that `index_dir` records, looked
+    /// for on the filesystem of `upper_root` (an index lives beside its
+    /// upper, on the same filesystem).
+    fn recorded_upper(
+        &self,
+        index_dir: BorrowedFd<'_>,
+        upper_root: BorrowedFd<'_>,
+    ) -> RecordedUpper {
+        let recorded = sys::get_xattr(index_dir, OsStr::new(self.ns.upper()))
+            .ok()
+            .and_then(|v| Origin::decode(&v));
+        let Some(recorded) = recorded else {
+            return RecordedUpper::Unknown;
+        };
+        // open_by_handle_at wants a descriptor that is not O_PATH.
+        let Ok(root) = sys::reopen(upper_root, libc::O_RDONLY | libc::O_DIRECTORY) else {
+            return RecordedUpper::Unknown;
+        };
+        match sys::open_by_handle(root.as_fd(), recorded.kind, &recorded.handle) {
+            Ok(fd) => match std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+                Ok(p) if p.as_os_str().as_bytes().ends_with(b" (deleted)") => RecordedUpper::Gone,
+                Ok(p) => RecordedUpper::At(p),
+                Err(_) => RecordedUpper::Unknown,
+            },
+            Err(Errno::ESTALE | Errno::ENOENT) => RecordedUpper::Gone,
+            Err(_) => RecordedUpper::Unknown,
+        }
     }
 
     /// True when `obj` records `origin` under `name` (any uuid), or records
@@ -112,6 +154,13 @@ impl Union {
                 true
             }
         }
+    }
+
+    /// Whether the upper root holds no entry (a new upper directory).
+    pub fn upper_is_empty(&self) -> bool {
+        let root = self.table.get(crate::overlay::node::ROOT_ID);
+        root.and_then(|r| r.upper())
+            .is_some_and(|u| sys::read_dir(u.dir()).is_ok_and(|e| e.is_empty()))
     }
 
     pub fn index_is_on(&self) -> bool {
@@ -336,15 +385,26 @@ fn remove_orphans(index: &Index, nlink_xattr: &str) {
 }
 
 /// What a refusal tells the user, after the upper or work directory's path.
-pub fn describe(r: &Refusal) -> &'static str {
+pub fn describe(r: &Refusal) -> String {
     match r {
-        Refusal::OtherLowers => {
-            "was made over other lower directories (its overlay.origin names another first \
-             lower); mount it over its own lower directories, or with -o index=off"
+        Refusal::OtherLowers => "was made over other lower directories (its overlay.origin \
+                                 names another first lower); mount it over its own lower \
+                                 directories, or with -o index=off"
+            .into(),
+        Refusal::OtherUpper(RecordedUpper::Gone) => {
+            "holds the index of an upper directory that no longer exists; remove the index \
+             directory in it to start afresh, or mount with -o index=off"
+                .into()
         }
-        Refusal::OtherUpper => {
+        Refusal::OtherUpper(RecordedUpper::At(p)) => format!(
+            "holds the index of the upper directory {}; give this upper its own work \
+             directory, or mount with -o index=off",
+            p.display()
+        ),
+        Refusal::OtherUpper(RecordedUpper::Unknown) => {
             "holds the index of another upper directory; give this upper its own work \
              directory, or mount with -o index=off"
+                .into()
         }
     }
 }
