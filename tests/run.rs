@@ -77,7 +77,7 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Processes other than launchers whose command line contains `marker`.
+/// Processes other than launchers whose command line starts with `marker`.
 fn processes_with(marker: &str) -> Vec<u32> {
     fs::read_dir("/proc")
         .unwrap()
@@ -89,9 +89,11 @@ fn processes_with(marker: &str) -> Vec<u32> {
         .filter(|pid| {
             fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| {
+                    // The command itself, not a shell whose script names it
+                    // (that shell may not have set its traps yet).
                     String::from_utf8_lossy(&c)
                         .replace('\0', " ")
-                        .contains(marker)
+                        .starts_with(marker)
                 })
                 .unwrap_or(false)
         })
