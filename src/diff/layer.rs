@@ -2,7 +2,10 @@
 //! for deletions and `.wh..wh..opq` in opaque directories, owners, modes,
 //! times, device numbers, xattrs (not the overlay markers) and hard links;
 //! the data of metadata-only copies from the lowers, and the other lower
-//! names of copies the inode index keeps whole.
+//! names of copies the inode index keeps whole. A renamed directory (whose
+//! `overlay.redirect` points into the lowers, which a layer cannot do) is
+//! written as an opaque directory holding its whole merged content; its old
+//! path is the whiteout the rename left.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -11,12 +14,16 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::{Changeset, Entry, err, lookup};
-use crate::overlay::format::{self, LowerPath};
+use super::merged::{MergedObj, MergedView};
+use super::{Changeset, Entry, err};
+use crate::overlay::format;
 use crate::sys::{self, Stat};
 
-/// Writes the changeset as an OCI image layer (an uncompressed tar).
-pub fn write_layer(set: &Changeset, to: impl Write) -> Result<(), String> {
+/// Writes the changeset as an OCI image layer (an uncompressed tar). With
+/// `dry_run`, every object is reached and opened but no data is read
+/// (zeroes stand in for it): a check that the whole layer can be written,
+/// before any of it goes where it cannot be taken back.
+pub fn write_layer(set: &Changeset, to: impl Write, dry_run: bool) -> Result<(), String> {
     let mut tar = tar::Builder::new(to);
     tar.mode(tar::HeaderMode::Complete);
     let mut w = LayerWriter {
@@ -24,20 +31,28 @@ pub fn write_layer(set: &Changeset, to: impl Write) -> Result<(), String> {
         tar: &mut tar,
         links: HashMap::new(),
         aliases: lower_aliases(set)?,
+        dry_run,
     };
     w.directory(set.upper.as_fd(), Path::new(""))?;
-    tar.finish()
+    tar.into_inner()
+        .and_then(|mut out| out.flush())
         .map_err(|e| format!("cannot write the tarball: {e}"))
 }
 
 struct LayerWriter<'a, W: Write> {
     set: &'a Changeset,
     tar: &'a mut tar::Builder<W>,
-    /// The first name written of each hard-linked file (device, inode).
+    /// The first name written of each hard-linked file: by (device, inode)
+    /// for upper files, by (`MERGED_DEV`, inode shown) for lower files
+    /// written as the content of a renamed directory.
     links: HashMap<(u64, u64), PathBuf>,
     /// Other lower names of the indexed copies in the upper.
     aliases: HashMap<PathBuf, Vec<PathBuf>>,
+    dry_run: bool,
 }
+
+/// The device of the `links` keys of objects of the merged view.
+const MERGED_DEV: u64 = u64::MAX;
 
 /// The names a union shows for the copies in the upper that keep a lower
 /// hard link whole (the inode index: marked with `overlay.nlink`): for each
@@ -136,7 +151,6 @@ impl<W: Write> LayerWriter<'_, W> {
         path: &Path,
     ) -> Result<(), String> {
         let st = &e.st;
-        let ns = self.set.ns;
         if format::is_whiteout_dev(st) {
             let marker = path.with_file_name(format::aufs_whiteout_name(&e.name));
             return self.marker(st, &marker);
@@ -145,17 +159,10 @@ impl<W: Write> LayerWriter<'_, W> {
         let mut h = header(st);
         match sys::file_type(st.st_mode) {
             libc::S_IFDIR => {
-                if format::redirect_of(&sys::XattrTarget::fd(obj), ns)
-                    .ok()
-                    .flatten()
-                    .is_some()
-                {
-                    return Err(format!(
-                        "/{} is a renamed lower directory (overlay.redirect): its contents stay in a lower layer, which a layer tarball cannot point to; make the upper with redirect_dir=off to export it",
-                        path.display()
-                    ));
-                }
                 h.set_entry_type(tar::EntryType::Directory);
+                if self.set.is_redirected(obj) {
+                    return self.renamed_directory(obj, path, &mut h, &xattrs);
+                }
                 self.append(&mut h, &xattrs, &dir_name(path), std::io::empty())?;
                 if self.set.is_opaque(obj) {
                     self.marker(st, &path.join(format::AUFS_OPAQUE))?;
@@ -180,9 +187,7 @@ impl<W: Write> LayerWriter<'_, W> {
                 return Ok(());
             }
         }
-        let (major, minor) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
-        h.set_device_major(major).map_err(|x| x.to_string())?;
-        h.set_device_minor(minor).map_err(|x| x.to_string())?;
+        self.device(&mut h, st)?;
         self.append(&mut h, &xattrs, path, std::io::empty())
     }
 
@@ -196,28 +201,17 @@ impl<W: Write> LayerWriter<'_, W> {
         xattrs: &[(OsString, Vec<u8>)],
     ) -> Result<(), String> {
         let st = &e.st;
-        if st.st_nlink > 1 {
-            let key = (st.st_dev, st.st_ino);
-            if let Some(first) = self.links.get(&key) {
-                h.set_entry_type(tar::EntryType::Link);
-                h.set_size(0);
-                let first = first.clone();
-                return self
-                    .tar
-                    .append_link(h, path, &first)
-                    .map_err(|x| format!("{}: {x}", path.display()));
-            }
-            self.links.insert(key, path.to_path_buf());
+        if st.st_nlink > 1 && self.linked((st.st_dev, st.st_ino), h, path)? {
+            return Ok(());
         }
         h.set_entry_type(tar::EntryType::Regular);
         let data = match format::is_metacopy(&sys::XattrTarget::fd(obj), self.set.ns) {
-            true => self.lower_data(obj, path)?,
+            true => self.metacopy_data(path)?,
             false => {
                 sys::open_at(dir, &e.name, libc::O_RDONLY).map_err(|x| err(path.display(), x))?
             }
         };
-        let file = std::fs::File::from(data);
-        self.append(h, xattrs, path, file.take(st.st_size as u64))?;
+        self.append_file(h, xattrs, path, data, st.st_size as u64)?;
         for alias in self.aliases.remove(path).unwrap_or_default() {
             let mut link = header(st);
             link.set_entry_type(tar::EntryType::Link);
@@ -230,37 +224,165 @@ impl<W: Write> LayerWriter<'_, W> {
     }
 
     /// The data of the metadata-only copy at `path`: the lower file it was
-    /// copied from (at its redirect, or the same path).
-    fn lower_data(&self, obj: BorrowedFd<'_>, path: &Path) -> Result<OwnedFd, String> {
-        if self.set.lowers.is_empty() {
+    /// copied from, as the union of the upper over the lowers finds it
+    /// (through its redirect, or its renamed parents').
+    fn metacopy_data(&self, path: &Path) -> Result<OwnedFd, String> {
+        let Some(merged) = &self.set.merged else {
             return Err(format!(
                 "/{} is a metadata-only copy (metacopy=on): its data is in a lower layer; give the lowers with --lowers",
                 path.display()
             ));
-        }
-        let parts: Vec<OsString> = path.iter().map(OsStr::to_os_string).collect();
-        let mut at = LowerPath::Absolute(parts);
-        if let Ok(Some(r)) = format::redirect_of(&sys::XattrTarget::fd(obj), self.set.ns) {
-            at = at.redirected(0, &r);
-        }
-        let LowerPath::Absolute(parts) = at else {
-            unreachable!("an absolute path stays absolute")
         };
-        let parts: Vec<&OsStr> = parts.iter().map(OsString::as_os_str).collect();
-        for root in &self.set.lowers {
-            let Some((found, st)) = lookup(root.as_fd(), &parts) else {
-                continue;
-            };
-            let metacopy = format::is_metacopy(&sys::XattrTarget::fd(found.as_fd()), self.set.ns);
-            if sys::file_type(st.st_mode) == libc::S_IFREG && !metacopy {
-                return sys::reopen(found.as_fd(), libc::O_RDONLY)
-                    .map_err(|x| err(path.display(), x));
+        merged.data(&merged.lookup(path)?, path)
+    }
+
+    /// A renamed directory at `path`: an opaque directory (the layers below
+    /// must not show what they have there) holding everything the union
+    /// shows in it, taken from the upper where it has the object and from
+    /// the lowers through the redirects where not.
+    fn renamed_directory(
+        &mut self,
+        obj: BorrowedFd<'_>,
+        path: &Path,
+        h: &mut tar::Header,
+        xattrs: &[(OsString, Vec<u8>)],
+    ) -> Result<(), String> {
+        let Some(merged) = &self.set.merged else {
+            return Err(format!(
+                "/{} is a renamed lower directory (overlay.redirect): part of what it holds is in the lower layers; give them with --lowers",
+                path.display()
+            ));
+        };
+        let shown = merged.lookup(path)?;
+        self.append(h, xattrs, &dir_name(path), std::io::empty())?;
+        let st = sys::stat_fd(obj).map_err(|x| err(path.display(), x))?;
+        self.marker(&st, &path.join(format::AUFS_OPAQUE))?;
+        self.merged_directory(merged, Some(obj), &shown, path)
+    }
+
+    /// The content of merged directory `dir` at `at`, whole: each entry
+    /// from `upper` (the upper directory at `at`, if any) when it has the
+    /// object, else from the merged view.
+    fn merged_directory(
+        &mut self,
+        merged: &MergedView,
+        upper: Option<BorrowedFd<'_>>,
+        dir: &MergedObj,
+        at: &Path,
+    ) -> Result<(), String> {
+        for (name, shown) in merged.children(dir, at)? {
+            let path = at.join(&name);
+            let in_upper = upper.and_then(|u| {
+                let st = sys::stat_at(u, &name).ok()?;
+                let obj = sys::open_path(u, &name).ok()?;
+                Some((u, obj, st))
+            });
+            match in_upper {
+                Some((u, obj, st)) if sys::is_dir(&st) => {
+                    let xattrs = self.xattrs(obj.as_fd(), &path)?;
+                    let mut h = header(&st);
+                    h.set_entry_type(tar::EntryType::Directory);
+                    self.append(&mut h, &xattrs, &dir_name(&path), std::io::empty())?;
+                    let _ = u;
+                    self.merged_directory(merged, Some(obj.as_fd()), &shown, &path)?;
+                }
+                Some((u, obj, st)) => {
+                    self.entry(u, obj.as_fd(), &Entry { name, st }, &path)?;
+                }
+                None => self.merged_entry(merged, &shown, &path)?,
             }
         }
-        Err(format!(
-            "/{}: the data of this metadata-only copy is in none of the lowers given",
-            path.display()
-        ))
+        Ok(())
+    }
+
+    /// An object of the merged view that the upper does not have (a lower
+    /// one, under a renamed directory), written as the union shows it.
+    fn merged_entry(
+        &mut self,
+        merged: &MergedView,
+        obj: &MergedObj,
+        path: &Path,
+    ) -> Result<(), String> {
+        let st = &obj.st;
+        let xattrs = merged.xattrs(obj, path)?;
+        let mut h = header(st);
+        match sys::file_type(st.st_mode) {
+            libc::S_IFDIR => {
+                h.set_entry_type(tar::EntryType::Directory);
+                self.append(&mut h, &xattrs, &dir_name(path), std::io::empty())?;
+                return self.merged_directory(merged, None, obj, path);
+            }
+            libc::S_IFREG => {
+                if st.st_nlink > 1 && self.linked((MERGED_DEV, st.st_ino), &mut h, path)? {
+                    return Ok(());
+                }
+                h.set_entry_type(tar::EntryType::Regular);
+                let data = merged.data(obj, path)?;
+                return self.append_file(&mut h, &xattrs, path, data, st.st_size as u64);
+            }
+            libc::S_IFLNK => {
+                let target = merged.readlink(obj, path)?;
+                h.set_entry_type(tar::EntryType::Symlink);
+                self.pax(&xattrs)?;
+                return self
+                    .tar
+                    .append_link(&mut h, path, OsStr::from_bytes(&target))
+                    .map_err(|x| format!("{}: {x}", path.display()));
+            }
+            libc::S_IFCHR => h.set_entry_type(tar::EntryType::Char),
+            libc::S_IFBLK => h.set_entry_type(tar::EntryType::Block),
+            libc::S_IFIFO => h.set_entry_type(tar::EntryType::Fifo),
+            _ => {
+                tracing::warn!(path = %path.display(), "a socket has no place in a layer tarball: left out");
+                return Ok(());
+            }
+        }
+        self.device(&mut h, st)?;
+        self.append(&mut h, &xattrs, path, std::io::empty())
+    }
+
+    /// A hard link to the name already written of file `key`, if there is
+    /// one (true: written); else `path` becomes that name.
+    fn linked(
+        &mut self,
+        key: (u64, u64),
+        h: &mut tar::Header,
+        path: &Path,
+    ) -> Result<bool, String> {
+        let Some(first) = self.links.get(&key).cloned() else {
+            self.links.insert(key, path.to_path_buf());
+            return Ok(false);
+        };
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_size(0);
+        self.tar
+            .append_link(h, path, &first)
+            .map_err(|x| format!("{}: {x}", path.display()))?;
+        Ok(true)
+    }
+
+    /// A regular file's entry with `size` bytes of `data` (zeroes in a dry
+    /// run: the descriptor was opened, which is the check).
+    fn append_file(
+        &mut self,
+        h: &mut tar::Header,
+        xattrs: &[(OsString, Vec<u8>)],
+        path: &Path,
+        data: OwnedFd,
+        size: u64,
+    ) -> Result<(), String> {
+        if self.dry_run {
+            return self.append(h, xattrs, path, std::io::repeat(0).take(size));
+        }
+        let file = std::fs::File::from(data);
+        self.append(h, xattrs, path, file.take(size))
+    }
+
+    /// The device numbers of a device node.
+    fn device(&mut self, h: &mut tar::Header, st: &Stat) -> Result<(), String> {
+        let (major, minor) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+        h.set_device_major(major).map_err(|x| x.to_string())?;
+        h.set_device_minor(minor).map_err(|x| x.to_string())
     }
 
     /// The xattrs a layer keeps: all but the overlay markers of the

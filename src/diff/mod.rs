@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 mod layer;
+mod merged;
 pub use layer::write_layer;
+use merged::MergedView;
 
 use crate::overlay::format::{self, XattrNamespace};
 use crate::sys::{self, Stat};
@@ -77,6 +79,8 @@ pub struct Changeset {
     upper: OwnedFd,
     lowers: Vec<OwnedFd>,
     ns: XattrNamespace,
+    /// The upper over the lowers, when the lowers are given.
+    merged: Option<MergedView>,
 }
 
 /// An entry of a directory, with its `stat`.
@@ -94,11 +98,28 @@ impl Changeset {
     /// as the kernel's `userxattr`, `user.overlay.*`).
     pub fn open(upper: &Path, lowers: &[PathBuf], ns: XattrNamespace) -> Result<Changeset, String> {
         let open = |p: &Path| sys::open_dir_path(p).map_err(|e| err(p.display(), e));
+        let upper = open(upper)?;
+        let lowers: Vec<OwnedFd> = lowers.iter().map(|p| open(p)).collect::<Result<_, _>>()?;
+        let merged = match lowers.is_empty() {
+            true => None,
+            false => Some(MergedView::open(upper.as_fd(), &lowers, ns)?),
+        };
         Ok(Changeset {
-            upper: open(upper)?,
-            lowers: lowers.iter().map(|p| open(p)).collect::<Result<_, _>>()?,
+            upper,
+            lowers,
             ns,
+            merged,
         })
+    }
+
+    /// Whether the upper directory `dir` is a renamed lower or merged
+    /// directory: its `overlay.redirect` names where its lower
+    /// directories are.
+    fn is_redirected(&self, dir: BorrowedFd<'_>) -> bool {
+        format::redirect_of(&sys::XattrTarget::fd(dir), self.ns)
+            .ok()
+            .flatten()
+            .is_some()
     }
 
     /// The entries of `dir`, sorted by name (the order `podman diff` walks).
@@ -185,6 +206,17 @@ impl Changeset {
             let path = at.join(&e.name);
             let obj = sys::open_path(dir, &e.name).map_err(|x| err(path.display(), x))?;
             let is_dir = sys::is_dir(&e.st);
+            let renamed = is_dir && self.is_redirected(obj.as_fd());
+            if renamed && let Some(merged) = &self.merged {
+                self.renamed_changes(merged, &path, out, changed_dirs)?;
+                continue;
+            }
+            if renamed {
+                tracing::warn!(
+                    "{} is a renamed lower directory: what it holds from the lowers is listed with --lowers",
+                    path.display()
+                );
+            }
             if let Some(kind) = self.classify(obj.as_fd(), &path, &e.st)? {
                 if is_dir {
                     changed_dirs.insert(path.clone());
@@ -209,6 +241,40 @@ impl Changeset {
             }
         }
         Ok(())
+    }
+
+    /// A renamed directory at `path` (`/a/b`): a new directory there, with
+    /// everything it holds added (its upper entries and those of the lower
+    /// directories it came from), as a walk of the merged tree lists it;
+    /// over a lower directory of that path it replaces it (`D`), as an
+    /// opaque directory does. Its old path is a whiteout of its own.
+    fn renamed_changes(
+        &self,
+        merged: &MergedView,
+        path: &Path,
+        out: &mut Vec<Change>,
+        changed_dirs: &mut HashSet<PathBuf>,
+    ) -> Result<(), String> {
+        let components: Vec<&OsStr> = path.iter().skip(1).collect();
+        let kind = match self.in_lowers(&components) {
+            Some(_) => Kind::Deleted,
+            None => Kind::Added,
+        };
+        changed_dirs.insert(path.to_path_buf());
+        let parent = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+        if parent != Path::new("/") && changed_dirs.insert(parent.clone()) {
+            out.push(Change {
+                kind: Kind::Changed,
+                path: parent,
+            });
+        }
+        out.push(Change {
+            kind,
+            path: path.to_path_buf(),
+        });
+        let rel = path.strip_prefix("/").unwrap_or(path);
+        let dir = merged.lookup(rel)?;
+        list_added(merged, &dir, path, out)
     }
 
     /// The kind of change of the upper object `obj` at `path`; None for a
@@ -240,6 +306,27 @@ impl Changeset {
         }
         Ok(Some(Kind::Changed))
     }
+}
+
+/// Everything merged directory `dir` (at `at`, `/a/b`) holds, as added.
+fn list_added(
+    merged: &MergedView,
+    dir: &merged::MergedObj,
+    at: &Path,
+    out: &mut Vec<Change>,
+) -> Result<(), String> {
+    let rel = at.strip_prefix("/").unwrap_or(at);
+    for (name, obj) in merged.children(dir, rel)? {
+        let path = at.join(&name);
+        out.push(Change {
+            kind: Kind::Added,
+            path: path.clone(),
+        });
+        if sys::is_dir(&obj.st) {
+            list_added(merged, &obj, &path, out)?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether two directories look the same to `podman diff`: size, mode and
@@ -357,25 +444,46 @@ fn print_changes(set: &Changeset, json: bool) -> Result<(), DiffFailure> {
     }
 }
 
-/// Writes the layer to `to` (made with mode 0644, or replaced), or stdout;
-/// a partial file is removed when the export fails.
+/// Writes the layer to `to` (made with mode 0644, or replaced), or stdout.
+/// Nothing is left half-written: a file is written under a temporary name
+/// beside it and renamed into place once complete; stdout, which cannot be
+/// taken back, gets the layer only after a dry run has reached and opened
+/// everything in it.
 fn export(set: &Changeset, to: &Path) -> Result<(), DiffFailure> {
     if to == Path::new("-") {
+        write_layer(set, std::io::sink(), true).map_err(failure)?;
         let out = std::io::BufWriter::new(std::io::stdout().lock());
-        return write_layer(set, out).map_err(failure);
+        return write_layer(set, out, false).map_err(failure);
     }
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(to)
-        .map_err(|e| bad_input(format!("cannot write {}: {e}", to.display())))?;
-    let written = write_layer(set, std::io::BufWriter::new(file));
+    let (temp, file) = temporary_beside(to)?;
+    let written = write_layer(set, std::io::BufWriter::new(&file), false)
+        .and_then(|()| {
+            file.sync_all()
+                .map_err(|e| format!("cannot write {}: {e}", to.display()))
+        })
+        .and_then(|()| {
+            std::fs::rename(&temp, to).map_err(|e| format!("cannot write {}: {e}", to.display()))
+        });
     if let Err(msg) = written {
-        let _ = std::fs::remove_file(to);
+        let _ = std::fs::remove_file(&temp);
         return Err(failure(msg));
     }
     Ok(())
+}
+
+/// A new file (mode 0644) in the directory of `to`, named after it.
+fn temporary_beside(to: &Path) -> Result<(PathBuf, std::fs::File), DiffFailure> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = to.file_name().unwrap_or(OsStr::new("layer"));
+    let mut temp_name = OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(format!(".unionfs-{}", std::process::id()));
+    let temp = to.with_file_name(temp_name);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&temp)
+        .map_err(|e| bad_input(format!("cannot write {}: {e}", to.display())))?;
+    Ok((temp, file))
 }

@@ -236,6 +236,15 @@ impl Union {
         }
     }
 
+    /// Reads the overlay markers as `ns` names them (`user.overlay.*` for
+    /// layers written with the kernel's `userxattr`). For a read-only
+    /// union: one with an upper directory takes the namespace its work
+    /// directory allows.
+    pub fn read_markers_as(&mut self, ns: XattrNamespace) {
+        debug_assert!(self.is_read_only());
+        self.ns = ns;
+    }
+
     /// The node the kernel calls `id`.
     pub fn node(&self, id: u64) -> Result<Arc<Node>> {
         self.table.get(id).ok_or(Errno::ESTALE)
