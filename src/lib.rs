@@ -22,3 +22,4 @@ pub mod run;
 pub mod sys;
 pub mod tree;
 pub mod trust;
+pub mod userns;

@@ -685,6 +685,80 @@ fn rootless_containers_rename_image_directories() {
     w.assert_clean();
 }
 
+/// `unionfs diff`, as the user who ran a rootless container, of its upper:
+/// read as the container's root (objects of subordinate ids the user cannot
+/// read as themself included), owners as the container saw them.
+#[test]
+fn rootless_diff_reads_the_upper_as_the_container_saw_it() {
+    let w = World::new("run-diff");
+    let uid = uid_of("tests");
+    let upper = w.s.path.join("upper");
+    fs::create_dir(&upper).unwrap();
+    std::os::unix::fs::chown(&upper, Some(uid), None).unwrap();
+    let u = upper.join("u");
+    let o = run_rootless(
+        &w,
+        "tests",
+        &format!(
+            "--upper {} -- sh -c 'mkdir -p /var/partial && touch /var/partial/f && \
+             chown 65534:65534 /var/partial/f && chown 5:5 /var/partial && \
+             chmod 700 /var/partial && echo hi > /x && rm /bin/ls && echo done'",
+            u.display()
+        ),
+    );
+    assert_eq!(ok(&o), "done\n");
+    let start = subuid_start("tests");
+    assert_eq!(
+        fs::metadata(u.join("var/partial")).unwrap().uid(),
+        start + 4
+    );
+    let diff_as_tests = |args: &str| {
+        let script = format!(
+            "exec setpriv --reuid=tests --regid=$(id -g tests) --clear-groups {} diff {args}",
+            bin().display()
+        );
+        let o = Command::new("sh").args(["-c", &script]).output().unwrap();
+        assert!(
+            o.status.success(),
+            "diff {args}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    };
+    let listed = String::from_utf8(diff_as_tests(&format!(
+        "--lowers {} {}",
+        w.lower.display(),
+        u.display()
+    )))
+    .unwrap();
+    assert_eq!(
+        listed,
+        "C /bin\nD /bin/ls\nA /var\nA /var/partial\nA /var/partial/f\nA /x\n"
+    );
+    let tar = w.s.path.join("layer.tar");
+    fs::write(&tar, diff_as_tests(&format!("--tar - {}", u.display()))).unwrap();
+    let listing = String::from_utf8(
+        Command::new("tar")
+            .args(["--numeric-owner", "-tvf"])
+            .arg(&tar)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let owner_of = |name: &str| {
+        let line = listing
+            .lines()
+            .find(|l| l.ends_with(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{listing}"));
+        line.split_whitespace().nth(1).unwrap().to_string()
+    };
+    assert_eq!(owner_of(" var/partial/"), "5/5");
+    assert_eq!(owner_of(" var/partial/f"), "65534/65534");
+    assert_eq!(owner_of(" x"), "0/0");
+    w.assert_clean();
+}
+
 #[test]
 fn rootless_with_a_single_id() {
     let w = World::new("run-single");

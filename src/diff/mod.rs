@@ -409,10 +409,21 @@ pub fn run(req: &DiffRequest) -> Result<(), DiffFailure> {
     for l in &lowers {
         dir("lower directory", l)?;
     }
-    let ns = match req.userxattr || !nix::unistd::geteuid().is_root() {
+    let rootless = !nix::unistd::geteuid().is_root();
+    let ns = match req.userxattr || rootless {
         true => XattrNamespace::User,
         false => XattrNamespace::Trusted,
     };
+    if rootless {
+        // A rootless container's upper holds objects of the user's
+        // subordinate ids, which the user cannot read as themself: read it
+        // as the container's root, with ids as the container saw them.
+        crate::userns::enter_user_namespace().map_err(|e| {
+            failure(format!(
+                "cannot read the upper as a rootless container's root: {e}"
+            ))
+        })?;
+    }
     let set = Changeset::open(&req.upper, &lowers, ns).map_err(failure)?;
     match &req.tar {
         Some(to) => export(&set, to),

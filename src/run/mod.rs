@@ -12,7 +12,6 @@ mod cgroup;
 mod container;
 mod exec;
 mod identity;
-mod idmap;
 mod init_layer;
 mod mounts;
 mod request;
@@ -105,7 +104,7 @@ pub fn run(req: RunRequest) -> Result<u8, Failure> {
         .transpose()?;
     let scratch = Scratch::create(spec.upper.is_none())?;
     if rootless {
-        idmap::enter_user_namespace()?;
+        crate::userns::enter_user_namespace().map_err(Failure::launcher)?;
     }
     // Unpacked inside the user namespace, so that a rootless layer's owners
     // map as the container's do.

@@ -1,8 +1,10 @@
-//! Rootless runs: the user namespace the launcher enters first. With ranges
-//! in /etc/subuid and /etc/subgid and the setuid helpers newuidmap and
-//! newgidmap, the container gets the full mapping (root inside = the user
-//! outside, ids 1.. = the user's subordinate ids); otherwise a single-id
-//! mapping (root inside = the user, nothing else mapped).
+//! The user namespace a user other than root works in: `unionfs run` enters
+//! it first (the container is made there), `unionfs diff` reads an upper
+//! directory there (as `podman unshare` does), so that ids come out as the
+//! container saw them. With ranges in /etc/subuid and /etc/subgid and the
+//! setuid helpers newuidmap and newgidmap, the mapping is full (root inside =
+//! the user outside, ids 1.. = the user's subordinate ids); otherwise it maps
+//! one id (root inside = the user, nothing else mapped).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +16,10 @@ use nix::unistd::{ForkResult, Pid, fork, getgid, getpid, getuid, pipe2, read, wr
 
 use tracing::{debug, warn};
 
-use super::{Failure, exit_now, failed};
+/// A failure of a system call, naming what was tried.
+fn failed(what: impl std::fmt::Display, e: nix::errno::Errno) -> String {
+    format!("{what}: {}", std::io::Error::from(e))
+}
 
 /// A range of subordinate ids granted to a user.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,8 +79,9 @@ fn full_mapping(uid: u32) -> Option<FullMapping> {
     })
 }
 
-/// Enters a new user namespace in which the caller is root.
-pub fn enter_user_namespace() -> Result<(), Failure> {
+/// Enters a new user namespace in which the caller is root. The process
+/// must have one thread.
+pub fn enter_user_namespace() -> Result<(), String> {
     let (uid, gid) = (getuid().as_raw(), getgid().as_raw());
     match full_mapping(uid) {
         Some(m) => enter_with_helpers(&m, uid, gid),
@@ -87,7 +93,7 @@ pub fn enter_user_namespace() -> Result<(), Failure> {
     }
 }
 
-fn unshare_user(uid: u32) -> Result<(), Failure> {
+fn unshare_user(uid: u32) -> Result<(), String> {
     unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| {
         failed(
             format_args!(
@@ -98,10 +104,9 @@ fn unshare_user(uid: u32) -> Result<(), Failure> {
     })
 }
 
-fn write_own_maps(uid: u32, gid: u32) -> Result<(), Failure> {
+fn write_own_maps(uid: u32, gid: u32) -> Result<(), String> {
     let write = |file: &str, text: String| {
-        std::fs::write(file, text)
-            .map_err(|e| Failure::launcher(format!("cannot write {file}: {e}")))
+        std::fs::write(file, text).map_err(|e| format!("cannot write {file}: {e}"))
     };
     write("/proc/self/setgroups", "deny".into())?;
     write("/proc/self/uid_map", format!("0 {uid} 1\n"))?;
@@ -109,19 +114,20 @@ fn write_own_maps(uid: u32, gid: u32) -> Result<(), Failure> {
 }
 
 /// The helpers must run outside the new namespace: a child forked before
-/// `unshare` waits until the launcher has entered it, then maps it.
-fn enter_with_helpers(m: &FullMapping, uid: u32, gid: u32) -> Result<(), Failure> {
+/// `unshare` waits until the caller has entered it, then maps it.
+fn enter_with_helpers(m: &FullMapping, uid: u32, gid: u32) -> Result<(), String> {
     let (wait_end, go_end) =
         pipe2(OFlag::O_CLOEXEC).map_err(|e| failed("cannot create a pipe", e))?;
     let target = getpid();
-    // SAFETY: the launcher has no other thread yet (see `run`).
+    // SAFETY: the caller has no other thread (see `enter_user_namespace`).
     let helper = match unsafe { fork() } {
         Err(e) => return Err(failed("cannot fork", e)),
         Ok(ForkResult::Child) => {
             drop(go_end);
             let mut b = [0u8];
             let ok = read(&wait_end, &mut b) == Ok(1) && run_helpers(m, target, uid, gid);
-            exit_now(if ok { 0 } else { 1 });
+            // SAFETY: _exit takes no pointers and never returns.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
         Ok(ForkResult::Parent { child }) => child,
     };
@@ -134,11 +140,11 @@ fn enter_with_helpers(m: &FullMapping, uid: u32, gid: u32) -> Result<(), Failure
     let status = waitpid(helper, None);
     entered?;
     if status != Ok(WaitStatus::Exited(helper, 0)) {
-        return Err(Failure::launcher(format!(
+        return Err(format!(
             "{} or {} could not map the user namespace",
             m.newuidmap.display(),
             m.newgidmap.display()
-        )));
+        ));
     }
     Ok(())
 }
