@@ -23,3 +23,4 @@ pub mod sys;
 pub mod tree;
 pub mod trust;
 pub mod userns;
+pub mod workdir;

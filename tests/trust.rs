@@ -314,14 +314,20 @@ fn a_gone_holder_is_awaited_and_a_live_one_refused_at_once() {
         );
         drop(mount);
     }
-    // Now a live holder: a second mount is refused without waiting.
+    // Now a live holder: a second mount is refused without waiting, and
+    // told which mount it is.
     let mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
     let m2 = s.dir("m2");
     let start = Instant::now();
     let out = unionfs(&[&l, &u, &m2]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("in use by another mount"), "{err}");
+    let named = format!(
+        "in use by the union mounted at {} (pid {}); unmount it first",
+        m.display(),
+        mount.pid().unwrap()
+    );
+    assert!(err.contains(&named), "{err}");
     assert!(
         start.elapsed() < Duration::from_secs(2),
         "it waited for a live mount"
@@ -363,4 +369,107 @@ fn compat_mount(lower: &Path, upper: &Path, work: &Path, mnt: &Path) -> std::pro
         .arg(mnt)
         .output()
         .unwrap()
+}
+
+/// A second user of an upper held by a `unionfs run` (whose union lives in
+/// the launcher's own mount namespace, out of this one's sight) is told at
+/// once what holds it, as `unionfs run` and as `unionfs mount`, with the
+/// launcher's pid; nothing is mounted.
+#[test]
+fn an_upper_held_by_a_run_is_named_at_once() {
+    let s = Scratch::new("heldbyrun");
+    fs::set_permissions(&s.path, fs::Permissions::from_mode(0o755)).unwrap();
+    let (rootfs, u, m, tmp) = (s.dir("rootfs"), s.path.join("u"), s.dir("m"), s.dir("tmp"));
+    busybox_rootfs(&rootfs);
+    let run = |args: &[&str]| {
+        let mut c = Command::new(bin());
+        c.arg("run")
+            .arg("--lower")
+            .arg(&rootfs)
+            .arg("--upper")
+            .arg(&u);
+        c.args(args)
+            .env("TMPDIR", &tmp)
+            .stdin(std::process::Stdio::null());
+        c
+    };
+    let mut first = run(&["--init", "--", "sleep", "30"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let holder = s.path.join(".u.unionfs-work/unionfs.holder");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !holder.exists() {
+        assert!(Instant::now() < deadline, "the run never held its upper");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let named = format!("in use by a unionfs run (pid {})", first.id());
+    let start = Instant::now();
+    let second = run(&["--", "true"]).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(125), "{err}");
+    assert!(err.contains(&named), "{err}");
+    let out = unionfs(&[&rootfs, &u, &m]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&named), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "it waited: {:?}",
+        start.elapsed()
+    );
+    assert!(!is_mounted(&m));
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    first.wait().unwrap();
+}
+
+/// A mount waiting for the daemon of an unmounted union to let go of the
+/// work directory says so, and SIGINT or SIGTERM ends the wait with exit 1
+/// and nothing mounted, even once the work directory is free (before, the
+/// signal waited until the union was up, which it then took down).
+#[test]
+fn a_wait_for_a_leaving_daemon_is_said_and_can_be_interrupted() {
+    let s = Scratch::new("leaving");
+    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    let wd = s.path.join(".u.unionfs-work");
+    fs::create_dir(&wd).unwrap();
+    fs::set_permissions(&wd, fs::Permissions::from_mode(0o700)).unwrap();
+    // Held by this (live) process for a union no mount table lists.
+    let me = std::process::id();
+    fs::write(
+        wd.join("unionfs.holder"),
+        format!("999999 - - {me} mount\n/gone\n"),
+    )
+    .unwrap();
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let lock = lock_dir(&wd);
+        let child = Command::new(bin())
+            .arg("mount")
+            .args([&l, &u, &m])
+            .env("RUST_LOG", "unionfs=info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        let start = Instant::now();
+        unsafe { libc::kill(child.id() as i32, sig) };
+        std::thread::sleep(Duration::from_millis(100));
+        drop(lock);
+        let out = wait_output(child, Duration::from_secs(5));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "signal {sig}: {:?}",
+            start.elapsed()
+        );
+        assert_eq!(out.status.code(), Some(1), "signal {sig}: {err}");
+        assert!(
+            err.contains(&format!("waiting for the daemon (pid {me}) to exit")),
+            "signal {sig}: not said: {err}"
+        );
+        assert!(err.contains("nothing was mounted"), "signal {sig}: {err}");
+        assert!(!is_mounted(&m), "signal {sig}");
+    }
 }
