@@ -242,12 +242,36 @@ fn fuse_connection_alive(minor: u32) -> bool {
 /// The device minor of the FUSE mount at `mountpoint` (read from the mount
 /// table: a stat of it would ask the daemon, which is not serving yet).
 fn fuse_minor_of(mountpoint: &Path) -> Option<u32> {
-    let want = mountpoint.to_string_lossy();
+    let want = mountpoint.as_os_str().as_bytes();
     std::fs::read_to_string("/proc/self/mountinfo")
         .ok()?
         .lines()
-        .rfind(|l| l.split(' ').nth(4) == Some(&*want))
+        .rfind(|l| l.split(' ').nth(4).is_some_and(|p| unescape(p) == want))
         .and_then(|l| l.split(' ').nth(2)?.strip_prefix("0:")?.parse().ok())
+}
+
+/// A path field of a mount table, whose space, tab, newline and backslash
+/// bytes are written as octal escapes (`\040`).
+fn unescape(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -296,6 +320,13 @@ mod tests {
         );
         h = Holder::parse(b"7 1 2\n").unwrap();
         assert_eq!(h.in_use_by(), IN_USE_BY_ANOTHER);
+    }
+
+    #[test]
+    fn mount_table_paths_are_unescaped() {
+        assert_eq!(unescape("/tmp/a\\040b\\134c"), b"/tmp/a b\\c");
+        assert_eq!(unescape("/plain"), b"/plain");
+        assert_eq!(unescape("/x\\09"), b"/x\\09");
     }
 
     #[test]
