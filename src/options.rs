@@ -291,6 +291,33 @@ fn dead_mount(what: &str, p: &Path) -> String {
     )
 }
 
+/// Refuses an upper directory that is, or is inside, or holds one of the
+/// (canonical) `lowers`. `upper` need not exist yet: its parent is
+/// resolved, so that a launcher can check before it makes it.
+pub fn upper_apart_from_lowers(upper: &Path, lowers: &[PathBuf]) -> Result<(), String> {
+    let resolved = match (upper.parent(), upper.file_name()) {
+        _ if upper.exists() => std::fs::canonicalize(upper).ok(),
+        (Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            std::fs::canonicalize(parent).ok().map(|p| p.join(name))
+        }
+        _ => None,
+    };
+    let upper = resolved.unwrap_or_else(|| upper.to_path_buf());
+    match lowers.iter().find(|low| overlap(&upper, low)) {
+        Some(low) => Err(format!(
+            "upper directory {} and lower directory {} must not be the same or inside one another",
+            upper.display(),
+            low.display()
+        )),
+        None => Ok(()),
+    }
+}
+
 fn overlap(a: &Path, b: &Path) -> bool {
     a.starts_with(b) || b.starts_with(a)
 }
@@ -426,17 +453,8 @@ pub fn check_layers(l: &Layers) -> Result<(Vec<PathBuf>, Option<UpperPlan>, Path
         .map(|u| existing_dir("upper directory", u))
         .transpose()?;
     let mountpoint = existing_dir("mount point", l.mountpoint)?;
-    if let Some((upper, low)) = upper.as_ref().and_then(|u| {
-        lowers
-            .iter()
-            .find(|low| overlap(u, low))
-            .map(|low| (u, low))
-    }) {
-        return Err(format!(
-            "upper directory {} and lower directory {} must not be the same or inside one another",
-            upper.display(),
-            low.display()
-        ));
+    if let Some(upper) = &upper {
+        upper_apart_from_lowers(upper, &lowers)?;
     }
     for layer in lowers.iter().chain(upper.iter()) {
         if overlap(&mountpoint, layer) {

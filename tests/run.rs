@@ -459,6 +459,7 @@ fn bad_input_gets_one_line_and_nothing_is_left() {
     let lower = w.lower.to_str().unwrap().to_string();
     let missing = w.s.path.join("missing").to_string_lossy().into_owned();
     let deep = format!("{missing}/a/b");
+    let inside_lower = format!("{lower}/up");
     let missing_bind = format!("{missing}:/x");
     // (arguments after `run`, expected exit code, expected text in the line)
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
@@ -483,6 +484,11 @@ fn bad_input_gets_one_line_and_nothing_is_left() {
             vec!["--lower", &lower, "--upper", &lower, "--", "true"],
             125,
             "must not be the same",
+        ),
+        (
+            vec!["--lower", &lower, "--upper", &inside_lower, "--", "true"],
+            125,
+            "must not be the same or inside one another",
         ),
         (
             vec!["--lower", &lower, "-e", "NOVALUE", "--", "true"],
@@ -595,6 +601,10 @@ fn bad_input_gets_one_line_and_nothing_is_left() {
         w.assert_clean();
     }
     assert!(!Path::new(&missing).exists());
+    assert!(
+        !Path::new(&inside_lower).exists(),
+        "made inside the lower first"
+    );
     eprintln!("bad run invocations refused: {}", cases.len());
 }
 

@@ -149,7 +149,10 @@ pub fn check(req: RunRequest) -> Result<(Spec, Option<ImageRun>), Failure> {
         .map(|i| i.defaults().clone())
         .unwrap_or_default();
     if let Some(lowers) = &req.lowers {
-        check_lowers(lowers)?;
+        let lowers = check_lowers(lowers)?;
+        if let Some(upper) = &req.upper {
+            crate::options::upper_apart_from_lowers(upper, &lowers).map_err(Failure::launcher)?;
+        }
     }
     let upper = req.upper.as_deref().map(check_upper).transpose()?;
     let image_env = defaults.env.iter().flatten().filter(|e| e.contains('='));
@@ -296,10 +299,12 @@ fn bad(what: &str, value: &str, why: &str) -> Failure {
     Failure::launcher(format!("bad {what} '{value}': {why}"))
 }
 
-fn check_lowers(lowers: &str) -> Result<(), Failure> {
+/// The lower directories, which must exist, resolved.
+fn check_lowers(lowers: &str) -> Result<Vec<PathBuf>, Failure> {
+    let mut resolved = Vec::new();
     for l in split_lowers(lowers)? {
         match std::fs::metadata(&l) {
-            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.is_dir() => resolved.push(std::fs::canonicalize(&l).unwrap_or(l)),
             Ok(_) => {
                 return Err(Failure::launcher(format!(
                     "lower directory {} is not a directory",
@@ -314,7 +319,7 @@ fn check_lowers(lowers: &str) -> Result<(), Failure> {
             }
         }
     }
-    Ok(())
+    Ok(resolved)
 }
 
 /// An upper directory that does not exist yet is made (its parent must exist).
