@@ -7,7 +7,7 @@
 //! is live, leaving the daemon behind, as its callers expect; a failure is
 //! one line on stderr, exit status 1, nothing mounted.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,28 +24,43 @@ use crate::options::{
     Access, FileIo, Layers, MountFlags, MountPlan, Presentation, check_layers, on_off,
 };
 
-/// The subcommands of the native command line.
-const SUBCOMMANDS: [&str; 4] = ["mount", "run", "demo", "help"];
+/// The name mount(8) runs for a `fuse.unionfs` file system when it finds
+/// it in /sbin (before mount.fuse3, which would run whichever `unionfs` its
+/// search path finds first).
+pub const MOUNT_HELPER: &str = "mount.fuse.unionfs";
 
-/// Is this the fuse-overlayfs form? `args` includes the program name.
-pub fn is_compat_invocation(args: &[OsString]) -> bool {
-    let named_as_peer = args
-        .first()
-        .and_then(|a| Path::new(a).file_name())
-        .is_some_and(|n| n == "fuse-overlayfs");
+fn program_name(args: &[OsString]) -> Option<&OsStr> {
+    args.first().and_then(|a| Path::new(a).file_name())
+}
+
+/// Is this the mount(8) helper? `args` includes the program name.
+pub fn is_mount_helper(args: &[OsString]) -> bool {
+    program_name(args).is_some_and(|n| n == MOUNT_HELPER)
+}
+
+/// Is this the fuse-overlayfs form? `args` includes the program name;
+/// `subcommands` are the native command line's.
+pub fn is_compat_invocation(args: &[OsString], subcommands: &[String]) -> bool {
+    let named_as_peer = program_name(args).is_some_and(|n| n == "fuse-overlayfs");
     let Some(first) = args.get(1).and_then(|a| a.to_str()) else {
         return named_as_peer && args.len() > 1;
     };
     if named_as_peer {
         return true;
     }
-    if SUBCOMMANDS.contains(&first) || matches!(first, "-h" | "--help" | "-V" | "--version") {
+    if subcommands.iter().any(|s| s == first)
+        || matches!(first, "-h" | "--help" | "-V" | "--version")
+    {
         return false;
     }
-    // The form always carries options (a lone word is a mistyped subcommand).
+    // The form always carries options; without any, a path (`unionfs MNT`,
+    // the fuse-overlayfs habit) is this form missing its options, a lone
+    // word a mistyped subcommand.
+    let path_like = |a: &OsString| a.as_encoded_bytes().contains(&b'/') || Path::new(a).is_dir();
     args[1..]
         .iter()
         .any(|a| a.as_encoded_bytes().starts_with(b"-o"))
+        || (args.len() == 2 && path_like(&args[1]))
 }
 
 /// What the command line asked for.
@@ -59,20 +74,30 @@ pub struct Invocation {
     pub info: Option<String>,
 }
 
-pub const USAGE: &str = "usage: unionfs [-f] [-d] [-o OPTIONS]... [SOURCE] MOUNTPOINT
-  the fuse-overlayfs command line; also `unionfs mount|run|demo` (see `unionfs help`)
-  -f          stay in the foreground
+/// The usage of this form; `subcommands` are the native command line's.
+pub fn usage(subcommands: &[String]) -> String {
+    format!(
+        "usage: unionfs [-f] [-d] [-o OPTIONS]... [SOURCE] MOUNTPOINT
+  the fuse-overlayfs command line; the native one has the subcommands
+  {} (see `unionfs --help`)
+{OPTIONS_HELP}",
+        subcommands.join(", ")
+    )
+}
+
+/// The flags and options of this form.
+pub const OPTIONS_HELP: &str = "  -f          stay in the foreground
   -d          debug: foreground, with every request logged
-  -o OPTIONS  comma separated: lowerdir=L1[:L2...], upperdir=DIR, workdir=DIR,
-              volatile, fsync=0, uidmapping=C:H:N[:...], gidmapping=C:H:N[:...],
-              squash_to_root, squash_to_uid=N, squash_to_gid=N, static_nlink,
-              noacl, noxattrs=1, timeout=SECS, passthrough=on|off|auto,
-              writeback=on|off, index=on|off, redirect_dir=on|off,
-              metacopy=on|off, ro, rw, nosuid, nodev, noexec, noatime,
-              allow_other, allow_root";
+  -o OPTIONS  comma separated: lowerdir=L1[:L2...], upperdir=DIR,
+              workdir=DIR, volatile, fsync=0, uidmapping=C:H:N[:...],
+              gidmapping=C:H:N[:...], squash_to_root, squash_to_uid=N,
+              squash_to_gid=N, static_nlink, noacl, noxattrs=1,
+              timeout=SECS, passthrough=on|off|auto, writeback=on|off,
+              index=on|off, redirect_dir=on|off, metacopy=on|off, ro,
+              rw, nosuid, nodev, noexec, noatime, allow_other, allow_root";
 
 /// Parses the arguments after the program name.
-pub fn parse_args(args: &[OsString]) -> Result<Invocation, String> {
+pub fn parse_args(args: &[OsString], subcommands: &[String]) -> Result<Invocation, String> {
     let mut inv = Invocation::default();
     let mut positionals: Vec<PathBuf> = Vec::new();
     let mut it = args.iter();
@@ -92,7 +117,7 @@ pub fn parse_args(args: &[OsString]) -> Result<Invocation, String> {
             }
             // libfuse's single-threaded switch: accepted, no effect.
             "-s" => {}
-            "-h" | "--help" => inv.info = Some(USAGE.to_string()),
+            "-h" | "--help" => inv.info = Some(usage(subcommands)),
             "-V" | "--version" => {
                 inv.info = Some(format!(
                     "unionfs {} (fuse-overlayfs compatible command line)",
@@ -112,12 +137,13 @@ pub fn parse_args(args: &[OsString]) -> Result<Invocation, String> {
         1 | 2 => inv.mountpoint = positionals.pop(),
         _ => {
             return Err(format!(
-                "too many arguments: {} (expected [SOURCE] MOUNTPOINT, or a subcommand: mount, run, demo)",
+                "too many arguments: {} (expected [SOURCE] MOUNTPOINT, or a subcommand: {})",
                 positionals
                     .iter()
                     .map(|p| p.display().to_string())
                     .collect::<Vec<_>>()
-                    .join(" ")
+                    .join(" "),
+                subcommands.join(", ")
             ));
         }
     }
@@ -416,8 +442,8 @@ pub fn report_unknown(o: &CompatOptions) {
 }
 
 /// The whole fuse-overlayfs form: returns the exit status.
-pub fn main(args: &[OsString]) -> u8 {
-    let inv = match parse_args(args) {
+pub fn main(args: &[OsString], subcommands: &[String]) -> u8 {
+    let inv = match parse_args(args, subcommands) {
         Ok(i) => i,
         Err(msg) => return fail(&msg),
     };
@@ -425,7 +451,23 @@ pub fn main(args: &[OsString]) -> u8 {
         println!("{text}");
         return 0;
     }
-    let opts = match CompatOptions::parse(&inv.options) {
+    mount_as_asked(
+        &inv.options,
+        inv.mountpoint.as_deref(),
+        inv.foreground,
+        false,
+    )
+}
+
+/// Mounts what the option lists ask for at `mountpoint` (in the background
+/// unless `foreground`; only checked with `fake`); the exit status.
+fn mount_as_asked(
+    options: &[String],
+    mountpoint: Option<&Path>,
+    foreground: bool,
+    fake: bool,
+) -> u8 {
+    let opts = match CompatOptions::parse(options) {
         Ok(o) => o,
         Err(msg) => return fail(&msg),
     };
@@ -433,14 +475,70 @@ pub fn main(args: &[OsString]) -> u8 {
     if !opts.ignored.is_empty() {
         tracing::debug!(options = ?opts.ignored, "accepted without effect");
     }
-    let plan = match plan(opts, inv.mountpoint.as_deref()) {
+    let plan = match plan(opts, mountpoint) {
         Ok(p) => p,
         Err(msg) => return fail(&msg),
     };
-    match mount(&plan, inv.foreground) {
+    if fake {
+        return 0;
+    }
+    match mount(&plan, foreground) {
         Ok(()) => 0,
         Err(msg) => fail(&msg),
     }
+}
+
+/// The usage of the mount(8) helper.
+pub const HELPER_USAGE: &str =
+    "usage: mount.fuse.unionfs SOURCE MOUNTPOINT [-fnsv] [-o OPTIONS] [-t TYPE]
+  the mount(8) helper for fuse.unionfs, as mount -t fuse.unionfs and fstab run it
+  (install: ln -s /usr/local/bin/unionfs /sbin/mount.fuse.unionfs)
+  -f          fake: check everything, mount nothing
+  -n, -s, -v  accepted (no mtab is written; unknown options are reported and
+              ignored; logs go to stderr with RUST_LOG)
+  -o OPTIONS  as for the fuse-overlayfs form (see unionfs --help)";
+
+/// `mount.fuse.unionfs SOURCE MOUNTPOINT [-fnsv] [-N NS] [-o OPTS] [-t TYPE]`,
+/// as mount(8) runs its helpers; returns once the union is mounted.
+pub fn helper_main(args: &[OsString]) -> u8 {
+    let mut positionals: Vec<PathBuf> = Vec::new();
+    let mut options = Vec::new();
+    let mut fake = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        match s.as_ref() {
+            "-h" | "--help" => {
+                println!("{HELPER_USAGE}");
+                return 0;
+            }
+            "-f" => fake = true,
+            "-n" | "-s" | "-v" => {}
+            "-o" | "-t" | "-N" => {
+                let Some(v) = it.next() else {
+                    return fail(&format!("{s} needs a value"));
+                };
+                match s.as_ref() {
+                    "-o" => options.push(v.to_string_lossy().into_owned()),
+                    "-N" => {
+                        return fail(
+                            "mount -N (another mount namespace) is not supported; run mount inside that namespace",
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            _ if s.starts_with("-o") => options.push(s[2..].to_string()),
+            _ if s.starts_with('-') && s.len() > 1 => {
+                return fail(&format!("unknown option '{s}' ({HELPER_USAGE})"));
+            }
+            _ => positionals.push(PathBuf::from(a)),
+        }
+    }
+    let [_source, mountpoint] = positionals.as_slice() else {
+        return fail(&format!("expected SOURCE MOUNTPOINT ({HELPER_USAGE})"));
+    };
+    mount_as_asked(&options, Some(mountpoint), false, fake)
 }
 
 fn fail(msg: &str) -> u8 {
@@ -454,6 +552,20 @@ mod tests {
 
     fn os(v: &[&str]) -> Vec<OsString> {
         v.iter().map(OsString::from).collect()
+    }
+
+    fn subcommands() -> Vec<String> {
+        ["mount", "run", "diff", "demo", "completions", "man", "help"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    fn is_compat_invocation(args: &[OsString]) -> bool {
+        super::is_compat_invocation(args, &subcommands())
+    }
+
+    fn parse_args(args: &[OsString]) -> Result<Invocation, String> {
+        super::parse_args(args, &subcommands())
     }
 
     #[test]
@@ -477,6 +589,10 @@ mod tests {
         assert!(!is_compat_invocation(&os(&["unionfs", "--version"])));
         assert!(!is_compat_invocation(&os(&["unionfs"])));
         assert!(!is_compat_invocation(&os(&["unionfs", "frobnicate"])));
+        assert!(!is_compat_invocation(&os(&["unionfs", "diff", "/u"])));
+        // A mount point alone: this form, missing its options.
+        assert!(is_compat_invocation(&os(&["unionfs", "/mnt"])));
+        assert!(is_compat_invocation(&os(&["unionfs", "./m"])));
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! The `unionfs` command line.
 
-use std::io::{IsTerminal, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+
+mod manual;
 
 use unionfs::options::{self, MountRequest};
 use unionfs::{compat, demo, diff, mount, run};
@@ -39,7 +40,9 @@ cgroup of its own (v2 where offered, else v1), removed when the run ends.
 
 Ending: the run ends when CMD (the container's first process) exits; the union
 is unmounted, the run's scratch space and cgroup removed. Ctrl-C and SIGTERM
-go to CMD.
+go to CMD, which as PID 1 gets only the signals it handles: a CMD that does
+not handle them ignores Ctrl-C and is killed --stop-timeout seconds after
+SIGTERM (exit 137). With --init, CMD gets the default actions.
 
 Logs: only problems, on stderr; RUST_LOG=unionfs=debug shows more.
 
@@ -66,8 +69,7 @@ bad input.";
 #[command(
     name = "unionfs",
     version,
-    about = "A copy-on-write union filesystem over FUSE, compatible with overlayfs",
-    after_help = compat::USAGE
+    about = "A copy-on-write union filesystem over FUSE, compatible with overlayfs"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -80,7 +82,7 @@ enum Command {
     #[command(after_help = MOUNT_HELP)]
     Mount {
         /// Options, comma separated: workdir=DIR, volatile, passthrough=on|off|auto, writeback=on|off, index=on|off, redirect_dir=on|off, metacopy=on|off.
-        #[arg(short = 'o', value_name = "OPTS")]
+        #[arg(short = 'o', long = "options", value_name = "OPTS")]
         options: Vec<String>,
         /// Lower directories, top-most first, separated by ':' (write '\:' for a colon in a path).
         lowers: String,
@@ -113,38 +115,6 @@ enum Command {
     },
 }
 
-/// Writes `unionfs.1` and a page per subcommand into `dir`, mode 0644.
-fn write_man_pages(dir: &std::path::Path) -> Result<(), String> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-        .map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
-    let top = Cli::command();
-    let mut pages = vec![(String::from("unionfs"), top.clone())];
-    for sub in top.get_subcommands().filter(|c| c.get_name() != "help") {
-        let name = format!("unionfs-{}", sub.get_name());
-        let shown = format!("unionfs {}", sub.get_name());
-        pages.push((name.clone(), sub.clone().name(name).bin_name(shown)));
-    }
-    for (name, cmd) in pages {
-        let mut text = Vec::new();
-        clap_mangen::Man::new(cmd)
-            .render(&mut text)
-            .map_err(|e| format!("cannot render {name}.1: {e}"))?;
-        let path = dir.join(format!("{name}.1"));
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&path)
-            .and_then(|mut f| f.write_all(&text));
-        written.map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    Ok(())
-}
-
 fn init_logging(default: &str) {
     let wanted = std::env::var("RUST_LOG").unwrap_or_else(|_| default.into());
     // fuser warns when it unmounts a mount already gone at exit: noise.
@@ -162,18 +132,48 @@ fn init_logging(default: &str) {
         .init();
 }
 
+/// The native command line's subcommands, as clap knows them.
+fn subcommand_names() -> Vec<String> {
+    let mut names: Vec<String> = Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    names.push("help".into());
+    names
+}
+
+/// The native command line, with the fuse-overlayfs form described after
+/// its help.
+fn command_line() -> clap::Command {
+    let subs = subcommand_names();
+    Cli::command().after_help(compat::usage(&subs[..subs.len() - 1]))
+}
+
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if compat::is_compat_invocation(&args) {
+    if compat::is_mount_helper(&args) {
+        let verbose = args.iter().any(|a| a == "-v");
+        init_logging(if verbose {
+            "unionfs=info"
+        } else {
+            "unionfs=warn"
+        });
+        return ExitCode::from(compat::helper_main(&args[1..]));
+    }
+    let subs = subcommand_names();
+    if compat::is_compat_invocation(&args, &subs) {
         let debug = args.iter().any(|a| a == "-d" || a == "--debug");
         init_logging(if debug {
             "unionfs=debug"
         } else {
             "unionfs=warn"
         });
-        return ExitCode::from(compat::main(&args[1..]));
+        return ExitCode::from(compat::main(&args[1..], &subs[..subs.len() - 1]));
     }
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&command_line().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     // A launcher speaks only of problems; a mount reports what it does.
     init_logging(
         if matches!(cli.command, Command::Run(_) | Command::Diff(_)) {
@@ -219,17 +219,19 @@ fn main() -> ExitCode {
             }
         },
         Command::Completions { shell } => {
-            let mut cmd = Cli::command();
+            let mut cmd = command_line();
             clap_complete::generate(shell, &mut cmd, "unionfs", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
-        Command::Man { dir } => match write_man_pages(&dir) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(msg) => {
-                eprintln!("unionfs man: {msg}");
-                ExitCode::from(EXIT_FAILED)
+        Command::Man { dir } => {
+            match manual::write_pages(&command_line().disable_help_subcommand(true), &dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(msg) => {
+                    eprintln!("unionfs man: {msg}");
+                    ExitCode::from(EXIT_FAILED)
+                }
             }
-        },
+        }
         Command::Diff(req) => match diff::run(&req) {
             Ok(()) => ExitCode::SUCCESS,
             Err(f) => {

@@ -95,13 +95,43 @@ fn man_pages_render_and_completions_load() {
             "{page}: {text}"
         );
     }
-    let mount_page = Command::new("man")
-        .arg("-l")
-        .arg(dir.join("unionfs-mount.1"))
-        .env("MANPAGER", "cat")
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&mount_page.stdout).contains("Exit status"));
+    let show = |page: &str| {
+        let o = Command::new("man")
+            .arg("-l")
+            .arg(dir.join(format!("{page}.1")))
+            .env("MANWIDTH", "80")
+            .env("MANPAGER", "cat")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(show("unionfs-mount").contains("Exit status"));
+    // Every page listed exists: no unionfs-help(1) without its page.
+    let pages: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().replace(".1", ""))
+        .collect();
+    let top = show("unionfs");
+    for listed in top.split_whitespace().filter_map(|w| w.strip_suffix("(1)")) {
+        assert!(
+            pages.iter().any(|p| p == listed),
+            "{listed}(1) is listed but has no page"
+        );
+    }
+    // The fuse-overlayfs form is kept line for line, within 80 columns.
+    for line in [
+        "       usage: unionfs [-f] [-d] [-o OPTIONS]... [SOURCE] MOUNTPOINT\n",
+        "         -f          stay in the foreground\n",
+        "                     index=on|off, redirect_dir=on|off, metacopy=on|off, ro,\n",
+    ] {
+        assert!(top.contains(line), "{line:?} not in\n{top}");
+    }
+    assert!(top.lines().all(|l| l.chars().count() <= 80), "{top}");
+    // Options of run and mount show their names in the synopsis.
+    for page in ["unionfs-run", "unionfs-mount"] {
+        let text = show(page);
+        assert!(text.contains("[-o|--options]"), "{page}: {text}");
+    }
     for shell in ["bash", "zsh", "fish"] {
         let out = unionfs(&["completions", shell]);
         assert!(out.status.success() && !out.stdout.is_empty(), "{shell}");

@@ -502,28 +502,96 @@ fn acl_entries_are_mapped_like_owners() {
     assert!(!common::as_user(100005, 100099, &cat).status.success());
 }
 
+/// mount(8) with `-t fuse.unionfs`: through mount.fuse3, which runs the
+/// `unionfs` its search path finds first, and through the helper of its own,
+/// /sbin/mount.fuse.unionfs, which mount(8) runs first: another program
+/// named `unionfs` (Debian's unionfs-fuse installs one) is then never run.
+/// `-f` (fake) checks and mounts nothing. One test: both steps use the
+/// same installed names.
 #[test]
 fn the_mount_helper_form_works_with_mount_8() {
     let l = Layers::new("compat-helper");
+    let _guard = MountGuard(l.mnt.clone());
+    let mount_8 = |extra: &[&str]| {
+        let mut c = Command::new("mount");
+        c.args(extra)
+            .args(["-t", "fuse.unionfs", "-o", &l.options(), "unionfs"])
+            .arg(&l.mnt);
+        run_to_end(c)
+    };
+    let umount_and_wait = || {
+        let pid = daemon_of(&l.mnt).expect("daemon");
+        assert!(
+            Command::new("umount")
+                .arg(&l.mnt)
+                .status()
+                .unwrap()
+                .success()
+        );
+        wait_gone(pid);
+    };
     // mount.fuse3 runs `unionfs SOURCE MNT -o OPTS` from the standard PATH.
     let link = PathBuf::from("/usr/local/sbin/unionfs");
-    let _installed = InstalledLink::new(&link);
-    let _guard = MountGuard(l.mnt.clone());
-    let mut c = Command::new("mount");
-    c.args(["-t", "fuse.unionfs", "-o", &l.options(), "unionfs"])
-        .arg(&l.mnt);
-    let out = run_to_end(c);
+    {
+        let _installed = InstalledLink::new(&link, &bin());
+        let out = mount_8(&[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(fs::read_to_string(l.mnt.join("top")).unwrap(), "top\n");
+        umount_and_wait();
+    }
+    // Another `unionfs` first in that path, and the helper installed.
+    let decoy = l.s.path.join("decoy");
+    let ran = l.s.path.join("decoy-ran");
+    fs::write(
+        &decoy,
+        format!("#!/bin/sh\ntouch {}\nexit 1\n", ran.display()),
+    )
+    .unwrap();
+    fs::set_permissions(&decoy, fs::Permissions::from_mode(0o755)).unwrap();
+    let _other = InstalledLink::new(&link, &decoy);
+    let _helper = InstalledLink::new(Path::new("/sbin/mount.fuse.unionfs"), &bin());
+    let out = mount_8(&["-f"]);
+    assert!(out.status.success(), "fake: {}", text(&out.stderr));
+    assert!(!is_mounted(&l.mnt), "mount -f mounted");
+    let out = mount_8(&[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(fs::read_to_string(l.mnt.join("top")).unwrap(), "top\n");
-    let pid = daemon_of(&l.mnt).expect("daemon");
+    assert!(!ran.exists(), "the other unionfs was run");
+    umount_and_wait();
+    // Bad options are refused in one line, nothing mounted.
+    let mut c = Command::new("mount");
+    c.args([
+        "-t",
+        "fuse.unionfs",
+        "-o",
+        "upperdir=/nonexistent",
+        "unionfs",
+    ])
+    .arg(&l.mnt);
+    let out = run_to_end(c);
+    assert!(!out.status.success());
     assert!(
-        Command::new("umount")
-            .arg(&l.mnt)
-            .status()
-            .unwrap()
-            .success()
+        text(&out.stderr).contains("no lowerdir given"),
+        "{}",
+        text(&out.stderr)
     );
-    wait_gone(pid);
+    assert!(!is_mounted(&l.mnt));
+}
+
+/// `unionfs MNT` (the fuse-overlayfs habit, options forgotten) says what
+/// is missing instead of taking MNT for a subcommand.
+#[test]
+fn a_mount_point_alone_says_what_is_missing() {
+    let s = Scratch::new("compat-alone");
+    let m = s.dir("m");
+    let out = Command::new(bin()).arg(&m).output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.trim(),
+        "unionfs: no lowerdir given (-o lowerdir=DIR[:DIR...])"
+    );
+    assert!(!is_mounted(&m));
 }
 
 /// A symlink to the binary under test at `path`, removed on drop (only if
@@ -531,17 +599,18 @@ fn the_mount_helper_form_works_with_mount_8() {
 struct InstalledLink(Option<PathBuf>);
 
 impl InstalledLink {
-    fn new(path: &Path) -> InstalledLink {
+    /// A symlink to `target` at `path`; one already there must point there.
+    fn new(path: &Path, target: &Path) -> InstalledLink {
         if fs::symlink_metadata(path).is_ok() {
             assert_eq!(
-                fs::read_link(path).ok(),
-                Some(bin()),
+                fs::read_link(path).ok().as_deref(),
+                Some(target),
                 "{} exists already",
                 path.display()
             );
             return InstalledLink(None);
         }
-        std::os::unix::fs::symlink(bin(), path).unwrap();
+        std::os::unix::fs::symlink(target, path).unwrap();
         InstalledLink(Some(path.to_path_buf()))
     }
 }

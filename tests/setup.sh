@@ -47,7 +47,7 @@ fi
 step "pjdfstest (built from crates.io the first time, about 2 minutes)"
 bash "$here/tools/install-pjdfstest.sh"
 
-step "test users: nobody, tests (with subordinate ids 100000-165535)"
+step "test users: nobody, tests (with subordinate ids: those useradd assigns, else 100000-165535)"
 
 getent group nogroup >/dev/null || groupadd -g 65534 nogroup
 id nobody >/dev/null 2>&1 || useradd -M -u 65534 -g nogroup -s /usr/sbin/nologin nobody

@@ -82,7 +82,7 @@ pub struct RunRequest {
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub stop_timeout: u64,
     /// Mount options for the union, as for `unionfs mount -o`.
-    #[arg(short = 'o', value_name = "OPTS")]
+    #[arg(short = 'o', long = "options", value_name = "OPTS")]
     pub mount_options: Vec<String>,
     /// The command and its arguments (with --image: the image's Cmd when
     /// none is given, always after its Entrypoint).
