@@ -69,6 +69,7 @@ WORKLOADS = [
     ("rw_find", "real world: find of the rootfs", "ms", LOWER),
     ("rw_rewrite", "real world: rewrite many files", "ms", LOWER),
     ("rss", "daemon peak RSS", "MiB", LOWER),
+    ("idle_cpu", "daemon CPU time over 1 s of an idle mount", "ms", LOWER),
     ("container", "container start to exit, busybox `true` (unionfs run)", "ms", LOWER),
     ("image_first", "container start to exit from an OCI image, first run (unpack)", "ms", LOWER),
     ("image_cached", "container start to exit from an OCI image, layers stored", "ms", LOWER),
@@ -154,19 +155,49 @@ class RequestCounter:
 REQUESTS = None
 
 
+def daemon_cpu_ms(pid):
+    """The on-CPU time of every thread of process `pid` so far, in ms (the
+    scheduler's own accounting, /proc/PID/task/*/schedstat: nanoseconds);
+    None when the process is gone."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    total = 0
+    for t in tasks:
+        try:
+            total += int((t / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread gone meanwhile
+    return total / 1e6
+
+
+def with_cpu(r, key, variant, mnt, fn):
+    """Runs the row `key` (fn returns its figure), recording the CPU time
+    the variant's daemon spent during it (FUSE variants only) in r["cpu"]:
+    the price of what the daemon does, spinning included."""
+    pid = variant.daemon_pid(mnt) if variant.is_fuse else None
+    before = daemon_cpu_ms(pid) if pid else None
+    value = fn()
+    after = daemon_cpu_ms(pid) if before is not None else None
+    if after is not None:
+        r.setdefault("cpu", {})[key] = after - before
+    return value
+
+
 def counted(r, key, variant, mnt, fn):
     """Runs the row `key` (fn returns its figure), counting its FUSE
-    requests when the variant is a FUSE daemon."""
+    requests and the daemon's CPU time when the variant is a FUSE daemon."""
     if variant.is_fuse and REQUESTS:
         REQUESTS.start(mnt)
         try:
-            value = fn()
+            value = with_cpu(r, key, variant, mnt, fn)
         finally:
             counts = REQUESTS.stop()
         if counts is not None:
             r.setdefault("requests", {})[key] = counts
         return value
-    return fn()
+    return with_cpu(r, key, variant, mnt, fn)
 
 
 def log(msg):
@@ -418,13 +449,14 @@ class FuseOverlayfs(Variant):
 
 
 class Unionfs(Variant):
-    name = "unionfs"
     features = frozenset({"metacopy", "volatile"})
     is_fuse = True
 
-    def __init__(self, binary, opts):
+    def __init__(self, binary, opts, name="unionfs", env=None):
+        self.name = name
         self.binary = binary
         self.opts = opts
+        self.env = env or {}
         self.proc = None
 
     def mount(self, lowers, upper, work, mnt, features=()):
@@ -432,7 +464,7 @@ class Unionfs(Variant):
         for o in self.opts + [option_of(f) for f in sorted(features)]:
             cmd += ["-o", o]
         cmd += [":".join(map(str, lowers)), str(upper), str(mnt)]
-        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"), **self.env)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
         while not mounted(mnt):
             if self.proc.poll() is not None:
@@ -585,17 +617,17 @@ def union_round(variant, data, scratch, prof):
         large = mnt / "big/large.bin"
         drop_caches()
         r["cold_cached"] = cached_percent(large)
-        r["seqread_cold"] = mib_s(fio("seqread-cold.fio", env, readonly=True))
+        r["seqread_cold"] = with_cpu(r, "seqread_cold", variant, mnt, lambda: mib_s(fio("seqread-cold.fio", env, readonly=True)))
         warm(large)
         r["warm_cached"] = cached_percent(large)
-        r["seqread_warm"] = mib_s(fio("seqread.fio", env, readonly=True))
-        r["randread1"] = fio("randread-1.fio", env, readonly=True)["iops"]
-        r["randread4"] = fio("randread-4.fio", env, readonly=True)["iops"]
+        r["seqread_warm"] = with_cpu(r, "seqread_warm", variant, mnt, lambda: mib_s(fio("seqread.fio", env, readonly=True)))
+        r["randread1"] = with_cpu(r, "randread1", variant, mnt, lambda: fio("randread-1.fio", env, readonly=True)["iops"])
+        r["randread4"] = with_cpu(r, "randread4", variant, mnt, lambda: fio("randread-4.fio", env, readonly=True)["iops"])
         still = cached_percent(large)
         if still is not None and still < 95:
             log(f"{variant.name}: only {still:.0f}% of the large file cached after the warm rows")
-        r["seqwrite"] = mib_s(fio("seqwrite.fio", env))
-        r["randwrite"] = fio("randwrite.fio", env)["iops"]
+        r["seqwrite"] = with_cpu(r, "seqwrite", variant, mnt, lambda: mib_s(fio("seqwrite.fio", env)))
+        r["randwrite"] = with_cpu(r, "randwrite", variant, mnt, lambda: fio("randwrite.fio", env)["iops"])
         drop_caches()
         r["copyup"] = counted(r, "copyup", variant, mnt, lambda: first_write(mnt / "big/copyup.bin"))
         r["create"] = counted(r, "create", variant, mnt, lambda: create_files(mnt / "new", prof["small"]))
@@ -607,9 +639,19 @@ def union_round(variant, data, scratch, prof):
         pid = variant.daemon_pid(mnt)
         if pid:
             r["rss"] = peak_rss_mib(pid)
+            r["idle_cpu"] = idle_cpu_ms(pid)
     finally:
         variant.unmount(mnt)
     return r
+
+
+def idle_cpu_ms(pid, seconds=1.0):
+    """The daemon's CPU time over `seconds` of a mount nobody uses."""
+    time.sleep(0.05)  # let a last spin end
+    before = daemon_cpu_ms(pid)
+    time.sleep(seconds)
+    after = daemon_cpu_ms(pid)
+    return None if before is None or after is None else after - before
 
 
 def fresh_union(variant, data, scratch, features=()):
@@ -663,9 +705,10 @@ def real_world_round(variant, data, scratch):
     variant.mount([data / "rw-lower"], upper, work, mnt)
     try:
         os.makedirs(mnt / "opt", exist_ok=True)
-        r["rw_extract"] = sh_timed(["tar", "-xf", str(data / "rootfs.tar"), "-C", str(mnt / "opt")])
-        r["rw_du"] = sh_timed(["du", "-s", str(mnt)])
-        r["rw_find"] = sh_timed(["find", str(mnt), "-type", "f"])
+        extract = ["tar", "-xf", str(data / "rootfs.tar"), "-C", str(mnt / "opt")]
+        r["rw_extract"] = with_cpu(r, "rw_extract", variant, mnt, lambda: sh_timed(extract))
+        r["rw_du"] = with_cpu(r, "rw_du", variant, mnt, lambda: sh_timed(["du", "-s", str(mnt)]))
+        r["rw_find"] = with_cpu(r, "rw_find", variant, mnt, lambda: sh_timed(["find", str(mnt), "-type", "f"]))
         r["rw_rewrite"] = counted(r, "rw_rewrite", variant, mnt, lambda: rewrite_all(mnt / "usr/share/data"))
     finally:
         variant.unmount(mnt)
@@ -749,6 +792,32 @@ def operations_in(key, data, prof):
             rel = Path(d).relative_to(root)
             names.update(str(rel / n) for n in dirs + files)
     return len(names)
+
+
+def cpu_markdown(cpu, medians, fuse_variants):
+    """The daemon's CPU time per row beside the row's figure (median of the
+    rounds): what each daemon spends, polling included."""
+    if not cpu or not fuse_variants:
+        return ""
+    lines = [
+        "",
+        "Daemon CPU time per row (ms, all its threads, from the scheduler's accounting; "
+        "median of the rounds), the row's own figure in brackets:",
+        "",
+        "| workload | " + " | ".join(fuse_variants) + " |",
+        "|---|" + "---|" * len(fuse_variants),
+    ]
+    for key, title, unit, _ in WORKLOADS:
+        per = cpu.get(key, {})
+        if not per:
+            continue
+        cells = []
+        for v in fuse_variants:
+            ms = per.get(v)
+            figure = medians.get(key, {}).get(v)
+            cells.append("–" if not ms else f"{fmt(statistics.median(ms))} ({fmt(figure)} {unit})")
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def requests_markdown(requests, fuse_variants, data, prof):
@@ -849,6 +918,15 @@ def main():
     ap.add_argument("--runtime", type=int, help="seconds per timed fio job")
     ap.add_argument("--unionfs-opt", action="append", default=[], help="extra -o option for unionfs")
     ap.add_argument("--unionfs-bin", help="use this unionfs binary instead of building one")
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=[BINARY][,-o OPT...][,VAR=VALUE...]",
+        help="one more unionfs variant, run side by side with the others: another binary (default: "
+        "this one), other -o options (opt:KEY=VALUE) or environment (env:VAR=VALUE), e.g. "
+        "--also spin-off=,opt:spin=off; name it in --variants too",
+    )
     ap.add_argument("--dir", default="/var/tmp/unionfs-bench", help="where data and mounts go")
     ap.add_argument("--out", default=str(ROOT / "bench/results"), help="where results go")
     ap.add_argument("--render", metavar="DIR", help="only write DIR/results.md again from DIR/results.json")
@@ -877,6 +955,13 @@ def main():
         ),
         "unionfs": Unionfs(binary, a.unionfs_opt),
     }
+    for spec in a.also:
+        name, _, rest = spec.partition("=")
+        parts = rest.split(",") if rest else [""]
+        other = Path(parts[0]) if parts[0] else binary
+        opts = list(a.unionfs_opt) + [p[4:] for p in parts[1:] if p.startswith("opt:")]
+        env = dict(p[4:].split("=", 1) for p in parts[1:] if p.startswith("env:"))
+        all_variants[name] = Unionfs(other, opts, name=name, env=env)
     notes, variants = [], []
     for n in a.variants.split(","):
         v = all_variants.get(n)
@@ -894,6 +979,7 @@ def main():
     data = base / "data"
     samples = {}  # key -> variant -> [values]
     requests = {}  # key -> variant -> [opcode -> count]
+    cpu = {}  # key -> variant -> [daemon CPU ms]
     global REQUESTS
     REQUESTS = RequestCounter()
     if not REQUESTS.event:
@@ -915,6 +1001,7 @@ def main():
                     volatile_copyup_round(v, data, scratch / "v"),
                 ):
                     res.setdefault("requests", {}).update(part.pop("requests", {}))
+                    res.setdefault("cpu", {}).update(part.pop("cpu", {}))
                     res.update(part)
             except (subprocess.CalledProcessError, OSError, RuntimeError) as e:
                 # A variant that breaks is reported, not allowed to stop the others.
@@ -926,6 +1013,8 @@ def main():
                 shutil.rmtree(scratch, ignore_errors=True)
             for k, counts in res.pop("requests", {}).items():
                 requests.setdefault(k, {}).setdefault(v.name, []).append(counts)
+            for k, ms in res.pop("cpu", {}).items():
+                cpu.setdefault(k, {}).setdefault(v.name, []).append(ms)
             for k, val in res.items():
                 if val is not None:
                     samples.setdefault(k, {}).setdefault(v.name, []).append(val)
@@ -938,14 +1027,16 @@ def main():
         f"interleaved round(s); took {time.time() - started:.0f} s."
     )
     md = markdown(medians, names, notes, meta)
-    md += requests_markdown(requests, [v.name for v in variants if v.is_fuse], data, prof)
+    fuse_names = [v.name for v in variants if v.is_fuse]
+    md += cpu_markdown(cpu, medians, fuse_names)
+    md += requests_markdown(requests, fuse_names, data, prof)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps(
         {"machine": machine(), "profile": prof, "variants": names, "notes": notes,
          "workloads": [dict(key=k, title=t, unit=u, better=b) for k, t, u, b in WORKLOADS],
-         "samples": samples, "medians": medians, "requests": requests}, indent=2))
+         "samples": samples, "medians": medians, "requests": requests, "cpu": cpu}, indent=2))
     (out / "chart.svg").write_text(svg_chart(medians, names))
     print(md)
     log(f"wrote {out}/results.md, results.json, chart.svg")
@@ -959,6 +1050,7 @@ def render(out, data):
     fuse = [n for n in names if n not in ("bare", "kernel")]
     meta = (out / "results.md").read_text().split("\n\nMachine: ", 1)[1].split("\n", 1)[0]
     md = markdown(j["medians"], names, j["notes"], "Machine: " + meta)
+    md += cpu_markdown(j.get("cpu", {}), j["medians"], fuse)
     md += requests_markdown(j.get("requests", {}), fuse, data, j["profile"])
     (out / "results.md").write_text(md)
     print(md)

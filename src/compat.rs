@@ -93,6 +93,7 @@ pub const OPTIONS_HELP: &str = "  -f          stay in the foreground
               gidmapping=C:H:N[:...], squash_to_root, squash_to_uid=N,
               squash_to_gid=N, static_nlink, noacl, noxattrs=1,
               timeout=SECS, passthrough=on|off|auto, writeback=on|off,
+              spin=auto|off|MICROSECONDS,
               index=on|off, redirect_dir=on|off, metacopy=on|off, ro,
               rw, nosuid, nodev, noexec, noatime, allow_other, allow_root";
 
@@ -285,6 +286,7 @@ impl CompatOptions {
             ("timeout", Some(v)) => self.presentation.ttl = timeout(v)?,
             ("passthrough", Some(v)) => self.file_io.passthrough = v.parse()?,
             ("writeback", Some(v)) => self.file_io.writeback = on_off(key, v)?,
+            ("spin", Some(v)) => self.file_io.spin = v.parse()?,
             ("index", Some(v)) => self.index = Some(on_off(key, v)?),
             ("redirect_dir", Some(mode @ ("follow" | "nofollow"))) => {
                 self.redirect_dir = Some(false);

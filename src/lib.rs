@@ -3,7 +3,8 @@
 //!
 //! The core (`overlay`: `superblock`, `namei`, `copy_up`, `index`,
 //! `readdir`, `dir`, `inode`, `file`, `node`, `format`) knows nothing of
-//! FUSE; `fuse` adapts it to fuser (the only module that knows fuser),
+//! FUSE; `fuse` speaks the kernel's FUSE protocol and adapts the core to it
+//! (the only module that knows FUSE),
 //! `mount` brings a union up and down, `options` checks what the user asked
 //! for, `diff` reads an upper directory as a changeset, `run` is the container
 //! launcher, `compat` the fuse-overlayfs command

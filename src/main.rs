@@ -81,7 +81,7 @@ enum Command {
     /// Mount LOWER1[:LOWER2...] under the writable UPPER at MNT (foreground).
     #[command(after_help = MOUNT_HELP)]
     Mount {
-        /// Options, comma separated: workdir=DIR, volatile, passthrough=on|off|auto, writeback=on|off, index=on|off, redirect_dir=on|off, metacopy=on|off.
+        /// Options, comma separated: workdir=DIR, volatile, passthrough=on|off|auto, writeback=on|off, spin=auto|off|MICROSECONDS, index=on|off, redirect_dir=on|off, metacopy=on|off.
         #[arg(short = 'o', long = "options", value_name = "OPTS")]
         options: Vec<String>,
         /// Lower directories, top-most first, separated by ':' (write '\:' for a colon in a path).
@@ -117,14 +117,7 @@ enum Command {
 
 fn init_logging(default: &str) {
     let wanted = std::env::var("RUST_LOG").unwrap_or_else(|_| default.into());
-    // fuser warns when it unmounts a mount already gone at exit: noise.
-    let quiet_fuser = if wanted.contains("fuser") {
-        ""
-    } else {
-        ",fuser::session=error"
-    };
-    let filter = EnvFilter::try_new(format!("{wanted}{quiet_fuser}"))
-        .unwrap_or_else(|_| EnvFilter::new("unionfs=info"));
+    let filter = EnvFilter::try_new(wanted).unwrap_or_else(|_| EnvFilter::new("unionfs=info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

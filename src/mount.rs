@@ -153,7 +153,11 @@ fn mount_union(plan: &MountPlan, role: Role) -> Result<Mounted, String> {
         return Err(format!("{sig} before mounting; nothing was mounted"));
     }
     let union = Arc::new(union);
-    let session = session::mount(union.clone(), plan)?;
+    let mut session = session::mount(union.clone(), plan)?;
+    if let Err(e) = session.handshake() {
+        unmount_lazily(&plan.mountpoint);
+        return Err(e);
+    }
     if let Some(work) = &work {
         work.record_holder(&plan.mountpoint, role);
     }

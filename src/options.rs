@@ -31,7 +31,8 @@ impl std::str::FromStr for PassthroughMode {
     }
 }
 
-/// How file data travels between the kernel and the layers.
+/// How file data travels between the kernel and the layers, and how the
+/// daemon waits for requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileIo {
     /// `-o passthrough=`.
@@ -40,6 +41,9 @@ pub struct FileIo {
     /// written data in its page cache and sends it in large writes later
     /// (at the latest on close and fsync).
     pub writeback: bool,
+    /// `-o spin=`: how long a serving thread polls for the next request
+    /// before it sleeps.
+    pub spin: SpinMode,
 }
 
 impl Default for FileIo {
@@ -49,6 +53,34 @@ impl Default for FileIo {
             // Off unless asked: with it a write that does not fit fails only
             // at fsync or close, and every unlink costs a time update.
             writeback: false,
+            spin: SpinMode::Auto,
+        }
+    }
+}
+
+/// What the user asked for with `-o spin=`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpinMode {
+    /// Adaptive, capped at the default.
+    Auto,
+    Off,
+    /// Adaptive, capped at this.
+    Cap(std::time::Duration),
+}
+
+impl std::str::FromStr for SpinMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<SpinMode, String> {
+        match s {
+            "auto" | "on" => Ok(SpinMode::Auto),
+            "off" | "0" => Ok(SpinMode::Off),
+            _ => match s.parse::<u64>() {
+                Ok(us) if us <= 10_000 => Ok(SpinMode::Cap(std::time::Duration::from_micros(us))),
+                _ => Err(format!(
+                    "spin={s}: expected auto, off, or the longest poll in microseconds (at most 10000)"
+                )),
+            },
         }
     }
 }
@@ -247,6 +279,7 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
             Some(("workdir", dir)) if !dir.is_empty() => o.workdir = Some(PathBuf::from(dir)),
             Some(("passthrough", mode)) => o.file_io.passthrough = mode.parse()?,
             Some(("writeback", v)) => o.file_io.writeback = on_off("writeback", v)?,
+            Some(("spin", v)) => o.file_io.spin = v.parse()?,
             Some(("index", v)) => o.index = Some(on_off("index", v)?),
             Some(("redirect_dir", v)) => o.redirect_dir = Some(on_off("redirect_dir", v)?),
             Some(("metacopy", v)) => o.metacopy = Some(on_off("metacopy", v)?),

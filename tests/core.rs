@@ -370,6 +370,7 @@ fn caller() -> unionfs::overlay::superblock::Caller<'static> {
         umask: 0o022,
         privileged: uid == 0,
         groups: &no_groups,
+        acl_kills_sgid: None,
     }
 }
 

@@ -13,18 +13,19 @@
 //!   up, it is opened passthrough too;
 //! - while cached opens of an inode are live, new opens of it are cached too.
 //!
-//! This module belongs to the fuser adapter: the core knows nothing of it.
+//! This module belongs to the FUSE side: the core knows nothing of it.
 
 use std::os::fd::BorrowedFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use dashmap::DashMap;
-use fuser::{
-    BackingId, FileAttr, FileHandle, FopenFlags, Generation, INodeNo, Notifier, ReplyCreate,
-    ReplyOpen,
-};
 use tracing::{info, warn};
+
+use super::abi;
+use super::dev::{BackingFile, Channel};
+use super::reply::OpenOut;
 
 /// The I/O mode of one inode's live opens.
 enum Mode {
@@ -32,7 +33,7 @@ enum Mode {
     /// `writers`: the opens that may write, through write(2) or a shared
     /// mapping.
     Passthrough {
-        id: BackingId,
+        backing: BackingFile,
         opens: usize,
         writers: usize,
     },
@@ -52,69 +53,24 @@ pub struct OpenedObject<'a> {
     pub settled: bool,
 }
 
-/// The two replies that can open a file.
-pub trait OpenReply {
-    fn backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId>;
-    fn passthrough(self, fh: u64, id: &BackingId);
-    fn cached(self, fh: u64, flags: FopenFlags);
-}
-
-impl OpenReply for ReplyOpen {
-    fn backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
-        self.open_backing(fd)
-    }
-    fn passthrough(self, fh: u64, id: &BackingId) {
-        self.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, id);
-    }
-    fn cached(self, fh: u64, flags: FopenFlags) {
-        self.opened(FileHandle(fh), flags);
-    }
-}
-
-/// A create reply with the entry it carries.
-pub struct CreateReply {
-    pub reply: ReplyCreate,
-    pub ttl: std::time::Duration,
-    pub attr: FileAttr,
-}
-
-impl OpenReply for CreateReply {
-    fn backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
-        self.reply.open_backing(fd)
-    }
-    fn passthrough(self, fh: u64, id: &BackingId) {
-        self.reply.created_passthrough(
-            &self.ttl,
-            &self.attr,
-            Generation(0),
-            FileHandle(fh),
-            FopenFlags::FOPEN_NOFLUSH,
-            id,
-        );
-    }
-    fn cached(self, fh: u64, flags: FopenFlags) {
-        self.reply
-            .created(&self.ttl, &self.attr, Generation(0), FileHandle(fh), flags);
-    }
-}
-
 /// Per-inode I/O modes of a mount.
-#[derive(Default)]
 pub struct IoModes {
     enabled: AtomicBool,
     inodes: DashMap<u64, Mode>,
     /// Open file handle -> its inode, and whether the open may write.
     handles: DashMap<u64, (u64, bool)>,
-    /// The session's notifier, set once the session exists.
-    kernel: Arc<OnceLock<Notifier>>,
+    /// The connection: backing files are registered on it, attributes
+    /// dropped through it.
+    channel: Arc<Channel>,
 }
 
 impl IoModes {
-    /// `kernel` gets the session's notifier once it exists.
-    pub fn new(kernel: Arc<OnceLock<Notifier>>) -> IoModes {
+    pub fn new(channel: Arc<Channel>) -> IoModes {
         IoModes {
-            kernel,
-            ..IoModes::default()
+            enabled: AtomicBool::new(false),
+            inodes: DashMap::new(),
+            handles: DashMap::new(),
+            channel,
         }
     }
 
@@ -131,68 +87,88 @@ impl IoModes {
     /// mapping reach the backing file without the kernel's FUSE inode
     /// hearing of them, so its cached times would go stale (write(2) drops
     /// them itself).
-    pub fn attr_ttl(&self, ino: u64, ttl: std::time::Duration) -> std::time::Duration {
+    pub fn attr_ttl(&self, ino: u64, ttl: Duration) -> Duration {
         if !self.enabled() {
             return ttl;
         }
         match self.inodes.get(&ino).as_deref() {
-            Some(Mode::Passthrough { writers, .. }) if *writers > 0 => std::time::Duration::ZERO,
+            Some(Mode::Passthrough { writers, .. }) if *writers > 0 => Duration::ZERO,
             _ => ttl,
         }
     }
 
-    /// Answers an open of inode `ino` as handle `fh`; `opened` is what was
-    /// opened and `writable` whether the open may write.
-    pub fn reply_open(
+    /// The answer to an open of inode `ino` as handle `fh`; `opened` is what
+    /// was opened and `writable` whether the open may write.
+    pub fn open(&self, ino: u64, fh: u64, opened: OpenedObject<'_>, writable: bool) -> OpenOut {
+        self.decide(ino, fh, opened, writable, true)
+    }
+
+    /// The same for a create: its file is empty and can be mapped only
+    /// after a write, truncate or fallocate, each of which drops the
+    /// attributes the kernel keeps itself (see `forget_attributes`).
+    pub fn created(&self, ino: u64, fh: u64, opened: OpenedObject<'_>, writable: bool) -> OpenOut {
+        self.decide(ino, fh, opened, writable, false)
+    }
+
+    fn decide(
         &self,
         ino: u64,
         fh: u64,
         opened: OpenedObject<'_>,
         writable: bool,
-        reply: impl OpenReply,
-    ) {
-        let OpenedObject {
-            fd: real,
-            on_upper,
-            settled,
-        } = opened;
+        existing: bool,
+    ) -> OpenOut {
         // The daemon does nothing at flush (writes are done when they return,
         // locks are the kernel's): NOFLUSH spares a round trip per close.
-        let cached_flags = if on_upper {
-            FopenFlags::FOPEN_NOFLUSH
+        let cached_flags = if opened.on_upper {
+            abi::FOPEN_NOFLUSH
         } else {
-            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
+            abi::FOPEN_KEEP_CACHE | abi::FOPEN_NOFLUSH
+        };
+        let cached = OpenOut {
+            fh,
+            flags: cached_flags,
+            backing_id: 0,
         };
         if !self.enabled() {
-            reply.cached(fh, cached_flags);
-            return;
+            return cached;
         }
         self.handles.insert(fh, (ino, writable));
+        let passthrough = |id: i32| OpenOut {
+            fh,
+            flags: abi::FOPEN_PASSTHROUGH | abi::FOPEN_NOFLUSH,
+            backing_id: id,
+        };
         let mut mode = self.inodes.entry(ino).or_insert(Mode::Cached(0));
         match &mut *mode {
-            Mode::Passthrough { id, opens, writers } => {
+            Mode::Passthrough {
+                backing,
+                opens,
+                writers,
+            } => {
                 *opens += 1;
                 *writers += usize::from(writable);
-                if writable {
+                if writable && existing {
                     self.forget_attributes(ino);
                 }
-                reply.passthrough(fh, id);
+                passthrough(backing.id())
             }
-            Mode::Cached(n) if *n > 0 || !settled => {
+            Mode::Cached(n) if *n > 0 || !opened.settled => {
                 *n += 1;
-                reply.cached(fh, cached_flags);
+                cached
             }
-            Mode::Cached(_) => match reply.backing(real) {
-                Ok(id) => {
-                    if writable {
+            Mode::Cached(_) => match self.channel.backing_open(opened.fd) {
+                Ok(backing) => {
+                    if writable && existing {
                         self.forget_attributes(ino);
                     }
-                    reply.passthrough(fh, &id);
+                    let out = passthrough(backing.id());
                     *mode = Mode::Passthrough {
-                        id,
+                        backing,
                         opens: 1,
                         writers: usize::from(writable),
                     };
+                    out
                 }
                 Err(e) => {
                     if e.raw_os_error() == Some(libc::EPERM)
@@ -203,7 +179,7 @@ impl IoModes {
                         );
                     }
                     *mode = Mode::Cached(1);
-                    reply.cached(fh, cached_flags);
+                    cached
                 }
             },
         }
@@ -217,13 +193,9 @@ impl IoModes {
     /// still answer a `stat` after `close`. Once dropped, the kernel asks
     /// `getattr`, answered uncached while the open lasts (`attr_ttl`; a
     /// mapping holds the open: its release comes after `munmap`) and
-    /// fresh after it. A create needs none of this: its file is empty and
-    /// can be mapped only after a write, truncate or fallocate, each of
-    /// which drops the attributes itself.
+    /// fresh after it.
     fn forget_attributes(&self, ino: u64) {
-        if let Some(kernel) = self.kernel.get()
-            && let Err(e) = kernel.inval_inode(INodeNo(ino), -1, 0)
-        {
+        if let Err(e) = super::notify_inval_inode(&self.channel, ino, false) {
             tracing::debug!(ino, "attribute invalidation: {e}");
         }
     }

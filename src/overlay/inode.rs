@@ -75,8 +75,11 @@ fn mode_without_privileges(st: &Stat, caller: &Caller<'_>) -> Option<u32> {
 /// kernel drops set-group-id when the caller is not in the object's group.
 fn mode_after_access_acl(st: &Stat, caller: &Caller<'_>) -> Option<u32> {
     let mode = st.st_mode & 0o7777;
-    (mode & libc::S_ISGID != 0 && !caller.in_group_or_privileged(st.st_gid))
-        .then_some(mode & !libc::S_ISGID)
+    let outside = match caller.acl_kills_sgid {
+        Some(kernel_says) => kernel_says,
+        None => !caller.in_group_or_privileged(st.st_gid),
+    };
+    (mode & libc::S_ISGID != 0 && outside).then_some(mode & !libc::S_ISGID)
 }
 
 /// What statfs reports.
@@ -221,25 +224,25 @@ impl Union {
     pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
         let name = format::stored_xattr_name(name, self.ns).ok_or(Errno::ENODATA)?;
         let node = self.node(id)?;
-        if node.no_xattrs.load(Ordering::Relaxed) {
+        if node.known_without_xattrs() {
             return Err(Errno::ENODATA);
         }
         let target = node.real().0.xattrs()?;
         let r = target.get(&name);
         if r == Err(Errno::ENODATA) && target.list().is_ok_and(|l| l.is_empty()) {
-            node.no_xattrs.store(true, Ordering::Relaxed);
+            node.note_without_xattrs();
         }
         r
     }
 
     pub fn listxattr(&self, id: u64) -> Result<Vec<OsString>> {
         let node = self.node(id)?;
-        if node.no_xattrs.load(Ordering::Relaxed) {
+        if node.known_without_xattrs() {
             return Ok(vec![]);
         }
         let names = node.real().0.xattrs()?.list()?;
         if names.is_empty() {
-            node.no_xattrs.store(true, Ordering::Relaxed);
+            node.note_without_xattrs();
         }
         Ok(names
             .into_iter()
@@ -262,9 +265,15 @@ impl Union {
         } else {
             self.upper_for_xattrs(&node)?
         };
+        // Every node that may know this object (its own, and the one of its
+        // `st_ino` if another name's) forgets it had none.
         node.no_xattrs.store(false, Ordering::Relaxed);
+        if let Some(other) = self.table.get(node.ino()) {
+            other.no_xattrs.store(false, Ordering::Relaxed);
+        }
         upper.xattrs()?.set(&stored, value, flags)?;
-        if name.as_bytes() == ACCESS_ACL && !caller.privileged && node.kind != libc::S_IFLNK {
+        let may_lose_sgid = caller.acl_kills_sgid.unwrap_or(!caller.privileged);
+        if name.as_bytes() == ACCESS_ACL && may_lose_sgid && node.kind != libc::S_IFLNK {
             // The upper filesystem applied the ACL's mode with the daemon's
             // privileges; the caller's would have cost set-group-id.
             if let Some(mode) = mode_after_access_acl(&upper.stat()?, &caller) {

@@ -183,9 +183,6 @@ pub struct Node {
     alias: Mutex<Option<AliasKey>>,
     /// `S_IFMT` bits of the object.
     pub kind: u32,
-    /// Made for a readdirplus entry the kernel may not cache (see
-    /// `Union::listed_name_node`).
-    pub listed_only: bool,
     lookups: AtomicU64,
     pub state: RwLock<NodeState>,
     /// Serialises copy-up of this node, so concurrent writers copy once.
@@ -218,7 +215,6 @@ impl Node {
             ino: AtomicU64::new(ino),
             alias: Mutex::new(alias),
             kind,
-            listed_only: false,
             lookups: AtomicU64::new(0),
             state: RwLock::new(state),
             copy_up_lock: Mutex::new(()),
@@ -231,11 +227,19 @@ impl Node {
         self.kind == libc::S_IFDIR
     }
 
-    /// A node for a listed name, shown under its `st_ino` `id`.
-    pub fn listed(id: u64, kind: u32, state: NodeState) -> Node {
-        Node {
-            listed_only: true,
-            ..Node::new(id, kind, state)
+    /// Whether the object is known to have no xattr (see `no_xattrs`).
+    /// Never for one name of a hard-linked file whose `st_ino` is another
+    /// node's id: an xattr set through another name would not reach this
+    /// node's knowledge.
+    pub fn known_without_xattrs(&self) -> bool {
+        self.id == self.ino() && self.no_xattrs.load(Ordering::Relaxed)
+    }
+
+    /// The object was seen to have no xattr (kept only where it can be
+    /// trusted, see `known_without_xattrs`).
+    pub fn note_without_xattrs(&self) {
+        if self.id == self.ino() {
+            self.no_xattrs.store(true, Ordering::Relaxed);
         }
     }
 

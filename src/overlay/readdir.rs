@@ -262,14 +262,15 @@ impl Union {
 
     /// readdir with each entry looked up: every entry but `.` and `..` takes
     /// a kernel reference, except the one `emit` refuses (returns true for).
-    /// `emit` gets the entry, the offset of the next, the node id, `stat`, and
-    /// whether the kernel may cache the entry (see `listed_name_node`).
+    /// `emit` gets the entry, the offset of the next, the node id and `stat`
+    /// (whose `st_ino` is not the node id for one name of a lower
+    /// hard-linked file: the transport gives both to the kernel).
     pub fn readdirplus(
         &self,
         id: u64,
         fh: u64,
         offset: u64,
-        mut emit: impl FnMut(&MergedEntry, u64, u64, &Stat, bool) -> bool,
+        mut emit: impl FnMut(&MergedEntry, u64, u64, &Stat) -> bool,
     ) -> Result<()> {
         let node = self.node(id)?;
         let stream = self.stream(&node, fh, offset)?;
@@ -286,9 +287,8 @@ impl Union {
                     Err(_) => continue, // gone since the listing was taken
                 },
             };
-            let cache = counted.as_ref().is_none_or(|n| !n.listed_only);
             let counted = counted.map(|n| n.id);
-            if emit(e, i as u64 + 1, id, &stat, cache) {
+            if emit(e, i as u64 + 1, id, &stat) {
                 if let Some(n) = counted {
                     self.table.forget(n, 1);
                 }
@@ -304,12 +304,7 @@ impl Union {
         if e.kind == libc::S_IFDIR {
             return self.lookup(dir.id, &e.name);
         }
-        let (node, stat) = self.lookup_listed_file(dir, e)?;
-        if node.id == stat.st_ino {
-            return Ok((node, stat));
-        }
-        self.table.forget(node.id, 1);
-        Ok((self.listed_name_node(&node, &stat), stat))
+        self.lookup_listed_file(dir, e)
     }
 
     /// `lookup_listed` of a non-directory.
@@ -364,27 +359,6 @@ impl Union {
             }
         };
         self.acquire_node(dir, &e.name, found)
-    }
-
-    /// A node for a name listed by readdirplus whose node id is not its
-    /// `st_ino` (one name of a lower hard-linked file). fuser gives a listed
-    /// entry its node id as `d_ino`, so the entry goes out under a node of id
-    /// `st_ino` that the kernel must not cache: the first use of the name
-    /// looks it up again and gets the name's own node.
-    fn listed_name_node(&self, named: &Node, stat: &Stat) -> Arc<Node> {
-        self.table.acquire(stat.st_ino, || {
-            let st = named.state.read();
-            let state = crate::overlay::node::NodeState {
-                parent: st.parent.clone(),
-                name: st.name.clone(),
-                upper: st.upper.clone(),
-                index: st.index.clone(),
-                lowers: st.lowers.clone(),
-                unlinked: false,
-                metacopy: false,
-            };
-            Node::listed(stat.st_ino, named.kind, state)
-        })
     }
 
     pub fn releasedir(&self, fh: u64) {

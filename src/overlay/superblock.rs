@@ -30,6 +30,11 @@ pub struct Caller<'a> {
     /// Reads the caller's supplementary groups; asked only when a rule
     /// depends on them (reading them costs a look into /proc).
     pub groups: &'a dyn Fn() -> Vec<u32>,
+    /// The kernel's word on whether an access ACL this caller sets costs
+    /// the object its set-group-id bit (the caller is outside its group and
+    /// lacks CAP_FSETID: FUSE's SETXATTR_ACL_KILL_SGID); None: decided here
+    /// from `privileged` and the groups.
+    pub acl_kills_sgid: Option<bool>,
 }
 
 impl std::fmt::Debug for Caller<'_> {
@@ -55,6 +60,7 @@ impl Caller<'static> {
         umask: 0,
         privileged: true,
         groups: &no_groups,
+        acl_kills_sgid: None,
     };
 }
 
