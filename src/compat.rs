@@ -93,7 +93,7 @@ pub const OPTIONS_HELP: &str = "  -f          stay in the foreground
               gidmapping=C:H:N[:...], squash_to_root, squash_to_uid=N,
               squash_to_gid=N, static_nlink, noacl, noxattrs=1,
               timeout=SECS, passthrough=on|off|auto, writeback=on|off,
-              spin=auto|off|MICROSECONDS,
+              spin=auto|off|MICROSECONDS, io_uring=auto|on|off,
               index=on|off, redirect_dir=on|off, metacopy=on|off, ro,
               rw, nosuid, nodev, noexec, noatime, allow_other, allow_root";
 
@@ -284,9 +284,12 @@ impl CompatOptions {
             ("noxattrs", None) => self.presentation.xattrs = false,
             ("noxattrs", Some(v)) => self.presentation.xattrs = number(key, v)? == 0,
             ("timeout", Some(v)) => self.presentation.ttl = timeout(v)?,
-            ("passthrough", Some(v)) => self.file_io.passthrough = v.parse()?,
+            ("passthrough", Some(v)) => {
+                self.file_io.passthrough = crate::options::on_off_auto(key, v)?
+            }
             ("writeback", Some(v)) => self.file_io.writeback = on_off(key, v)?,
             ("spin", Some(v)) => self.file_io.spin = v.parse()?,
+            ("io_uring", Some(v)) => self.file_io.io_uring = crate::options::on_off_auto(key, v)?,
             ("index", Some(v)) => self.index = Some(on_off(key, v)?),
             ("redirect_dir", Some(mode @ ("follow" | "nofollow"))) => {
                 self.redirect_dir = Some(false);

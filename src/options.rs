@@ -10,23 +10,24 @@ use std::path::{Path, PathBuf};
 use crate::ids::IdMapping;
 use crate::trust;
 
-/// What the user asked for with `-o passthrough=`.
+/// What the user asked for with `-o passthrough=` or `-o io_uring=`: to
+/// use the feature, not to, or to where it is available.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PassthroughMode {
+pub enum OnOffAuto {
     On,
     Off,
     #[default]
     Auto,
 }
 
-impl std::str::FromStr for PassthroughMode {
+impl std::str::FromStr for OnOffAuto {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "on" => Ok(PassthroughMode::On),
-            "off" => Ok(PassthroughMode::Off),
-            "auto" => Ok(PassthroughMode::Auto),
-            _ => Err(format!("passthrough={s}: expected on, off or auto")),
+            "on" => Ok(OnOffAuto::On),
+            "off" => Ok(OnOffAuto::Off),
+            "auto" => Ok(OnOffAuto::Auto),
+            _ => Err(format!("'{s}': expected on, off or auto")),
         }
     }
 }
@@ -36,7 +37,7 @@ impl std::str::FromStr for PassthroughMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileIo {
     /// `-o passthrough=`.
-    pub passthrough: PassthroughMode,
+    pub passthrough: OnOffAuto,
     /// `-o writeback=`: when passthrough is not in use, the kernel keeps
     /// written data in its page cache and sends it in large writes later
     /// (at the latest on close and fsync).
@@ -44,16 +45,20 @@ pub struct FileIo {
     /// `-o spin=`: how long a serving thread polls for the next request
     /// before it sleeps.
     pub spin: SpinMode,
+    /// `-o io_uring=`: requests through FUSE-over-io_uring queues, one per
+    /// CPU, where the kernel allows it.
+    pub io_uring: OnOffAuto,
 }
 
 impl Default for FileIo {
     fn default() -> FileIo {
         FileIo {
-            passthrough: PassthroughMode::Auto,
+            passthrough: OnOffAuto::Auto,
             // Off unless asked: with it a write that does not fit fails only
             // at fsync or close, and every unlink costs a time update.
             writeback: false,
             spin: SpinMode::Auto,
+            io_uring: OnOffAuto::Auto,
         }
     }
 }
@@ -83,6 +88,12 @@ impl std::str::FromStr for SpinMode {
             },
         }
     }
+}
+
+/// Parses `on`/`off`/`auto`.
+pub fn on_off_auto(key: &str, v: &str) -> Result<OnOffAuto, String> {
+    v.parse()
+        .map_err(|_| format!("{key}={v}: expected on, off or auto"))
 }
 
 /// Parses `on`/`off` (and fuse-overlayfs's `1`/`0`).
@@ -277,9 +288,10 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
     {
         match opt.split_once('=') {
             Some(("workdir", dir)) if !dir.is_empty() => o.workdir = Some(PathBuf::from(dir)),
-            Some(("passthrough", mode)) => o.file_io.passthrough = mode.parse()?,
+            Some(("passthrough", v)) => o.file_io.passthrough = on_off_auto("passthrough", v)?,
             Some(("writeback", v)) => o.file_io.writeback = on_off("writeback", v)?,
             Some(("spin", v)) => o.file_io.spin = v.parse()?,
+            Some(("io_uring", v)) => o.file_io.io_uring = on_off_auto("io_uring", v)?,
             Some(("index", v)) => o.index = Some(on_off("index", v)?),
             Some(("redirect_dir", v)) => o.redirect_dir = Some(on_off("redirect_dir", v)?),
             Some(("metacopy", v)) => o.metacopy = Some(on_off("metacopy", v)?),
@@ -547,7 +559,7 @@ fn plan_workdir(
 
 #[cfg(test)]
 mod tests {
-    use super::PassthroughMode;
+    use super::OnOffAuto;
     use super::*;
 
     #[test]
@@ -581,7 +593,7 @@ mod tests {
         );
         assert!(parse_options(&["workdir=".into()]).is_err());
         let o = parse_options(&["passthrough=off,writeback=off".into()]).unwrap();
-        assert_eq!(o.file_io.passthrough, PassthroughMode::Off);
+        assert_eq!(o.file_io.passthrough, OnOffAuto::Off);
         assert!(!o.file_io.writeback);
         assert!(parse_options(&["passthrough=maybe".into()]).is_err());
         assert!(parse_options(&["writeback=maybe".into()]).is_err());

@@ -701,3 +701,45 @@ fn killed_daemon_leaves_a_consistent_upper_and_a_clear_error() {
     assert!(fs::read(km.join("big")).unwrap() == data);
     drop(k);
 }
+
+/// `io_uring=on` mounts with requests through io_uring queues where the
+/// fuse module allows it (its enable_uring parameter), and is refused in
+/// one line, nothing mounted, where it does not; `auto` mounts either way.
+#[test]
+fn io_uring_on_is_used_or_refused_as_the_kernel_allows() {
+    let s = Scratch::new("uring");
+    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    fs::write(l.join("f"), "f\n").unwrap();
+    let allowed = fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y");
+    let lowers = std::slice::from_ref(&l);
+    if allowed {
+        let mount = Mount::unionfs(lowers, &u, &m, &["io_uring=on"]);
+        assert_eq!(fs::read_to_string(m.join("f")).unwrap(), "f\n");
+        let log = mount.log_text();
+        assert!(log.contains("serving through io_uring"), "{log}");
+        let threads = fs::read_dir(format!("/proc/{}/task", mount.pid().unwrap()))
+            .unwrap()
+            .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| c.starts_with("unionfs-q"))
+            .count();
+        assert!(threads >= 2, "{threads} queue threads");
+        mount.unmount();
+    } else {
+        let out = unionfs(&[
+            "mount",
+            "-o",
+            "io_uring=on",
+            l.to_str().unwrap(),
+            u.to_str().unwrap(),
+            m.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("io_uring=on but unavailable"), "{err}");
+        assert!(!is_mounted(&m));
+    }
+    let auto = Mount::unionfs(lowers, &u, &m, &["io_uring=auto"]);
+    assert_eq!(fs::read_to_string(m.join("f")).unwrap(), "f\n");
+    auto.unmount();
+}

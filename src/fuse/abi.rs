@@ -115,6 +115,7 @@ pub const HANDLE_KILLPRIV_V2: u64 = 1 << 28;
 pub const SETXATTR_EXT: u64 = 1 << 29;
 pub const INIT_EXT: u64 = 1 << 30;
 pub const PASSTHROUGH: u64 = 1 << 37;
+pub const OVER_IO_URING: u64 = 1 << 41;
 
 // `fuse_setattr_in.valid`.
 pub const FATTR_MODE: u32 = 1 << 0;
@@ -150,6 +151,9 @@ pub const OUT_HEADER: usize = 16;
 pub const ATTR: usize = 88;
 pub const ENTRY_OUT: usize = 40 + ATTR;
 pub const DIRENT: usize = 24;
+/// `fuse_setxattr_in` before SETXATTR_EXT, and with it.
+pub const SETXATTR_IN_COMPAT: usize = 8;
+pub const SETXATTR_IN_EXT: usize = 16;
 #[cfg(test)]
 pub const ATTR_OUT: usize = 16 + ATTR;
 #[cfg(test)]

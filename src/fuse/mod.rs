@@ -20,6 +20,7 @@ mod request;
 pub mod session;
 mod spin;
 mod turns;
+mod uring;
 
 use std::borrow::Cow;
 use std::ffi::OsStr;
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ids::is_posix_acl;
-use crate::options::{FileIo, PassthroughMode, Presentation};
+use crate::options::{FileIo, OnOffAuto, Presentation};
 use crate::overlay::inode::AttrChange;
 use crate::overlay::superblock::{Caller, Union};
 use crate::sys::{Errno, Result, SetTime, Stat};
@@ -48,6 +49,8 @@ pub struct UnionFs {
     writeback: bool,
     /// SETXATTR carries the extended arguments (negotiated at INIT).
     setxattr_ext: bool,
+    /// Requests come through io_uring queues (negotiated at INIT).
+    over_io_uring: bool,
     io: IoModes,
     /// Owners, link counts, xattrs and ACLs as shown, and how long the
     /// kernel may trust what it was told (every change to the union passes
@@ -71,6 +74,7 @@ impl UnionFs {
             file_io,
             writeback: false,
             setxattr_ext: false,
+            over_io_uring: false,
             io: IoModes::new(channel),
             shown,
             only_root_and,
@@ -79,6 +83,10 @@ impl UnionFs {
 
     pub(crate) fn setxattr_ext(&self) -> bool {
         self.setxattr_ext
+    }
+
+    pub(crate) fn over_io_uring(&self) -> bool {
+        self.over_io_uring
     }
 
     /// Attributes as shown: owners mapped, link counts as asked.
@@ -206,7 +214,7 @@ impl UnionFs {
                 log_mode(true, "", false);
             }
             Some(why) => {
-                if self.file_io.passthrough == PassthroughMode::On {
+                if self.file_io.passthrough == OnOffAuto::On {
                     return Err(format!("passthrough=on but unavailable: {why}"));
                 }
                 // The two exclude each other: the writeback cache only
@@ -218,8 +226,16 @@ impl UnionFs {
                 log_mode(false, why, self.writeback);
             }
         }
+        match self.io_uring_refused(offered) {
+            None => wanted |= abi::OVER_IO_URING,
+            Some(why) if self.file_io.io_uring == OnOffAuto::On => {
+                return Err(format!("io_uring=on but unavailable: {why}"));
+            }
+            Some(why) => tracing::debug!("no io_uring: {why}"),
+        }
         let flags = wanted & offered;
         self.setxattr_ext = flags & abi::SETXATTR_EXT != 0;
+        self.over_io_uring = flags & abi::OVER_IO_URING != 0;
         let max_pages = (session::MAX_WRITE / 4096) as u16;
         tracing::debug!("FUSE protocol 7.{}", minor.min(abi::MINOR));
         Ok(InitOut {
@@ -235,9 +251,24 @@ impl UnionFs {
         })
     }
 
+    /// Why FUSE-over-io_uring cannot be used, if it cannot.
+    fn io_uring_refused(&self, offered: u64) -> Option<&'static str> {
+        if self.file_io.io_uring == OnOffAuto::Off {
+            Some("-o io_uring=off")
+        } else if offered & abi::OVER_IO_URING == 0 {
+            Some("the kernel does not offer it (Linux 6.14+)")
+        } else if !uring::enabled_in_kernel() {
+            Some(
+                "the fuse module's enable_uring is off (echo 1 > /sys/module/fuse/parameters/enable_uring)",
+            )
+        } else {
+            None
+        }
+    }
+
     /// Why passthrough cannot be used, if it cannot.
     fn passthrough_refused(&self, offered: u64) -> Option<&'static str> {
-        if self.file_io.passthrough == PassthroughMode::Off {
+        if self.file_io.passthrough == OnOffAuto::Off {
             Some("-o passthrough=off")
         } else if offered & abi::PASSTHROUGH == 0 {
             Some("the kernel does not offer it")

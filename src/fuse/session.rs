@@ -112,15 +112,31 @@ impl FuseMount {
         Ok(Served { handle, done })
     }
 
-    /// The serving threads, until the connection ends.
+    /// The serving threads, until the connection ends. With io_uring, the
+    /// queues' threads answer the requests, and two threads read
+    /// `/dev/fuse` for what still comes there (FORGET, INTERRUPT), without
+    /// polling.
     fn run(self) -> io::Result<()> {
-        let turns = Arc::new(Turns::new(!self.spinner.cap().is_zero()));
+        let over_io_uring = self.fs.over_io_uring();
+        let (spinner, threads) = match over_io_uring {
+            true => (Spinner::new(crate::options::SpinMode::Off, 1), 2),
+            false => (self.spinner, self.threads),
+        };
+        let turns = Arc::new(Turns::new(!spinner.cap().is_zero()));
         let shared = Arc::new(Shared {
             fs: self.fs,
-            spinner: self.spinner,
+            spinner,
             turns: turns.clone(),
         });
         let mut workers: Vec<JoinHandle<()>> = Vec::new();
+        if over_io_uring {
+            let payload = (MAX_WRITE as usize).max(8192);
+            workers.extend(super::uring::spawn(
+                self.channel.clone(),
+                shared.clone(),
+                payload,
+            ));
+        }
         if turns.single() {
             let (turns, channel) = (turns.clone(), self.channel.clone());
             let lookout = std::thread::Builder::new()
@@ -131,7 +147,7 @@ impl FuseMount {
                 Err(e) => warn!("cannot start the lookout thread: {e}"),
             }
         }
-        for i in 1..self.threads {
+        for i in 1..threads {
             let channel = self.channel.clone_for_thread()?;
             let shared = shared.clone();
             let worker = std::thread::Builder::new()
@@ -200,7 +216,9 @@ impl FuseMount {
     fn log_serving(&self) {
         let cap = self.spinner.cap();
         let threads = self.threads;
-        if cap.is_zero() {
+        if self.fs.over_io_uring() {
+            info!("serving through io_uring: a queue per CPU, each with two threads on that CPU");
+        } else if cap.is_zero() {
             info!("serving with {threads} threads, none polling (spin=off, or one CPU)");
         } else {
             info!(
@@ -212,8 +230,8 @@ impl FuseMount {
 }
 
 /// What the serving threads share.
-struct Shared {
-    fs: UnionFs,
+pub(super) struct Shared {
+    pub(super) fs: UnionFs,
     spinner: Spinner,
     turns: Arc<Turns>,
 }
@@ -339,7 +357,6 @@ impl<'a> Worker<'a> {
 
     /// Decodes, dispatches and answers the request in `buf[..n]`.
     fn handle(&mut self, n: usize) {
-        let fs = &self.shared.fs;
         let Some((h, body)) = request::parse_header(&self.buf[..n]) else {
             warn!(
                 len = n,
@@ -347,25 +364,7 @@ impl<'a> Worker<'a> {
             );
             return;
         };
-        let answer = match request::parse_op(h.opcode, body, fs.setxattr_ext()) {
-            // Never answered, even when they do not parse.
-            None if matches!(h.opcode, abi::FORGET | abi::BATCH_FORGET) => Answer::Nothing,
-            None => {
-                warn!(
-                    opcode = abi::opcode_name(h.opcode),
-                    "a request that does not parse"
-                );
-                Answer::Error(libc::EINVAL)
-            }
-            Some(op) => std::panic::catch_unwind(AssertUnwindSafe(|| fs.dispatch(&h, op)))
-                .unwrap_or_else(|_| {
-                    warn!(
-                        opcode = abi::opcode_name(h.opcode),
-                        "a handler panicked: answered EIO"
-                    );
-                    Answer::Error(libc::EIO)
-                }),
-        };
+        let answer = answer_of(&self.shared.fs, &h, body);
         let Some(tail) = reply::encode(h.unique, &answer, &mut self.head) else {
             return;
         };
@@ -376,6 +375,31 @@ impl<'a> Worker<'a> {
                 warn!(opcode = abi::opcode_name(h.opcode), "answering: {e}");
             }
         }
+    }
+}
+
+/// The answer to the request of header `h` and arguments `body`, whatever
+/// happens: a request that does not parse is answered EINVAL (FORGET never),
+/// a handler that panics EIO.
+pub(super) fn answer_of(fs: &UnionFs, h: &Header, body: &[u8]) -> Answer {
+    match request::parse_op(h.opcode, body, fs.setxattr_ext()) {
+        // Never answered, even when they do not parse.
+        None if matches!(h.opcode, abi::FORGET | abi::BATCH_FORGET) => Answer::Nothing,
+        None => {
+            warn!(
+                opcode = abi::opcode_name(h.opcode),
+                "a request that does not parse"
+            );
+            Answer::Error(libc::EINVAL)
+        }
+        Some(op) => std::panic::catch_unwind(AssertUnwindSafe(|| fs.dispatch(h, op)))
+            .unwrap_or_else(|_| {
+                warn!(
+                    opcode = abi::opcode_name(h.opcode),
+                    "a handler panicked: answered EIO"
+                );
+                Answer::Error(libc::EIO)
+            }),
     }
 }
 
