@@ -4,8 +4,9 @@
 //! each with a ring of its own and one registered entry. A request and its
 //! answer then stay on the caller's CPU: no thread is woken on another one,
 //! which is most of a round trip over `/dev/fuse` on a small virtual
-//! machine. Two threads per queue, so that one busy with a slow request (a
-//! large copy-up) leaves the other's entry for the next request. INIT,
+//! machine. Four threads per queue, so that one busy with a slow request (a
+//! large copy-up) leaves the others' entries for the next requests, and
+//! readahead gets several reads at a time. INIT,
 //! FORGET, INTERRUPT and notifications stay on `/dev/fuse`; until every
 //! queue has an entry, requests come there too.
 //!
@@ -31,7 +32,7 @@ use super::request::{self, Header};
 use super::session::{Shared, answer_of};
 
 /// Serving threads per queue.
-const THREADS_PER_QUEUE: usize = 2;
+const THREADS_PER_QUEUE: usize = 4;
 
 /// `FUSE_IO_URING_CMD_REGISTER` and `FUSE_IO_URING_CMD_COMMIT_AND_FETCH`.
 const CMD_REGISTER: u32 = 1;
@@ -94,20 +95,49 @@ fn pin_to(cpu: usize) -> bool {
     }
 }
 
-/// Puts the calling thread in the SCHED_IDLE class. A CPU running only
-/// such threads counts as idle when the kernel places a thread it wakes:
-/// the caller an answer wakes then stays on this CPU (its own) instead of
-/// being sent to the other one, asleep, to run there. Otherwise its CPU
-/// changes at every request, and each change costs the wake-up of a
-/// sleeping CPU, which took the stat loop from 36 to 103 µs on two vCPUs.
-/// Measured under load (six CPU-bound processes on two CPUs), the threads
-/// still got their turns: a large untar took 1.1x the time it took at the
-/// normal policy, and half the time over /dev/fuse.
-fn set_idle_class() {
+/// Moves the calling thread to the SCHED_IDLE class (or back to the normal
+/// one); false when the move was refused.
+///
+/// A CPU running only SCHED_IDLE threads counts as idle when the kernel
+/// places a thread it wakes: the caller an answer wakes then stays on this
+/// CPU (its own) instead of being sent to the other one, asleep, to run
+/// there. At the normal policy its CPU changed at every request, and each
+/// change cost the wake-up of a sleeping CPU: the stat loop took 103 µs per
+/// stat instead of 36 on two vCPUs. Under load (six CPU-bound processes on
+/// two CPUs) SCHED_IDLE threads still got their turns for short requests;
+/// work that may take long (copying a file up) is done at the normal
+/// policy where the thread may move back (see `long_request`), so that the
+/// kernel's writeback threads do not starve it.
+fn set_idle_class(idle: bool) -> bool {
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: a valid policy and parameter for the calling thread.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-        debug!("cannot move to SCHED_IDLE: {}", io::Error::last_os_error());
+    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
+}
+
+/// Whether the request in `e` may do long work, such as a copy-up of a
+/// file's data: a change of a file's attributes, xattrs, names or size, or
+/// an open for writing.
+fn long_request(e: &Entry) -> bool {
+    match e.u32_at(4) {
+        abi::SETATTR
+        | abi::LINK
+        | abi::RENAME
+        | abi::RENAME2
+        | abi::SETXATTR
+        | abi::REMOVEXATTR
+        | abi::FALLOCATE
+        | abi::FSYNC => true,
+        abi::OPEN | abi::CREATE => {
+            let flags =
+                u32::from_le_bytes(e.headers[OP_IN..OP_IN + 4].try_into().expect("4 bytes")) as i32;
+            flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+        }
+        _ => false,
     }
 }
 
@@ -218,7 +248,13 @@ fn serve_queue(channel: &Channel, shared: &Shared, qid: u16, payload: usize) {
     let mut request = Vec::with_capacity(payload + 256);
     let mut head = Vec::with_capacity(256);
     let mut next = command(fd, CMD_REGISTER, qid, 0, &entry);
-    set_idle_class();
+    // Back to the normal class for long requests only where that is
+    // allowed (root: CAP_SYS_NICE; others need RLIMIT_NICE).
+    let may_leave_idle = set_idle_class(false) && set_idle_class(true) && set_idle_class(false);
+    let idle = set_idle_class(true);
+    if !idle {
+        debug!("cannot move to SCHED_IDLE: {}", io::Error::last_os_error());
+    }
     loop {
         // SAFETY: the command points at `entry`'s iovecs and buffers,
         // which outlive it (the loop only ends once the kernel is done).
@@ -246,7 +282,12 @@ fn serve_queue(channel: &Channel, shared: &Shared, qid: u16, payload: usize) {
             }
             return;
         }
+        let normal_for_now =
+            idle && may_leave_idle && long_request(&entry) && set_idle_class(false);
         answer(shared, &mut entry, &mut request, &mut head);
+        if normal_for_now {
+            set_idle_class(true);
+        }
         let commit_id = entry.u64_at(COMMIT_ID);
         next = command(fd, CMD_COMMIT_AND_FETCH, qid, commit_id, &entry);
     }
