@@ -349,6 +349,39 @@ fn the_umask_yields_to_a_default_acl_as_in_the_kernel() {
     assert_eq!(fs::metadata(narrow).unwrap().mode() & 0o7777, 0o440);
 }
 
+/// What a directory's default ACL is, is looked at once and kept for its
+/// next creates: a default ACL set, changed or removed through the mount
+/// after files were created in the directory counts from the next create on.
+#[test]
+fn a_default_acl_set_or_removed_between_creates_counts_at_once() {
+    need("setfacl");
+    let s = Scratch::new("acl-change");
+    let lower = s.dir("lower");
+    fs::create_dir(lower.join("low")).unwrap();
+    let t = Twins::over(s, &lower);
+    for who in [&ROOT, &STRANGER] {
+        let mut script = String::from("mkdir -p up; chmod 777 up low 2>/dev/null;\n");
+        for d in ["up", "low"] {
+            let tag = format!("{d}/{}", who.tag());
+            script += &format!(
+                "umask 077; touch {tag}-before; \
+                 setfacl -d -m u::rwx,g::r-x,o::r-x {d} 2>/dev/null; touch {tag}-set; \
+                 setfacl -d -m u::rw-,g::---,o::r-- {d} 2>/dev/null; touch {tag}-changed; \
+                 setfacl -k {d} 2>/dev/null; touch {tag}-removed\n"
+            );
+        }
+        t.same(who, &script);
+    }
+    t.same(
+        &ROOT,
+        "for d in up low; do for f in $d/*; do stat -c '%n %a' $f; done; done",
+    );
+    let set = t.ours.mnt.join("up/root-set");
+    assert_eq!(fs::metadata(set).unwrap().mode() & 0o777, 0o644);
+    let removed = t.ours.mnt.join("up/root-removed");
+    assert_eq!(fs::metadata(removed).unwrap().mode() & 0o777, 0o600);
+}
+
 /// Writes through a shared mapping move mtime and ctime at once, as the
 /// kernel's overlay shows them (the FUSE inode is not told of such writes
 /// when passthrough maps the backing file).

@@ -26,6 +26,16 @@ struct Slot {
     over_whiteout: bool,
 }
 
+/// A new object made, not yet owned or in place (see `make_object`).
+struct Made {
+    slot: Slot,
+    /// Its name in the directory it was made in: the slot's, or a
+    /// temporary one in the work directory.
+    build_name: std::ffi::OsString,
+    /// The open file `make` returned.
+    opened: Option<OwnedFd>,
+}
+
 /// How a new object is made and owned.
 struct NewObject<'a> {
     /// `S_IFMT` bits and permission bits of the object.
@@ -43,20 +53,55 @@ struct Side {
 }
 
 impl Union {
-    /// The kernel has looked `name` up (and found nothing) before it asks
-    /// to create it, so only the upper directory needs a look here.
-    fn prepare_slot(&self, parent: &Arc<Node>, name: &OsStr) -> Result<Slot> {
+    /// Makes the new object with `make`, in place when the name is free in
+    /// the parent's upper directory, as it nearly always is (the kernel has
+    /// looked `name` up and found nothing, so only the upper directory can
+    /// hold something: a whiteout); over a whiteout, in the work directory
+    /// under a temporary name, for `finish_object` to swap in.
+    fn make_object(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        make: &mut dyn FnMut(BorrowedFd<'_>, &OsStr) -> Result<Option<OwnedFd>>,
+    ) -> Result<Made> {
         if name.len() > 255 {
             return Err(Errno::ENAMETOOLONG);
         }
         let dir = self.ensure_upper(parent)?;
-        let over_whiteout = match sys::stat_at(dir.dir(), name) {
-            Ok(st) if format::is_whiteout_dev(&st) => true,
-            Ok(_) => return Err(Errno::EEXIST),
-            Err(Errno::ENOENT) => false,
-            Err(e) => return Err(e),
-        };
-        Ok(Slot { dir, over_whiteout })
+        for _ in 0..2 {
+            match make(dir.dir(), name) {
+                Ok(opened) => {
+                    return Ok(Made {
+                        slot: Slot {
+                            dir,
+                            over_whiteout: false,
+                        },
+                        build_name: name.to_os_string(),
+                        opened,
+                    });
+                }
+                Err(Errno::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+            match sys::stat_at(dir.dir(), name) {
+                Ok(st) if format::is_whiteout_dev(&st) => {
+                    let build_name = self.temp_name();
+                    let opened = make(self.work_fd()?, &build_name)?;
+                    return Ok(Made {
+                        slot: Slot {
+                            dir,
+                            over_whiteout: true,
+                        },
+                        build_name,
+                        opened,
+                    });
+                }
+                Ok(_) => return Err(Errno::EEXIST),
+                Err(Errno::ENOENT) => {} // removed meanwhile: once more in place
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Errno::EEXIST)
     }
 
     /// The mode a new object gets: the caller's umask applies unless the
@@ -66,12 +111,16 @@ impl Union {
         {
             return mode & !(caller.umask & 0o777);
         }
-        let has_default_acl = parent
-            .real()
-            .0
-            .xattrs()
-            .and_then(|x| x.get(OsStr::new("system.posix_acl_default")))
-            .is_ok();
+        let has_default_acl = parent.known_default_acl().unwrap_or_else(|| {
+            let present = parent
+                .real()
+                .0
+                .xattrs()
+                .and_then(|x| x.get(OsStr::new("system.posix_acl_default")))
+                .is_ok();
+            parent.note_default_acl(present);
+            present
+        });
         if has_default_acl {
             mode
         } else {
@@ -87,7 +136,11 @@ impl Union {
         caller: Caller,
         new: NewObject<'_>,
     ) -> Result<(Arc<Node>, Stat, Option<OwnedFd>)> {
-        let slot = self.prepare_slot(parent, name)?;
+        let Made {
+            slot,
+            build_name,
+            opened,
+        } = self.make_object(parent, name, new.make)?;
         let is_dir = sys::file_type(new.mode) == libc::S_IFDIR;
         // Only a replaced upper whiteout stops hiding: a lower whiteout below a
         // new directory still does, as in the kernel. With the index,
@@ -97,12 +150,11 @@ impl Union {
         let lowers_fixed = self.index_is_on() || self.tuning.redirect_dir || self.tuning.metacopy;
         let in_merged = lowers_fixed && !parent.state.read().lowers.is_empty();
         let opaque = is_dir && (slot.over_whiteout || in_merged);
-        let (build_dir, build_name) = if slot.over_whiteout {
-            (self.work_fd()?, self.temp_name())
+        let build_dir = if slot.over_whiteout {
+            self.work_fd()?
         } else {
-            (slot.dir.dir(), name.to_os_string())
+            slot.dir.dir()
         };
-        let opened = (new.make)(build_dir, &build_name)?;
         let finish = || -> Result<Option<OwnedFd>> {
             // A created file is handled through its open descriptor; anything
             // else through an O_PATH one.
@@ -797,10 +849,7 @@ impl Union {
 /// Gives a new object its owner: the caller, with the group of a setgid
 /// parent directory; then the mode bits a chown clears or creation left out.
 fn set_owner(obj: BorrowedFd<'_>, parent: BorrowedFd<'_>, caller: Caller, mode: u32) -> Result<()> {
-    let (own_uid, own_gid) = (
-        nix::unistd::geteuid().as_raw(),
-        nix::unistd::getegid().as_raw(),
-    );
+    let (own_uid, own_gid) = own_ids();
     if (caller.uid, caller.gid) == (own_uid, own_gid) && mode & 0o7000 == 0 {
         return Ok(()); // created as the caller would have: owner and group are right
     }
@@ -823,4 +872,16 @@ fn set_owner(obj: BorrowedFd<'_>, parent: BorrowedFd<'_>, caller: Caller, mode: 
         sys::chmod_fd(obj, mode & 0o7777)?;
     }
     Ok(())
+}
+
+/// The daemon's effective user and group ids, which never change while it
+/// serves.
+fn own_ids() -> (u32, u32) {
+    static IDS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *IDS.get_or_init(|| {
+        (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        )
+    })
 }

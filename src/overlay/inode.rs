@@ -5,7 +5,6 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use crate::overlay::format;
 use crate::overlay::node::Node;
@@ -267,9 +266,9 @@ impl Union {
         };
         // Every node that may know this object (its own, and the one of its
         // `st_ino` if another name's) forgets it had none.
-        node.no_xattrs.store(false, Ordering::Relaxed);
+        node.forget_xattr_knowledge();
         if let Some(other) = self.table.get(node.ino()) {
-            other.no_xattrs.store(false, Ordering::Relaxed);
+            other.forget_xattr_knowledge();
         }
         upper.xattrs()?.set(&stored, value, flags)?;
         let may_lose_sgid = caller.acl_kills_sgid.unwrap_or(!caller.privileged);
@@ -288,6 +287,7 @@ impl Union {
         let node = self.node(id)?;
         // A missing attribute is ENODATA and must not copy anything up.
         self.getxattr(id, name)?;
+        node.forget_xattr_knowledge();
         let upper = self.upper_for_xattrs(&node)?;
         upper.xattrs()?.remove(&stored)
     }

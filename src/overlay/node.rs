@@ -24,7 +24,7 @@
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -193,7 +193,14 @@ pub struct Node {
     /// the kernel asks for `security.capability` on every write and for
     /// `security.selinux` on every `ls -l`, and these need no system call.
     pub no_xattrs: AtomicBool,
+    /// For a directory: whether it has a default ACL, once looked at
+    /// (`DEFAULT_ACL_*`); every create in it needs to know.
+    default_acl: AtomicU8,
 }
+
+const DEFAULT_ACL_UNKNOWN: u8 = 0;
+const DEFAULT_ACL_NONE: u8 = 1;
+const DEFAULT_ACL_SOME: u8 = 2;
 
 impl Node {
     pub fn new(id: u64, kind: u32, state: NodeState) -> Node {
@@ -220,6 +227,7 @@ impl Node {
             copy_up_lock: Mutex::new(()),
             copied_up: AtomicBool::new(copied_up),
             no_xattrs: AtomicBool::new(false),
+            default_acl: AtomicU8::new(DEFAULT_ACL_UNKNOWN),
         }
     }
 
@@ -241,6 +249,32 @@ impl Node {
         if self.id == self.ino() {
             self.no_xattrs.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the directory has a default ACL, if known.
+    pub fn known_default_acl(&self) -> Option<bool> {
+        match self.default_acl.load(Ordering::Relaxed) {
+            DEFAULT_ACL_NONE => Some(false),
+            DEFAULT_ACL_SOME => Some(true),
+            _ => None,
+        }
+    }
+
+    pub fn note_default_acl(&self, present: bool) {
+        let v = if present {
+            DEFAULT_ACL_SOME
+        } else {
+            DEFAULT_ACL_NONE
+        };
+        self.default_acl.store(v, Ordering::Relaxed);
+    }
+
+    /// An xattr of the object is being set or removed: what was known of
+    /// its xattrs is no longer.
+    pub fn forget_xattr_knowledge(&self) {
+        self.no_xattrs.store(false, Ordering::Relaxed);
+        self.default_acl
+            .store(DEFAULT_ACL_UNKNOWN, Ordering::Relaxed);
     }
 
     /// The name a node of its own name stands for.
