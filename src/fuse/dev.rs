@@ -56,17 +56,13 @@ impl Channel {
         check(r)
     }
 
-    /// Makes reads return EAGAIN instead of waiting (or wait again).
+    /// Makes reads return EAGAIN instead of waiting (or wait again). One
+    /// system call: of the status flags F_SETFL changes, this descriptor
+    /// never has any but O_NONBLOCK.
     pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        let fd = self.fd.as_raw_fd();
+        let flags = if on { libc::O_NONBLOCK } else { 0 };
         // SAFETY: fcntl on an open descriptor, no pointers.
-        let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFL) } as isize)? as i32;
-        let flags = match on {
-            true => flags | libc::O_NONBLOCK,
-            false => flags & !libc::O_NONBLOCK,
-        };
-        // SAFETY: as above.
-        check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } as isize).map(drop)
+        check(unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_SETFL, flags) } as isize).map(drop)
     }
 
     /// Writes an answer or notification made of `head` then `tail`, in one
