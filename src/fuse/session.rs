@@ -217,7 +217,10 @@ impl FuseMount {
         let cap = self.spinner.cap();
         let threads = self.threads;
         if self.fs.over_io_uring() {
-            info!("serving through io_uring: a queue per CPU, each with two threads on that CPU");
+            info!(
+                "serving through io_uring: a queue per CPU, each with {} threads on that CPU",
+                super::uring::THREADS_PER_QUEUE
+            );
         } else if cap.is_zero() {
             info!("serving with {threads} threads, none polling (spin=off, or one CPU)");
         } else {

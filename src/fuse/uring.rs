@@ -32,7 +32,7 @@ use super::request::{self, Header};
 use super::session::{Shared, answer_of};
 
 /// Serving threads per queue.
-const THREADS_PER_QUEUE: usize = 4;
+pub const THREADS_PER_QUEUE: usize = 4;
 
 /// `FUSE_IO_URING_CMD_REGISTER` and `FUSE_IO_URING_CMD_COMMIT_AND_FETCH`.
 const CMD_REGISTER: u32 = 1;
