@@ -278,6 +278,70 @@ fn a_mount_right_after_an_unmount_waits_for_the_old_daemon() {
     }
 }
 
+/// A daemon letting go of its work directory leaves its holder file: until
+/// its exit drops the lock, a claimant reads a union that is unmounted and
+/// waits (the file used to go first; a claimant in between found the lock
+/// held by a holder that had not said who it is, and was refused at once,
+/// as CI saw in the test above). The next holder writes its own over it; a
+/// file naming a process that is gone, with the lock held, is such a
+/// holder still mounting: waited for without naming the dead process.
+#[test]
+fn a_leaving_daemons_holder_file_stays_and_a_claimant_waits_for_the_lock() {
+    let s = Scratch::new("stays");
+    let (l, u, m) = (s.dir("l"), s.dir("u"), s.dir("m"));
+    let holder = s.path.join(".u.unionfs-work/unionfs.holder");
+    let mount = Mount::unionfs(std::slice::from_ref(&l), &u, &m, &[]);
+    let pid = mount.pid().unwrap();
+    let named = fs::read_to_string(&holder).unwrap();
+    assert!(named.contains(&format!(" {pid} mount\n")), "{named}");
+    drop(mount);
+    assert_eq!(
+        fs::read_to_string(&holder).ok().as_deref(),
+        Some(named.as_str()),
+        "the exited daemon's holder file"
+    );
+    let lock = lock_dir(&s.path.join(".u.unionfs-work"));
+    let child = Command::new(bin())
+        .arg("mount")
+        .args([&l, &u, &m])
+        .env("RUST_LOG", "unionfs=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = ChildGuard(Some(child));
+    std::thread::sleep(Duration::from_millis(500));
+    let running = child.0.as_mut().unwrap();
+    assert!(
+        running.try_wait().unwrap().is_none(),
+        "refused instead of waiting"
+    );
+    assert!(!is_mounted(&m));
+    drop(lock);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !is_mounted(&m) {
+        assert!(Instant::now() < deadline, "never mounted once the lock went");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Command::new("umount").arg(&m).status().unwrap().success());
+    let out = wait_output(child.0.take().unwrap(), Duration::from_secs(10));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains(&format!("pid {pid}")), "named the gone daemon: {err}");
+}
+
+/// Kills a child left running by a failed assertion.
+struct ChildGuard(Option<std::process::Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// The wait itself, made deterministic: the test holds the work
 /// directory's lock with a holder file naming a mount that no longer
 /// exists; the mount waits until the lock goes, then mounts. Named by an

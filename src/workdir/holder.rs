@@ -71,8 +71,10 @@ pub enum Found {
     Mounted(Option<Holder>),
     /// Its union is unmounted; the daemon has not exited yet.
     Leaving(Holder),
-    /// The holder is writing the file: look again.
-    Writing,
+    /// The holder has not said who it is yet: it is writing the file, or
+    /// still mounting while the file names the union before it, whose
+    /// process is gone. Look again.
+    Unsaid,
 }
 
 impl Holder {
@@ -131,6 +133,15 @@ impl Holder {
         fuse_connection_alive(self.minor)
     }
 
+    /// Whether the process the file names has exited (false when it names
+    /// none).
+    fn process_is_gone(&self) -> bool {
+        self.process.is_some_and(|(pid, _)| {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                == Err(nix::errno::Errno::ESRCH)
+        })
+    }
+
     /// The serving process, where the file names it.
     pub fn pid(&self) -> Option<i32> {
         self.process.map(|(p, _)| p)
@@ -170,8 +181,9 @@ pub fn find(top: BorrowedFd<'_>) -> Found {
     }
     match Holder::parse(&text) {
         Some(h) if h.is_mounted() => Found::Mounted(Some(h)),
+        Some(h) if h.process_is_gone() => Found::Unsaid,
         Some(h) => Found::Leaving(h),
-        None if text.is_empty() => Found::Writing,
+        None if text.is_empty() => Found::Unsaid,
         None => Found::Mounted(None),
     }
 }
@@ -198,11 +210,6 @@ pub fn record(top: BorrowedFd<'_>, mountpoint: &Path, role: Role) {
     if let Err(e) = made {
         warn!("cannot record the mount in the work directory: {e}");
     }
-}
-
-/// Removes the holder file, as the union lets go of the work directory.
-pub fn remove(top: BorrowedFd<'_>) {
-    let _ = sys::unlink_at(top, OsStr::new(HOLDER_FILE), false);
 }
 
 /// The inode number of this process's mount namespace.

@@ -66,9 +66,13 @@ impl WorkDir {
         holder::record(self.dir(), mountpoint, role);
     }
 
-    /// Lets the work directory go: the holder file goes with the lock.
+    /// Lets the work directory go. The holder file stays: until the lock
+    /// goes with this process, a claimant reading it finds a union that is
+    /// unmounted and waits (had the file gone first, the claimant would
+    /// find the lock held by a holder that had not said who it is, and be
+    /// refused); the next holder writes its own over it.
     pub fn release(self) {
-        holder::remove(self.dir());
+        drop(self.lock);
     }
 }
 
@@ -133,7 +137,7 @@ fn lock(
             Found::Mounted(None) => {
                 return Err(format!("{} {}", in_use(), holder::IN_USE_BY_ANOTHER));
             }
-            Found::Writing => None,
+            Found::Unsaid => None,
             Found::Leaving(h) => h.pid(),
         };
         let daemon = pid.map_or("the daemon".to_string(), |p| {
