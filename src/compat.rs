@@ -94,6 +94,7 @@ pub const OPTIONS_HELP: &str = "  -f          stay in the foreground
               squash_to_gid=N, static_nlink, noacl, noxattrs=1,
               timeout=SECS, passthrough=on|off|auto, writeback=on|off,
               spin=auto|off|MICROSECONDS, io_uring=auto|on|off,
+              lower_passthrough=on|off,
               index=on|off, redirect_dir=on|off, metacopy=on|off, ro,
               rw, nosuid, nodev, noexec, noatime, allow_other, allow_root";
 
@@ -290,6 +291,7 @@ impl CompatOptions {
             ("writeback", Some(v)) => self.file_io.writeback = on_off(key, v)?,
             ("spin", Some(v)) => self.file_io.spin = v.parse()?,
             ("io_uring", Some(v)) => self.file_io.io_uring = crate::options::on_off_auto(key, v)?,
+            ("lower_passthrough", Some(v)) => self.file_io.lower_passthrough = on_off(key, v)?,
             ("index", Some(v)) => self.index = Some(on_off(key, v)?),
             ("redirect_dir", Some(mode @ ("follow" | "nofollow"))) => {
                 self.redirect_dir = Some(false);
@@ -345,6 +347,7 @@ pub fn plan(o: CompatOptions, mountpoint: Option<&Path>) -> Result<MountPlan, St
         _ => o.redirect_dir,
     };
     let (redirect_dir, metacopy) = crate::options::layout_with(redirect_dir, o.metacopy)?;
+    o.file_io.check()?;
     Ok(MountPlan {
         redirect_dir,
         metacopy,

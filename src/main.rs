@@ -81,7 +81,7 @@ enum Command {
     /// Mount LOWER1[:LOWER2...] under the writable UPPER at MNT (foreground).
     #[command(after_help = MOUNT_HELP)]
     Mount {
-        /// Options, comma separated: workdir=DIR, volatile, passthrough=on|off|auto, writeback=on|off, spin=auto|off|MICROSECONDS, index=on|off, redirect_dir=on|off, metacopy=on|off.
+        /// Options, comma separated: workdir=DIR, volatile, passthrough=on|off|auto, writeback=on|off, spin=auto|off|MICROSECONDS, io_uring=auto|on|off, lower_passthrough=on|off, index=on|off, redirect_dir=on|off, metacopy=on|off.
         #[arg(short = 'o', long = "options", value_name = "OPTS")]
         options: Vec<String>,
         /// Lower directories, top-most first, separated by ':' (write '\:' for a colon in a path).

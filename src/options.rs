@@ -48,6 +48,9 @@ pub struct FileIo {
     /// `-o io_uring=`: requests through FUSE-over-io_uring queues, one per
     /// CPU, where the kernel allows it.
     pub io_uring: OnOffAuto,
+    /// `-o lower_passthrough=`: lower files opened passthrough too (their
+    /// readers then keep reading them after a copy-up).
+    pub lower_passthrough: bool,
 }
 
 impl Default for FileIo {
@@ -59,7 +62,21 @@ impl Default for FileIo {
             writeback: false,
             spin: SpinMode::Auto,
             io_uring: OnOffAuto::Auto,
+            lower_passthrough: false,
         }
+    }
+}
+
+impl FileIo {
+    /// Refuses options that contradict each other.
+    pub fn check(&self) -> Result<(), String> {
+        if self.lower_passthrough && self.passthrough == OnOffAuto::Off {
+            return Err(
+                "lower_passthrough=on needs passthrough: drop passthrough=off or lower_passthrough=on"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -292,6 +309,9 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
             Some(("writeback", v)) => o.file_io.writeback = on_off("writeback", v)?,
             Some(("spin", v)) => o.file_io.spin = v.parse()?,
             Some(("io_uring", v)) => o.file_io.io_uring = on_off_auto("io_uring", v)?,
+            Some(("lower_passthrough", v)) => {
+                o.file_io.lower_passthrough = on_off("lower_passthrough", v)?
+            }
             Some(("index", v)) => o.index = Some(on_off("index", v)?),
             Some(("redirect_dir", v)) => o.redirect_dir = Some(on_off("redirect_dir", v)?),
             Some(("metacopy", v)) => o.metacopy = Some(on_off("metacopy", v)?),
@@ -428,6 +448,7 @@ fn check_workdir(plan: &UpperPlan, lowers: &[PathBuf], mountpoint: &Path) -> Res
 /// Checks a request completely; touches nothing.
 pub fn plan(req: &MountRequest) -> Result<MountPlan, String> {
     let opts = parse_options(&req.options)?;
+    opts.file_io.check()?;
     let layers = Layers {
         lowers: &req.lowers,
         upper: Some(&req.upper),

@@ -833,6 +833,108 @@ fn reader_of_a_lower_file_sees_the_upper_copy_and_lower_stays() {
     assert_eq!(read(&f.lowers[0].join("shadowed")), "from top\n");
 }
 
+/// `lower_passthrough=on` trades the switch above for read speed: a reader
+/// of a lower file reads the lower file itself, and keeps reading it after
+/// the file is copied up, until it opens the file again. Meanwhile an open
+/// for writing is refused (ETXTBSY: the kernel would map it onto the lower
+/// file) and a read-only open reads the copy; once the old reader is gone,
+/// opens read, write and map the copy, and the lower file never changed.
+/// With passthrough off the option is refused in one line.
+#[test]
+fn lower_passthrough_keeps_a_reader_on_the_lower_file_until_it_reopens() {
+    let s = Scratch::new("lowerpt");
+    let lower = s.dir("lower");
+    write(&lower.join("f"), "lower data\n");
+    let (upper, mnt) = (s.dir("upper"), s.dir("mnt"));
+    if passthrough_off() {
+        let out = std::process::Command::new(bin())
+            .args(["mount", "-o", "passthrough=off,lower_passthrough=on"])
+            .args([&lower, &upper, &mnt])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("lower_passthrough=on needs passthrough"),
+            "{err}"
+        );
+        assert!(!is_mounted(&mnt));
+        return;
+    }
+    let m = Mount::unionfs(
+        std::slice::from_ref(&lower),
+        &upper,
+        &mnt,
+        &["lower_passthrough=on"],
+    );
+    if !m.log_text().contains("lower_passthrough=on") {
+        eprintln!("not run: passthrough unavailable here");
+        return;
+    }
+    let f = mnt.join("f");
+    let mut old_reader = File::open(&f).unwrap();
+    let mut head = [0u8; 6];
+    old_reader.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"lower ");
+    assert_eq!(
+        errno_of(OpenOptions::new().read(true).write(true).open(&f)),
+        libc::ETXTBSY,
+        "an open for writing while the lower file backs the inode"
+    );
+    // A copy-up without an open; the copy is then told from the lower file
+    // by its bytes (written behind the union's back, the same size).
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o640)).unwrap();
+    assert!(upper.join("f").exists(), "copied up");
+    fs::write(upper.join("f"), "UPPER data\n").unwrap();
+    assert_eq!(read(&f), "UPPER data\n", "a new open reads the copy");
+    let mut rest = String::new();
+    old_reader.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "data\n");
+    old_reader.seek(SeekFrom::Start(0)).unwrap();
+    rest.clear();
+    old_reader.read_to_string(&mut rest).unwrap();
+    assert_eq!(
+        rest, "lower data\n",
+        "the old reader stays on the lower file"
+    );
+    drop(old_reader);
+    let mut writer = OpenOptions::new().read(true).write(true).open(&f).unwrap();
+    writer.seek(SeekFrom::Start(5)).unwrap();
+    writer.write_all(b" more").unwrap();
+    assert_eq!(
+        shared_writable_mapping(&writer),
+        Ok(b"UPPER".to_vec()),
+        "once the old reader is gone, a mapping maps the copy"
+    );
+    drop(writer);
+    assert_eq!(read(&f), "UPPER more\n");
+    assert_eq!(read(&upper.join("f")), "UPPER more\n");
+    assert_eq!(read(&lower.join("f")), "lower data\n");
+    drop(m);
+}
+
+/// Maps the first page of `f` shared and writable, and returns its first
+/// five bytes, or the errno of the refusal.
+fn shared_writable_mapping(f: &File) -> Result<Vec<u8>, i32> {
+    let len = 4096;
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    let head = unsafe { std::slice::from_raw_parts(p as *const u8, 5) }.to_vec();
+    unsafe { libc::munmap(p, len) };
+    Ok(head)
+}
+
 #[test]
 fn concurrent_writers_copy_up_once() {
     let f = Fixture::new("concurrent");

@@ -130,6 +130,7 @@ pub const FATTR_MTIME_NOW: u32 = 1 << 8;
 pub const FATTR_KILL_SUIDGID: u32 = 1 << 11;
 
 // `fuse_open_out.open_flags`.
+pub const FOPEN_DIRECT_IO: u32 = 1 << 0;
 pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 pub const FOPEN_CACHE_DIR: u32 = 1 << 3;
 pub const FOPEN_NOFLUSH: u32 = 1 << 5;

@@ -210,8 +210,9 @@ impl UnionFs {
             None => {
                 wanted |= abi::PASSTHROUGH;
                 max_stack_depth = 1;
-                self.io.enable();
-                log_mode(true, "", false);
+                let lower = self.file_io.lower_passthrough;
+                self.io.enable(lower);
+                log_mode(true, "", false, lower);
             }
             Some(why) => {
                 if self.file_io.passthrough == OnOffAuto::On {
@@ -223,7 +224,7 @@ impl UnionFs {
                 if self.writeback {
                     wanted |= abi::WRITEBACK_CACHE;
                 }
-                log_mode(false, why, self.writeback);
+                log_mode(false, why, self.writeback, self.file_io.lower_passthrough);
             }
         }
         match self.io_uring_refused(offered) {
@@ -492,6 +493,9 @@ impl UnionFs {
 
     fn open(&self, id: u64, flags: i32) -> Answer {
         let wanted = self.real_open_flags(flags);
+        if may_write(wanted) && self.io.lower_backed(id) {
+            return error(Errno::ETXTBSY);
+        }
         // A file its owner may write but not read (the daemon runs as that
         // owner when rootless): opened as asked.
         let opened = match self.core.open(id, wanted) {
@@ -505,7 +509,13 @@ impl UnionFs {
                     on_upper: o.on_upper,
                     settled: o.settled,
                 };
-                Answer::Open(self.io.open(id, o.fh, object, may_write(wanted)))
+                match self.io.open(id, o.fh, object, may_write(wanted)) {
+                    Ok(out) => Answer::Open(out),
+                    Err(e) => {
+                        self.core.release(o.fh);
+                        error(e)
+                    }
+                }
             }
             Err(e) => error(e),
         }

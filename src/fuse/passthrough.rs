@@ -11,7 +11,16 @@
 //!   as the kernel's overlay readers do, which a passthrough open of the lower
 //!   file could never do; in a read-only union, where nothing is ever copied
 //!   up, it is opened passthrough too;
-//! - while cached opens of an inode are live, new opens of it are cached too.
+//! - while cached opens of an inode are live, new opens of it are cached too;
+//! - with `-o lower_passthrough=on`, a lower file is opened passthrough too,
+//!   backed by the lower file: faster reads, but its readers keep reading the
+//!   lower file after a copy-up until they open it again. An open of the
+//!   copy while such an open lasts cannot have a backing file of its own
+//!   (one per inode). A read-only one is marked passthrough with the lower
+//!   file's id and `FOPEN_DIRECT_IO`, which sends its reads to the daemon,
+//!   which serves them from the copy (a mapping of it maps the lower file);
+//!   one that may write is refused with `ETXTBSY` until those readers close:
+//!   the kernel would map it, writable, onto the lower file.
 //!
 //! This module belongs to the FUSE side: the core knows nothing of it.
 
@@ -26,6 +35,7 @@ use tracing::{info, warn};
 use super::abi;
 use super::dev::{BackingFile, Channel};
 use super::reply::OpenOut;
+use crate::sys::Errno;
 
 /// The I/O mode of one inode's live opens.
 enum Mode {
@@ -34,6 +44,8 @@ enum Mode {
     /// mapping.
     Passthrough {
         backing: BackingFile,
+        /// The backing file is the upper object (not a lower one).
+        backing_on_upper: bool,
         opens: usize,
         writers: usize,
     },
@@ -49,13 +61,16 @@ pub struct OpenedObject<'a> {
     /// object, or a lower one of a union that cannot copy up. Only such an
     /// open may go to its backing file directly (passthrough): one of a
     /// lower file that a copy-up may replace is read through the daemon, so
-    /// that it reads the copy afterwards, as on kernel overlayfs.
+    /// that it reads the copy afterwards, as on kernel overlayfs (unless
+    /// `-o lower_passthrough=on` trades that for speed).
     pub settled: bool,
 }
 
 /// Per-inode I/O modes of a mount.
 pub struct IoModes {
     enabled: AtomicBool,
+    /// `-o lower_passthrough=on`: lower files are opened passthrough too.
+    lower: AtomicBool,
     inodes: DashMap<u64, Mode>,
     /// Open file handle -> its inode, and whether the open may write.
     handles: DashMap<u64, (u64, bool)>,
@@ -68,14 +83,17 @@ impl IoModes {
     pub fn new(channel: Arc<Channel>) -> IoModes {
         IoModes {
             enabled: AtomicBool::new(false),
+            lower: AtomicBool::new(false),
             inodes: DashMap::new(),
             handles: DashMap::new(),
             channel,
         }
     }
 
-    pub fn enable(&self) {
+    /// Passthrough on; for lower files too when `lower`.
+    pub fn enable(&self, lower: bool) {
         self.enabled.store(true, Ordering::Relaxed);
+        self.lower.store(lower, Ordering::Relaxed);
     }
 
     pub fn enabled(&self) -> bool {
@@ -97,10 +115,36 @@ impl IoModes {
         }
     }
 
+    /// Whether a lower file backs inode `ino` (`lower_passthrough=on`,
+    /// with a reader of it still open). An open that may write is then
+    /// refused (`ETXTBSY`, as for a running executable): it would be
+    /// marked passthrough with the lower file, and a shared writable
+    /// mapping of it would write the lower file.
+    pub fn lower_backed(&self, ino: u64) -> bool {
+        matches!(
+            self.inodes.get(&ino).as_deref(),
+            Some(Mode::Passthrough {
+                backing_on_upper: false,
+                ..
+            })
+        )
+    }
+
     /// The answer to an open of inode `ino` as handle `fh`; `opened` is what
-    /// was opened and `writable` whether the open may write.
-    pub fn open(&self, ino: u64, fh: u64, opened: OpenedObject<'_>, writable: bool) -> OpenOut {
-        self.decide(ino, fh, opened, writable, true)
+    /// was opened and `writable` whether the open may write. `ETXTBSY` for
+    /// one that may write while a lower file backs the inode (see
+    /// `lower_backed`: a reader opened it between that check and this open).
+    pub fn open(
+        &self,
+        ino: u64,
+        fh: u64,
+        opened: OpenedObject<'_>,
+        writable: bool,
+    ) -> Result<OpenOut, Errno> {
+        if writable && self.lower_backed(ino) {
+            return Err(Errno::ETXTBSY);
+        }
+        Ok(self.decide(ino, fh, opened, writable, true))
     }
 
     /// The same for a create: its file is empty and can be mapped only
@@ -139,10 +183,12 @@ impl IoModes {
             flags: abi::FOPEN_PASSTHROUGH | abi::FOPEN_NOFLUSH,
             backing_id: id,
         };
+        let may_pass = opened.settled || self.lower.load(Ordering::Relaxed);
         let mut mode = self.inodes.entry(ino).or_insert(Mode::Cached(0));
         match &mut *mode {
             Mode::Passthrough {
                 backing,
+                backing_on_upper,
                 opens,
                 writers,
             } => {
@@ -151,9 +197,15 @@ impl IoModes {
                 if writable && existing {
                     self.forget_attributes(ino);
                 }
-                passthrough(backing.id())
+                let mut out = passthrough(backing.id());
+                if *backing_on_upper != opened.on_upper {
+                    // A read-only open of the copy while the lower file backs
+                    // the inode: its reads are served by the daemon.
+                    out.flags |= abi::FOPEN_DIRECT_IO;
+                }
+                out
             }
-            Mode::Cached(n) if *n > 0 || !opened.settled => {
+            Mode::Cached(n) if *n > 0 || !may_pass => {
                 *n += 1;
                 cached
             }
@@ -165,6 +217,7 @@ impl IoModes {
                     let out = passthrough(backing.id());
                     *mode = Mode::Passthrough {
                         backing,
+                        backing_on_upper: opened.on_upper,
                         opens: 1,
                         writers: usize::from(writable),
                     };
@@ -240,14 +293,24 @@ pub fn can_register_backing_files() -> bool {
 }
 
 /// Logs the I/O mode a mount runs in.
-pub fn log_mode(on: bool, why: &str, writeback: bool) {
-    if on {
-        info!("passthrough on: file reads and writes go straight to the layers");
-    } else if writeback {
-        info!(
+pub fn log_mode(on: bool, why: &str, writeback: bool, lower: bool) {
+    match (on, lower, writeback) {
+        (true, true, _) => info!(
+            "passthrough on, for lower files too (lower_passthrough=on): file reads and writes \
+             go straight to the layers; a reader of a lower file keeps reading it after a copy-up, \
+             until it opens the file again"
+        ),
+        (true, false, _) => {
+            info!("passthrough on: file reads and writes go straight to the layers")
+        }
+        (false, _, true) => info!(
             "passthrough off ({why}): file I/O is served by the daemon, with the writeback cache"
-        );
-    } else {
-        info!("passthrough off ({why}): file I/O is served by the daemon, written through");
+        ),
+        (false, _, false) => {
+            info!("passthrough off ({why}): file I/O is served by the daemon, written through")
+        }
+    }
+    if !on && lower {
+        warn!("lower_passthrough=on does nothing without passthrough");
     }
 }

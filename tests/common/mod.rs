@@ -118,11 +118,6 @@ pub struct Mount {
     pub log: Option<tempfile::NamedTempFile>,
 }
 
-/// Extra `-o` options every unionfs mount of the tests gets, from
-/// `UNIONFS_TEST_OPTIONS` (CI runs the suite with `passthrough=off` and with
-/// `passthrough=off,writeback=on` too).
-/// Whether unionfs mounts of this run have the index by default: not with
-/// the writeback cache (`UNIONFS_TEST_OPTIONS` with `writeback=on`).
 /// The overlay features a union is mounted with, as the kernel names them:
 /// the same on both sides of a comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,6 +167,8 @@ impl Features {
     }
 }
 
+/// Whether unionfs mounts of this run have the index by default: not with
+/// the writeback cache (`UNIONFS_TEST_OPTIONS` with `writeback=on`).
 pub fn index_by_default() -> bool {
     !test_options().iter().any(|o| o.contains("writeback=on"))
 }
@@ -186,6 +183,14 @@ pub fn index_unavailable(test: &str) -> bool {
     unavailable
 }
 
+/// Whether this run's mounts have passthrough off (`UNIONFS_TEST_OPTIONS`).
+pub fn passthrough_off() -> bool {
+    test_options().iter().any(|o| o.contains("passthrough=off"))
+}
+
+/// Extra `-o` options every unionfs mount of the tests gets, from
+/// `UNIONFS_TEST_OPTIONS` (CI runs the suite with `passthrough=off` and with
+/// `passthrough=off,writeback=on` too).
 fn test_options() -> Vec<String> {
     std::env::var("UNIONFS_TEST_OPTIONS")
         .map(|v| vec![v])
