@@ -320,14 +320,20 @@ fn a_leaving_daemons_holder_file_stays_and_a_claimant_waits_for_the_lock() {
     drop(lock);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !is_mounted(&m) {
-        assert!(Instant::now() < deadline, "never mounted once the lock went");
+        assert!(
+            Instant::now() < deadline,
+            "never mounted once the lock went"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(Command::new("umount").arg(&m).status().unwrap().success());
     let out = wait_output(child.0.take().unwrap(), Duration::from_secs(10));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(!err.contains(&format!("pid {pid}")), "named the gone daemon: {err}");
+    assert!(
+        !err.contains(&format!("pid {pid}")),
+        "named the gone daemon: {err}"
+    );
 }
 
 /// Kills a child left running by a failed assertion.
