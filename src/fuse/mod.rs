@@ -493,7 +493,7 @@ impl UnionFs {
 
     fn open(&self, id: u64, flags: i32) -> Answer {
         let wanted = self.real_open_flags(flags);
-        if may_write(wanted) && self.io.lower_backed(id) {
+        if may_write(wanted) && !self.io.await_lower_readers(id) {
             return error(Errno::ETXTBSY);
         }
         // A file its owner may write but not read (the daemon runs as that

@@ -27,7 +27,7 @@
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use tracing::{info, warn};
@@ -65,6 +65,10 @@ pub struct OpenedObject<'a> {
     /// `-o lower_passthrough=on` trades that for speed).
     pub settled: bool,
 }
+
+/// How long an open for writing waits for the readers of the lower file
+/// backing its inode to be released before it is refused.
+const LOWER_READERS_GRACE: Duration = Duration::from_millis(100);
 
 /// Per-inode I/O modes of a mount.
 pub struct IoModes {
@@ -128,6 +132,21 @@ impl IoModes {
                 ..
             })
         )
+    }
+
+    /// Waits, up to `LOWER_READERS_GRACE`, until no lower file backs inode
+    /// `ino`; false if one still does. A reader's close reaches the daemon
+    /// as a RELEASE sent after close(2) returned, which may come after an
+    /// open that followed the close.
+    pub fn await_lower_readers(&self, ino: u64) -> bool {
+        let deadline = Instant::now() + LOWER_READERS_GRACE;
+        while self.lower_backed(ino) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     /// The answer to an open of inode `ino` as handle `fh`; `opened` is what
