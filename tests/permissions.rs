@@ -411,33 +411,19 @@ fn writes_through_a_shared_mapping_move_the_times() {
 /// Maps `p` shared, sets old times, writes through the mapping and syncs
 /// it; whether stat then shows a newer mtime and ctime.
 fn mapped_write_moves_times(p: &Path) -> (bool, bool) {
-    use std::os::fd::AsRawFd;
     let f = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(p)
         .unwrap();
-    let len = 4096;
-    let map = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(map, libc::MAP_FAILED);
+    let map = SharedMap::new(&f, 4096).unwrap();
     set_mtime(p, 1_000_000_000);
     let before = fs::metadata(p).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(20));
-    unsafe {
-        std::ptr::copy_nonoverlapping(b"hello".as_ptr(), map.cast::<u8>(), 5);
-        assert_eq!(libc::msync(map, len, libc::MS_SYNC), 0);
-    }
+    map.poke(b"hello");
+    map.sync();
     let after = fs::metadata(p).unwrap();
-    unsafe { libc::munmap(map, len) };
+    drop(map);
     let ctime = |m: &fs::Metadata| (m.ctime(), m.ctime_nsec());
     (
         after.mtime() > before.mtime(),
@@ -480,42 +466,19 @@ fn change_data(p: &Path, src: &Path, change: DataChange) {
         .open(p)
         .unwrap();
     let fd = f.as_raw_fd();
-    let len = 8192;
-    let map = || {
-        let m = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        assert_ne!(m, libc::MAP_FAILED);
-        m
-    };
-    let poke = |m: *mut libc::c_void| unsafe {
-        std::ptr::copy_nonoverlapping(b"abcd".as_ptr(), m.cast::<u8>(), 4)
-    };
+    let map = || SharedMap::new(&f, 8192).unwrap();
     match change {
         DataChange::MappedSynced => {
             let m = map();
-            poke(m);
-            assert_eq!(unsafe { libc::msync(m, len, libc::MS_SYNC) }, 0);
-            assert_eq!(unsafe { libc::munmap(m, len) }, 0);
+            m.poke(b"abcd");
+            m.sync();
         }
-        DataChange::MappedUnsynced => {
-            let m = map();
-            poke(m);
-            assert_eq!(unsafe { libc::munmap(m, len) }, 0);
-        }
+        DataChange::MappedUnsynced => map().poke(b"abcd"),
         DataChange::MappedAfterClose => {
             let m = map();
             drop(f);
             std::thread::sleep(std::time::Duration::from_millis(20));
-            poke(m);
-            assert_eq!(unsafe { libc::munmap(m, len) }, 0);
+            m.poke(b"abcd");
             return;
         }
         DataChange::CopyFileRange => {

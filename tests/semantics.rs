@@ -757,22 +757,10 @@ fn file_io_features() {
         .write(true)
         .open(f.p("big"))
         .unwrap();
-    unsafe {
-        let len = 65536;
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            h.as_raw_fd(),
-            0,
-        );
-        assert_ne!(p, libc::MAP_FAILED);
-        std::ptr::copy_nonoverlapping(b"MMAP".as_ptr(), p.cast::<u8>(), 4);
-        assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0);
-        libc::munmap(p, len);
-    }
-    drop(h);
+    let map = SharedMap::new(&h, 65536).unwrap();
+    map.poke(b"MMAP");
+    map.sync();
+    drop((map, h));
     drop_caches();
     assert!(read(&f.up("big")).starts_with("MMAP4567"));
     // O_DIRECT
@@ -902,7 +890,7 @@ fn lower_passthrough_keeps_a_reader_on_the_lower_file_until_it_reopens() {
     writer.seek(SeekFrom::Start(5)).unwrap();
     writer.write_all(b" more").unwrap();
     assert_eq!(
-        shared_writable_mapping(&writer),
+        SharedMap::new(&writer, 4096).map(|m| m.head(5)),
         Ok(b"UPPER".to_vec()),
         "once the old reader is gone, a mapping maps the copy"
     );
@@ -911,28 +899,6 @@ fn lower_passthrough_keeps_a_reader_on_the_lower_file_until_it_reopens() {
     assert_eq!(read(&upper.join("f")), "UPPER more\n");
     assert_eq!(read(&lower.join("f")), "lower data\n");
     drop(m);
-}
-
-/// Maps the first page of `f` shared and writable, and returns its first
-/// five bytes, or the errno of the refusal.
-fn shared_writable_mapping(f: &File) -> Result<Vec<u8>, i32> {
-    let len = 4096;
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
-    }
-    let head = unsafe { std::slice::from_raw_parts(p as *const u8, 5) }.to_vec();
-    unsafe { libc::munmap(p, len) };
-    Ok(head)
 }
 
 #[test]

@@ -301,15 +301,7 @@ fn a_leaving_daemons_holder_file_stays_and_a_claimant_waits_for_the_lock() {
         "the exited daemon's holder file"
     );
     let lock = lock_dir(&s.path.join(".u.unionfs-work"));
-    let child = Command::new(bin())
-        .arg("mount")
-        .args([&l, &u, &m])
-        .env("RUST_LOG", "unionfs=info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = ChildGuard(Some(child));
+    let mut child = ChildGuard(Some(spawn_mount_logging(&l, &u, &m)));
     std::thread::sleep(Duration::from_millis(500));
     let running = child.0.as_mut().unwrap();
     assert!(
@@ -334,6 +326,18 @@ fn a_leaving_daemons_holder_file_stays_and_a_claimant_waits_for_the_lock() {
         !err.contains(&format!("pid {pid}")),
         "named the gone daemon: {err}"
     );
+}
+
+/// `unionfs mount L U M` in the background, its info log piped.
+fn spawn_mount_logging(l: &Path, u: &Path, m: &Path) -> std::process::Child {
+    Command::new(bin())
+        .arg("mount")
+        .args([l, u, m])
+        .env("RUST_LOG", "unionfs=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// Kills a child left running by a failed assertion.
@@ -408,7 +412,7 @@ fn a_gone_holder_is_awaited_and_a_live_one_refused_at_once() {
 
 /// The device minor of the FUSE mount at `mnt`, from the mount table.
 fn fuse_minor(mnt: &Path) -> u32 {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let info = common::mount_table();
     let want = mnt.to_string_lossy();
     let line = info
         .lines()
@@ -514,14 +518,7 @@ fn a_wait_for_a_leaving_daemon_is_said_and_can_be_interrupted() {
     .unwrap();
     for sig in [libc::SIGINT, libc::SIGTERM] {
         let lock = lock_dir(&wd);
-        let child = Command::new(bin())
-            .arg("mount")
-            .args([&l, &u, &m])
-            .env("RUST_LOG", "unionfs=info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = spawn_mount_logging(&l, &u, &m);
         std::thread::sleep(Duration::from_millis(400));
         let start = Instant::now();
         unsafe { libc::kill(child.id() as i32, sig) };

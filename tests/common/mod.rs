@@ -46,14 +46,21 @@ impl Drop for Scratch {
     }
 }
 
+/// This process's mount table as text; a path in it that is not UTF-8
+/// (the table shows paths as bytes) is shown with U+FFFD, as
+/// `to_string_lossy` shows the path it is compared with.
+pub fn mount_table() -> String {
+    String::from_utf8_lossy(&fs::read("/proc/self/mountinfo").unwrap_or_default()).into_owned()
+}
+
 pub fn is_mounted(mnt: &Path) -> bool {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let info = mount_table();
     let want = mnt.to_string_lossy();
     info.lines().any(|l| l.split(' ').nth(4) == Some(&want))
 }
 
 fn mount_source_type(mnt: &Path) -> Option<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let info = mount_table();
     let want = mnt.to_string_lossy();
     info.lines()
         .find(|l| l.split(' ').nth(4) == Some(&want))
@@ -776,7 +783,7 @@ pub fn text(b: &[u8]) -> String {
 /// Unmounts (lazily, deepest first) every mount at or below `dir`: what a
 /// failed test of a container engine left under its storage.
 pub fn unmount_all_under(dir: &Path) {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let info = mount_table();
     let under = dir.to_string_lossy().into_owned();
     let mut mounts: Vec<&str> = info
         .lines()
@@ -966,4 +973,57 @@ pub fn ok(o: &Output) -> String {
         text(&o.stderr)
     );
     text(&o.stdout)
+}
+
+// ---------------------------------------------------------------- mappings
+
+/// A shared, writable mapping of the start of a file, unmapped when
+/// dropped (it may outlive the descriptor it was made from).
+pub struct SharedMap {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl SharedMap {
+    /// Maps the first `len` bytes of `f`, or says the errno of the refusal.
+    pub fn new(f: &fs::File, len: usize) -> Result<SharedMap, i32> {
+        use std::os::fd::AsRawFd;
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        }
+        Ok(SharedMap { ptr, len })
+    }
+
+    /// Writes `bytes` at the start of the mapping.
+    pub fn poke(&self, bytes: &[u8]) {
+        assert!(bytes.len() <= self.len);
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.cast::<u8>(), bytes.len()) }
+    }
+
+    /// The first `n` bytes of the mapping.
+    pub fn head(&self, n: usize) -> Vec<u8> {
+        assert!(n <= self.len);
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), n) }.to_vec()
+    }
+
+    /// msync(MS_SYNC) of the whole mapping.
+    pub fn sync(&self) {
+        assert_eq!(unsafe { libc::msync(self.ptr, self.len, libc::MS_SYNC) }, 0);
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
 }
