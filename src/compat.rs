@@ -9,6 +9,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use crate::ids::{IdMap, IdMapping};
 use crate::mount;
 use crate::options::{
     Access, FileIo, Layers, MountFlags, MountPlan, Presentation, check_layers, on_off,
+    split_lowers, split_option,
 };
 
 /// The name mount(8) runs for a `fuse.unionfs` file system when it finds
@@ -69,7 +71,8 @@ pub struct Invocation {
     pub foreground: bool,
     pub debug: bool,
     pub mountpoint: Option<PathBuf>,
-    pub options: Vec<String>,
+    /// The `-o` lists, as given: bytes (paths in them need not be UTF-8).
+    pub options: Vec<OsString>,
     /// `--help` or `--version`: print and exit.
     pub info: Option<String>,
 }
@@ -127,10 +130,10 @@ pub fn parse_args(args: &[OsString], subcommands: &[String]) -> Result<Invocatio
                 ))
             }
             "-o" => match it.next() {
-                Some(v) => inv.options.push(v.to_string_lossy().into_owned()),
+                Some(v) => inv.options.push(v.clone()),
                 None => return Err("-o needs a value".into()),
             },
-            _ if s.starts_with("-o") => inv.options.push(s[2..].to_string()),
+            _ if s.starts_with("-o") => inv.options.push(attached_value(a)),
             _ => return Err(format!("unknown option '{s}'")),
         }
     }
@@ -152,22 +155,28 @@ pub fn parse_args(args: &[OsString], subcommands: &[String]) -> Result<Invocatio
     Ok(inv)
 }
 
+/// The value of `-oVALUE`, as bytes.
+fn attached_value(arg: &OsStr) -> OsString {
+    OsStr::from_bytes(&arg.as_bytes()[2..]).to_os_string()
+}
+
 /// Splits an option list on commas outside double quotes; `\,` is a
-/// comma inside a value. Empty elements are dropped.
-pub fn split_options(s: &str) -> Vec<String> {
+/// comma inside a value. Empty elements are dropped. Bytes throughout: a
+/// path in a value need not be UTF-8.
+pub fn split_options(s: &OsStr) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    let mut cur = String::new();
+    let mut cur = Vec::new();
     let mut quoted = false;
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => {
+    let mut bytes = s.as_bytes().iter().copied().peekable();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'"' => {
                 quoted = !quoted;
-                cur.push(c);
+                cur.push(b);
             }
-            '\\' if chars.peek() == Some(&',') => cur.push(chars.next().unwrap_or(',')),
-            ',' if !quoted => out.push(std::mem::take(&mut cur)),
-            _ => cur.push(c),
+            b'\\' if bytes.peek() == Some(&b',') => cur.push(bytes.next().unwrap_or(b',')),
+            b',' if !quoted => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(b),
         }
     }
     out.push(cur);
@@ -178,7 +187,8 @@ pub fn split_options(s: &str) -> Vec<String> {
 /// The options, interpreted.
 #[derive(Debug, Default)]
 pub struct CompatOptions {
-    pub lowerdir: Option<String>,
+    /// `L1:L2:...`, bytes, split when the plan is made.
+    pub lowerdir: Option<OsString>,
     pub upperdir: Option<PathBuf>,
     pub workdir: Option<PathBuf>,
     pub volatile: bool,
@@ -251,7 +261,7 @@ fn number(key: &str, v: &str) -> Result<u32, String> {
 }
 
 impl CompatOptions {
-    pub fn parse(lists: &[String]) -> Result<CompatOptions, String> {
+    pub fn parse(lists: &[OsString]) -> Result<CompatOptions, String> {
         let mut o = CompatOptions::default();
         for opt in lists.iter().flat_map(|l| split_options(l)) {
             o.apply(&opt)?;
@@ -263,16 +273,28 @@ impl CompatOptions {
         Ok(o)
     }
 
-    fn apply(&mut self, opt: &str) -> Result<(), String> {
+    /// One option: a path value is kept as bytes; the others are text.
+    fn apply(&mut self, opt: &[u8]) -> Result<(), String> {
+        let (key, value) = split_option(opt);
+        let path = || value.map(|v| PathBuf::from(OsStr::from_bytes(v)));
+        match key {
+            b"lowerdir" if value.is_some() => {
+                self.lowerdir = value.map(|v| OsStr::from_bytes(v).to_os_string())
+            }
+            b"upperdir" if value.is_some() => self.upperdir = path(),
+            b"workdir" if value.is_some() => self.workdir = path(),
+            _ => return self.apply_text(&String::from_utf8_lossy(opt)),
+        }
+        Ok(())
+    }
+
+    fn apply_text(&mut self, opt: &str) -> Result<(), String> {
         let (key, value) = match opt.split_once('=') {
             Some((k, v)) => (k, Some(v)),
             None => (opt, None),
         };
         let ids: &mut IdMapping = &mut self.presentation.ids;
         match (key, value) {
-            ("lowerdir", Some(v)) => self.lowerdir = Some(v.to_string()),
-            ("upperdir", Some(v)) => self.upperdir = Some(PathBuf::from(v)),
-            ("workdir", Some(v)) => self.workdir = Some(PathBuf::from(v)),
             ("volatile", None) | ("fsync", Some("0")) => self.volatile = true,
             ("fsync", Some("1")) => self.volatile = false,
             ("uidmapping", Some(v)) => ids.uids.ranges = IdMap::parse_ranges(v)?,
@@ -326,15 +348,16 @@ fn timeout(v: &str) -> Result<Duration, String> {
 /// Turns the options and mount point into a checked plan; touches nothing.
 pub fn plan(o: CompatOptions, mountpoint: Option<&Path>) -> Result<MountPlan, String> {
     let mountpoint = mountpoint.ok_or("no mount point given")?;
-    let lowers = o
-        .lowerdir
-        .as_deref()
-        .ok_or("no lowerdir given (-o lowerdir=DIR[:DIR...])")?;
+    let lowers = split_lowers(
+        o.lowerdir
+            .as_deref()
+            .ok_or("no lowerdir given (-o lowerdir=DIR[:DIR...])")?,
+    )?;
     if o.upperdir.is_some() && o.workdir.is_none() {
         return Err("upperdir needs a workdir (-o workdir=DIR on the upper's filesystem)".into());
     }
     let (lowers, upper, mountpoint) = check_layers(&Layers {
-        lowers,
+        lowers: &lowers,
         upper: o.upperdir.as_deref(),
         workdir: o.workdir.as_deref(),
         mountpoint,
@@ -470,7 +493,7 @@ pub fn main(args: &[OsString], subcommands: &[String]) -> u8 {
 /// Mounts what the option lists ask for at `mountpoint` (in the background
 /// unless `foreground`; only checked with `fake`); the exit status.
 fn mount_as_asked(
-    options: &[String],
+    options: &[OsString],
     mountpoint: Option<&Path>,
     foreground: bool,
     fake: bool,
@@ -527,7 +550,7 @@ pub fn helper_main(args: &[OsString]) -> u8 {
                     return fail(&format!("{s} needs a value"));
                 };
                 match s.as_ref() {
-                    "-o" => options.push(v.to_string_lossy().into_owned()),
+                    "-o" => options.push(v.clone()),
                     "-N" => {
                         return fail(
                             "mount -N (another mount namespace) is not supported; run mount inside that namespace",
@@ -536,7 +559,7 @@ pub fn helper_main(args: &[OsString]) -> u8 {
                     _ => {}
                 }
             }
-            _ if s.starts_with("-o") => options.push(s[2..].to_string()),
+            _ if s.starts_with("-o") => options.push(attached_value(a)),
             _ if s.starts_with('-') && s.len() > 1 => {
                 return fail(&format!("unknown option '{s}' ({HELPER_USAGE})"));
             }
@@ -606,8 +629,12 @@ mod tests {
     #[test]
     fn splits_options_with_quotes_and_empty_elements() {
         assert_eq!(
-            split_options(r#"work,,volatile,context="a:b:c,d",x\,y"#),
-            vec!["work", "volatile", r#"context="a:b:c,d""#, "x,y"]
+            split_options(OsStr::new(r#"work,,volatile,context="a:b:c,d",x\,y"#)),
+            [&b"work"[..], b"volatile", br#"context="a:b:c,d""#, b"x,y"]
+        );
+        assert_eq!(
+            split_options(OsStr::from_bytes(b"lowerdir=/l\xff,upperdir=/u\xfe")),
+            [&b"lowerdir=/l\xff"[..], b"upperdir=/u\xfe"]
         );
     }
 
@@ -620,7 +647,7 @@ mod tests {
                 .into(),
         ])
         .unwrap();
-        assert_eq!(o.lowerdir.as_deref(), Some("/l1:/l2"));
+        assert_eq!(o.lowerdir.as_deref(), Some(OsStr::new("/l1:/l2")));
         assert!(o.volatile && o.flags.nodev);
         assert_eq!(o.presentation.ids.uids.shown(0), 7);
         assert_eq!(o.presentation.ids.gids.shown(1), 100001);
@@ -772,11 +799,15 @@ mod tests {
         let mnt = d.path().join("mnt");
         // As the kernel: a read-only union follows redirects with metacopy.
         let lower_only = format!("lowerdir={l1}:{l2},redirect_dir=follow,metacopy=on");
-        let p = plan(CompatOptions::parse(&[lower_only]).unwrap(), Some(&mnt)).unwrap();
+        let p = plan(
+            CompatOptions::parse(&[lower_only.into()]).unwrap(),
+            Some(&mnt),
+        )
+        .unwrap();
         assert!(p.redirect_dir && p.metacopy && p.upper.is_none());
         // With an upper the kernel says "conflicting options".
         let upper =
             format!("lowerdir={l1},upperdir={u},workdir={w},redirect_dir=follow,metacopy=on");
-        assert!(plan(CompatOptions::parse(&[upper]).unwrap(), Some(&mnt)).is_err());
+        assert!(plan(CompatOptions::parse(&[upper.into()]).unwrap(), Some(&mnt)).is_err());
     }
 }

@@ -60,8 +60,8 @@ fn make_layers(root: &Path) -> Result<(), String> {
 
 fn is_mounted(mnt: &Path) -> bool {
     let want = mnt.to_string_lossy();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
+    let table = fs::read("/proc/self/mountinfo").unwrap_or_default();
+    String::from_utf8_lossy(&table)
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(&want))
 }

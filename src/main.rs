@@ -1,5 +1,6 @@
 //! The `unionfs` command line.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -83,9 +84,9 @@ enum Command {
     Mount {
         /// Options, comma separated: workdir=DIR, volatile, passthrough=on|off|auto, writeback=on|off, spin=auto|off|MICROSECONDS, io_uring=auto|on|off, lower_passthrough=on|off, index=on|off, redirect_dir=on|off, metacopy=on|off.
         #[arg(short = 'o', long = "options", value_name = "OPTS")]
-        options: Vec<String>,
+        options: Vec<OsString>,
         /// Lower directories, top-most first, separated by ':' (write '\:' for a colon in a path).
-        lowers: String,
+        lowers: OsString,
         /// The writable upper directory.
         upper: PathBuf,
         /// Where to mount the union.
@@ -143,7 +144,7 @@ fn command_line() -> clap::Command {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let args: Vec<OsString> = std::env::args_os().collect();
     if compat::is_mount_helper(&args) {
         let verbose = args.iter().any(|a| a == "-v");
         init_logging(if verbose {
@@ -182,14 +183,19 @@ fn main() -> ExitCode {
             upper,
             mountpoint,
         } => {
-            let req = MountRequest {
-                lowers,
-                upper,
-                mountpoint,
-                options,
-                workdir: None,
+            let lowers = match lowers.is_empty() {
+                true => Err("no lower directory given".to_string()),
+                false => options::split_lowers(&lowers),
             };
-            let plan = match options::plan(&req) {
+            let plan = match lowers.and_then(|lowers| {
+                options::plan(&MountRequest {
+                    lowers,
+                    upper,
+                    mountpoint,
+                    options,
+                    workdir: None,
+                })
+            }) {
                 Ok(p) => p,
                 Err(msg) => {
                     eprintln!("unionfs: {msg}");

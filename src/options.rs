@@ -2,7 +2,7 @@
 //! anything is mounted or written. Every refusal is one line naming the
 //! problem.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -125,11 +125,12 @@ pub fn on_off(key: &str, v: &str) -> Result<bool, String> {
 /// What the user asked for.
 #[derive(Clone, Debug, Default)]
 pub struct MountRequest {
-    pub lowers: String,
+    /// Top-most first.
+    pub lowers: Vec<PathBuf>,
     pub upper: PathBuf,
     pub mountpoint: PathBuf,
     /// `-o` arguments, each a comma-separated list.
-    pub options: Vec<String>,
+    pub options: Vec<OsString>,
     /// A work directory chosen by the program (wins over `-o workdir=`).
     pub workdir: Option<PathBuf>,
 }
@@ -247,8 +248,9 @@ pub fn layout_with(
     }
 }
 
-/// Splits `L1:L2:...`, where `\:` is a colon inside a path and `\\` a backslash.
-pub fn split_lowers(s: &str) -> Result<Vec<PathBuf>, String> {
+/// Splits `L1:L2:...`, where `\:` is a colon inside a path and `\\` a
+/// backslash; the paths stay bytes, UTF-8 or not.
+pub fn split_lowers(s: &OsStr) -> Result<Vec<PathBuf>, String> {
     let mut out = Vec::new();
     let mut cur: Vec<u8> = Vec::new();
     let mut bytes = s.as_bytes().iter();
@@ -264,25 +266,15 @@ pub fn split_lowers(s: &str) -> Result<Vec<PathBuf>, String> {
     }
     out.push(cur);
     if out.iter().any(|p| p.is_empty()) {
-        return Err(format!("empty element in the lower directory list '{s}'"));
+        return Err(format!(
+            "empty element in the lower directory list '{}'",
+            s.to_string_lossy()
+        ));
     }
     Ok(out
         .into_iter()
         .map(|v| PathBuf::from(OsString::from_vec(v)))
         .collect())
-}
-
-/// A path as one element of a lower list (`:` and `\\` escaped), the
-/// inverse of `split_lowers`.
-pub fn escape_lower(path: &std::path::Path) -> String {
-    let mut out = String::new();
-    for c in path.to_string_lossy().chars() {
-        if c == ':' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Options given with `-o`.
@@ -296,30 +288,52 @@ struct Options {
     file_io: FileIo,
 }
 
-fn parse_options(list: &[String]) -> Result<Options, String> {
+fn parse_options(list: &[OsString]) -> Result<Options, String> {
     let mut o = Options::default();
     for opt in list
         .iter()
-        .flat_map(|s| s.split(','))
+        .flat_map(|s| s.as_bytes().split(|&b| b == b','))
         .filter(|s| !s.is_empty())
     {
-        match opt.split_once('=') {
-            Some(("workdir", dir)) if !dir.is_empty() => o.workdir = Some(PathBuf::from(dir)),
-            Some(("passthrough", v)) => o.file_io.passthrough = on_off_auto("passthrough", v)?,
-            Some(("writeback", v)) => o.file_io.writeback = on_off("writeback", v)?,
-            Some(("spin", v)) => o.file_io.spin = v.parse()?,
-            Some(("io_uring", v)) => o.file_io.io_uring = on_off_auto("io_uring", v)?,
-            Some(("lower_passthrough", v)) => {
+        let (key, value) = split_option(opt);
+        if key == b"workdir" && value.is_some_and(|d| !d.is_empty()) {
+            o.workdir = value.map(|d| PathBuf::from(OsStr::from_bytes(d)));
+            continue;
+        }
+        let shown = String::from_utf8_lossy(opt);
+        let (Ok(key), Ok(value)) = (
+            std::str::from_utf8(key),
+            value.map(std::str::from_utf8).transpose(),
+        ) else {
+            return Err(format!("unknown mount option '{shown}'"));
+        };
+        match (key, value) {
+            ("passthrough", Some(v)) => o.file_io.passthrough = on_off_auto("passthrough", v)?,
+            ("writeback", Some(v)) => o.file_io.writeback = on_off("writeback", v)?,
+            ("spin", Some(v)) => o.file_io.spin = v.parse()?,
+            ("io_uring", Some(v)) => o.file_io.io_uring = on_off_auto("io_uring", v)?,
+            ("lower_passthrough", Some(v)) => {
                 o.file_io.lower_passthrough = on_off("lower_passthrough", v)?
             }
-            Some(("index", v)) => o.index = Some(on_off("index", v)?),
-            Some(("redirect_dir", v)) => o.redirect_dir = Some(on_off("redirect_dir", v)?),
-            Some(("metacopy", v)) => o.metacopy = Some(on_off("metacopy", v)?),
-            None if opt == "volatile" => o.volatile = true,
-            _ => return Err(format!("unknown mount option '{opt}'")),
+            ("index", Some(v)) => o.index = Some(on_off("index", v)?),
+            ("redirect_dir", Some(v)) => o.redirect_dir = Some(on_off("redirect_dir", v)?),
+            ("metacopy", Some(v)) => o.metacopy = Some(on_off("metacopy", v)?),
+            ("volatile", None) => o.volatile = true,
+            // The kernel's default, which mount(8) users write out.
+            ("rw", None) => {}
+            _ => return Err(format!("unknown mount option '{shown}'")),
         }
     }
     Ok(o)
+}
+
+/// One mount option as `KEY` and, after the first `=`, its value: bytes,
+/// for a path is one.
+pub fn split_option(opt: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match opt.iter().position(|&b| b == b'=') {
+        Some(i) => (&opt[..i], Some(&opt[i + 1..])),
+        None => (opt, None),
+    }
 }
 
 /// True when `p` is the root of a FUSE mount whose daemon is gone. statfs
@@ -473,7 +487,7 @@ pub fn plan(req: &MountRequest) -> Result<MountPlan, String> {
 
 /// The directories of a mount, unchecked.
 pub struct Layers<'a> {
-    pub lowers: &'a str,
+    pub lowers: &'a [PathBuf],
     pub upper: Option<&'a Path>,
     /// None: the default work directory beside the upper.
     pub workdir: Option<&'a Path>,
@@ -509,7 +523,8 @@ pub fn check_layers(l: &Layers) -> Result<(Vec<PathBuf>, Option<UpperPlan>, Path
     if l.lowers.is_empty() {
         return Err("no lower directory given".into());
     }
-    let lowers = split_lowers(l.lowers)?
+    let lowers = l
+        .lowers
         .iter()
         .map(|p| existing_dir("lower directory", p))
         .collect::<Result<Vec<_>, _>>()?;
@@ -585,7 +600,7 @@ mod tests {
 
     #[test]
     fn splits_with_escapes() {
-        let v = split_lowers(r"a:b\:c:d\\e").unwrap();
+        let v = split_lowers(OsStr::new(r"a:b\:c:d\\e")).unwrap();
         assert_eq!(
             v,
             vec![
@@ -598,15 +613,32 @@ mod tests {
 
     #[test]
     fn refuses_empty_elements() {
-        assert!(split_lowers("a::b").is_err());
-        assert!(split_lowers(":a").is_err());
-        assert!(split_lowers("a:").is_err());
-        assert!(split_lowers(r"a\").is_err());
+        for bad in ["a::b", ":a", "a:", r"a\"] {
+            assert!(split_lowers(OsStr::new(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lower_paths_stay_bytes() {
+        let list = OsStr::from_bytes(b"/l/\xff\\:x:/m\\\\\xfe");
+        assert_eq!(
+            split_lowers(list).unwrap(),
+            vec![
+                PathBuf::from(OsStr::from_bytes(b"/l/\xff:x")),
+                PathBuf::from(OsStr::from_bytes(b"/m\\\xfe"))
+            ]
+        );
     }
 
     #[test]
     fn options_are_checked() {
         assert!(parse_options(&["workdir=/x,volatile".into()]).is_ok());
+        assert!(parse_options(&["rw,index=off".into()]).is_ok());
+        let odd = OsStr::from_bytes(b"workdir=/w\xff,volatile").to_os_string();
+        assert_eq!(
+            parse_options(&[odd]).unwrap().workdir,
+            Some(PathBuf::from(OsStr::from_bytes(b"/w\xff")))
+        );
         assert!(
             parse_options(&["bogus".into()])
                 .unwrap_err()

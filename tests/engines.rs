@@ -104,7 +104,7 @@ impl Engine {
         let merged = merged.trim();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            let info = common::mount_table();
             if !info.lines().any(|l| l.split(' ').nth(4) == Some(merged)) {
                 return;
             }

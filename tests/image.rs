@@ -263,7 +263,7 @@ impl World {
             let left: Vec<_> = d.flatten().map(|e| e.path()).collect();
             assert!(left.is_empty(), "unpack left behind: {left:?}");
         }
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let info = common::mount_table();
         assert!(
             !info.contains(self.tmp.to_str().unwrap()),
             "a mount is left"

@@ -11,7 +11,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Scratch, bin, busybox_rootfs, debian_rootfs, lgetxattr, ok, subuid_start, uid_of, wait_output,
+    Scratch, bin, busybox_rootfs, debian_rootfs, is_mounted, lgetxattr, ok, subuid_start, uid_of,
+    wait_output,
 };
 
 /// A test's world: a rootfs lower, a scratch TMPDIR for the launcher.
@@ -62,7 +63,7 @@ impl World {
             .map(|e| e.path())
             .collect();
         assert!(left.is_empty(), "left behind: {left:?}");
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let info = common::mount_table();
         let tmp = self.tmp.to_string_lossy();
         assert!(!info.contains(tmp.as_ref()), "a mount is left under {tmp}");
     }
@@ -199,6 +200,104 @@ fn the_throwaway_upper_is_removed_and_the_lower_untouched() {
     w.assert_clean();
 }
 
+/// Paths are bytes from argv to the system call. A lower directory named
+/// with the byte 0xff and a colon (escaped as `\:` in the list), an upper
+/// and a TMPDIR that are not UTF-8 either: `run --lower` with them,
+/// `diff --lowers` of that upper, `mount` and the fuse-overlayfs form over
+/// the same lower (before: clap refused `mount`'s as invalid UTF-8, `run`
+/// rewrote its init layer's path in TMPDIR with U+FFFD, and the
+/// fuse-overlayfs form did so to every path in `-o`).
+#[test]
+fn paths_that_are_not_utf8_reach_the_system_calls_unchanged() {
+    use std::ffi::{OsStr, OsString};
+    use std::os::unix::ffi::OsStrExt;
+    let s = Scratch::new("bytes");
+    fs::set_permissions(&s.path, fs::Permissions::from_mode(0o755)).unwrap();
+    let odd = |name: &[u8]| {
+        let p = s.path.join(OsStr::from_bytes(name));
+        fs::create_dir(&p).unwrap();
+        p
+    };
+    let lower = odd(b"root\xff:fs");
+    busybox_rootfs(&lower);
+    let listed = OsStr::from_bytes(&lower.as_os_str().as_bytes().iter().fold(
+        Vec::new(),
+        |mut v, &b| {
+            if b == b':' {
+                v.push(b'\\');
+            }
+            v.push(b);
+            v
+        },
+    ))
+    .to_os_string();
+    let (tmp, upper) = (odd(b"tmp\xfe"), odd(b"up\xfd"));
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).unwrap();
+    let out = Command::new(bin())
+        .arg("run")
+        .arg("--lower")
+        .arg(&listed)
+        .arg("--upper")
+        .arg(&upper)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo hi > /new && test -x /bin/sh && echo ran",
+        ])
+        .env("TMPDIR", &tmp)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(ok(&out), "ran\n");
+    assert_eq!(fs::read(upper.join("new")).unwrap(), b"hi\n");
+    let out = Command::new(bin())
+        .arg("diff")
+        .arg("--lowers")
+        .arg(&listed)
+        .arg(&upper)
+        .output()
+        .unwrap();
+    let listing = ok(&out);
+    assert!(listing.lines().any(|l| l == "A /new"), "{listing}");
+    let (upper2, mnt, work) = (odd(b"u2\xfc"), odd(b"m\xfb"), odd(b"w\xfa"));
+    let mut daemon = Command::new(bin())
+        .arg("mount")
+        .arg(&listed)
+        .arg(&upper2)
+        .arg(&mnt)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("mount with a lower that is not UTF-8", || {
+        is_mounted(&mnt) || daemon.try_wait().unwrap().is_some()
+    });
+    assert!(is_mounted(&mnt), "{}", stderr(&finish(daemon)));
+    assert!(mnt.join("bin/sh").exists());
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    finish(daemon);
+    let mut opts = OsString::from("lowerdir=");
+    for (part, next) in [
+        (listed.as_os_str(), ",upperdir="),
+        (upper2.as_os_str(), ",workdir="),
+        (work.as_os_str(), ""),
+    ] {
+        opts.push(part);
+        opts.push(next);
+    }
+    let out = Command::new(bin())
+        .arg("-o")
+        .arg(&opts)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    ok(&out);
+    assert!(is_mounted(&mnt));
+    assert!(mnt.join("bin/sh").exists());
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+}
+
 /// The upper of a run holds what the command changed and nothing the
 /// launcher needed: mount points missing from the image live in the
 /// launcher's own layer, gone with the run.
@@ -317,7 +416,7 @@ fn a_killed_launcher_takes_its_container_along() {
     });
     // The mount lived in the launcher's own namespace: gone with it. The
     // scratch directory a killed process cannot remove is left...
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let info = common::mount_table();
     assert!(!info.contains(w.tmp.to_string_lossy().as_ref()));
     assert_eq!(fs::read_dir(&w.tmp).unwrap().count(), 1);
     // ... and the next run removes it (not the one of a live launcher).

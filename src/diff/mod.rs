@@ -361,7 +361,7 @@ pub struct DiffRequest {
     /// by ':' as for mount: then A and C are told apart by looking there, as
     /// podman does, and metadata-only copies can be exported.
     #[arg(long, value_name = "LOWERS")]
-    pub lowers: Option<String>,
+    pub lowers: Option<OsString>,
     /// Print the changes as JSON (podman diff --format json's shape).
     #[arg(long, conflicts_with = "tar")]
     pub json: bool,

@@ -91,7 +91,10 @@ struct Hierarchy {
 /// /proc/self/cgroup.
 fn hierarchies() -> Vec<Hierarchy> {
     let membership = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // Bytes first: a mount point elsewhere that is not UTF-8 must not hide
+    // the cgroup hierarchies.
+    let table = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
+    let mountinfo = String::from_utf8_lossy(&table);
     parse_hierarchies(&mountinfo, &membership, &|own| {
         std::fs::read_to_string(own.join("cgroup.controllers")).unwrap_or_default()
     })

@@ -8,7 +8,7 @@
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::Failure;
 use super::request::Spec;
@@ -30,17 +30,9 @@ pub fn prepare(dir: &Path, spec: &Spec) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The lower list with the init layer at the bottom (`:` and `\` in its
-/// path escaped as the list wants them).
-pub fn stacked_under(lowers: &str, dir: &Path) -> String {
-    let mut escaped = String::new();
-    for c in dir.to_string_lossy().chars() {
-        if c == ':' || c == '\\' {
-            escaped.push('\\');
-        }
-        escaped.push(c);
-    }
-    format!("{lowers}:{escaped}")
+/// The lowers with the init layer at the bottom.
+pub fn stacked_under(lowers: &[PathBuf], dir: &Path) -> Vec<PathBuf> {
+    lowers.iter().cloned().chain([dir.to_path_buf()]).collect()
 }
 
 fn made_not(path: &Path, e: sys::Errno) -> Failure {

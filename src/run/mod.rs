@@ -18,6 +18,7 @@ mod request;
 mod signals;
 mod supervise;
 
+use std::ffi::OsString;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -148,20 +149,15 @@ pub fn run(req: RunRequest) -> Result<u8, Failure> {
     Ok(status)
 }
 
-/// The image's layers in the store (unpacked there if missing), as the
-/// lower list of the union.
-fn unpack_image(run: &request::ImageRun) -> Result<String, Failure> {
+/// The image's layers in the store (unpacked there if missing), top-most
+/// first: the lowers of the union.
+fn unpack_image(run: &request::ImageRun) -> Result<Vec<PathBuf>, Failure> {
     let store = crate::image::Store::open(&run.store)?;
-    let layers = run.image.unpack_into(&store)?;
-    Ok(layers
-        .iter()
-        .map(|l| options::escape_lower(l))
-        .collect::<Vec<_>>()
-        .join(":"))
+    Ok(run.image.unpack_into(&store)?)
 }
 
-fn mount_options(spec: &Spec) -> Vec<String> {
-    let mut opts = spec.mount_options.clone();
+fn mount_options(spec: &Spec) -> Vec<OsString> {
+    let mut opts: Vec<OsString> = spec.mount_options.iter().map(OsString::from).collect();
     if spec.upper.is_none() {
         // A throwaway upper needs no flushes to disk.
         opts.push("volatile".into());

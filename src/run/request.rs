@@ -1,7 +1,7 @@
 //! What `unionfs run` was asked for, and the checks that turn it into a
 //! spec before anything is created: every refusal is one line.
 
-use std::ffi::{CString, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -30,7 +30,7 @@ pub struct RunRequest {
         required_unless_present = "image",
         conflicts_with = "image"
     )]
-    pub lowers: Option<String>,
+    pub lowers: Option<OsString>,
     /// Run an image: an OCI image layout directory or an OCI or docker
     /// archive, optionally with the tag to run. Its layers are unpacked once
     /// into the layer store; its config gives the command, environment,
@@ -114,7 +114,8 @@ pub struct UserSpec {
 /// A checked request.
 #[derive(Clone, Debug)]
 pub struct Spec {
-    pub lowers: String,
+    /// Checked and resolved, top-most first.
+    pub lowers: Vec<PathBuf>,
     pub upper: Option<PathBuf>,
     pub hostname: String,
     /// `KEY=VALUE` from `--env`, in order.
@@ -148,11 +149,12 @@ pub fn check(req: RunRequest) -> Result<(Spec, Option<ImageRun>), Failure> {
         .as_ref()
         .map(|i| i.defaults().clone())
         .unwrap_or_default();
-    if let Some(lowers) = &req.lowers {
-        let lowers = check_lowers(lowers)?;
-        if let Some(upper) = &req.upper {
-            crate::options::upper_apart_from_lowers(upper, &lowers).map_err(Failure::launcher)?;
-        }
+    let lowers = match &req.lowers {
+        Some(lowers) => check_lowers(lowers)?,
+        None => Vec::new(),
+    };
+    if let Some(upper) = &req.upper {
+        crate::options::upper_apart_from_lowers(upper, &lowers).map_err(Failure::launcher)?;
     }
     let upper = req.upper.as_deref().map(check_upper).transpose()?;
     let image_env = defaults.env.iter().flatten().filter(|e| e.contains('='));
@@ -162,7 +164,7 @@ pub fn check(req: RunRequest) -> Result<(Spec, Option<ImageRun>), Failure> {
         .clone()
         .or_else(|| defaults.user.clone().filter(|u| !u.is_empty()));
     let spec = Spec {
-        lowers: req.lowers.clone().unwrap_or_default(),
+        lowers,
         upper,
         hostname: check_hostname(req.hostname.as_deref().unwrap_or(DEFAULT_HOSTNAME))?,
         env: image_env
@@ -300,7 +302,7 @@ fn bad(what: &str, value: &str, why: &str) -> Failure {
 }
 
 /// The lower directories, which must exist, resolved.
-fn check_lowers(lowers: &str) -> Result<Vec<PathBuf>, Failure> {
+fn check_lowers(lowers: &OsStr) -> Result<Vec<PathBuf>, Failure> {
     let mut resolved = Vec::new();
     for l in split_lowers(lowers)? {
         match std::fs::metadata(&l) {

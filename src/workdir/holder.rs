@@ -221,16 +221,25 @@ fn own_mount_namespace() -> Option<u64> {
 /// connection `minor`; None when it cannot be read (the process is gone,
 /// or belongs to another user).
 fn listed_in_namespace_of(pid: i32, minor: u32) -> Option<bool> {
-    let table = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+    let table = std::fs::read(format!("/proc/{pid}/mountinfo")).ok()?;
     Some(lists_connection(&table, minor))
 }
 
+/// The lines of a mount table: bytes, since the paths in it are (a path
+/// that is not UTF-8 is no reason to misread the whole table).
+fn table_lines(table: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    table.split(|&b| b == b'\n')
+}
+
+/// Field `n` (from 0) of a mount table line.
+fn field(line: &[u8], n: usize) -> Option<&[u8]> {
+    line.split(|&b| b == b' ').nth(n)
+}
+
 /// Whether a mountinfo table lists a mount of FUSE connection `minor`.
-fn lists_connection(table: &str, minor: u32) -> bool {
+fn lists_connection(table: &[u8], minor: u32) -> bool {
     let want = format!("0:{minor}");
-    table
-        .lines()
-        .any(|l| l.split(' ').nth(2) == Some(want.as_str()))
+    table_lines(table).any(|l| field(l, 2) == Some(want.as_bytes()))
 }
 
 /// A FUSE connection lives as long as its superblock, whatever mount
@@ -242,7 +251,7 @@ fn fuse_connection_alive(minor: u32) -> bool {
     if std::fs::read_dir(ctl).is_ok_and(|mut d| d.next().is_some()) {
         return ctl.join(minor.to_string()).exists();
     }
-    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let table = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
     lists_connection(&table, minor)
 }
 
@@ -250,17 +259,19 @@ fn fuse_connection_alive(minor: u32) -> bool {
 /// table: a stat of it would ask the daemon, which is not serving yet).
 fn fuse_minor_of(mountpoint: &Path) -> Option<u32> {
     let want = mountpoint.as_os_str().as_bytes();
-    std::fs::read_to_string("/proc/self/mountinfo")
+    let table = std::fs::read("/proc/self/mountinfo").ok()?;
+    let line = table_lines(&table).rfind(|l| field(l, 4).is_some_and(|p| unescape(p) == want))?;
+    std::str::from_utf8(field(line, 2)?)
         .ok()?
-        .lines()
-        .rfind(|l| l.split(' ').nth(4).is_some_and(|p| unescape(p) == want))
-        .and_then(|l| l.split(' ').nth(2)?.strip_prefix("0:")?.parse().ok())
+        .strip_prefix("0:")?
+        .parse()
+        .ok()
 }
 
 /// A path field of a mount table, whose space, tab, newline and backslash
 /// bytes are written as octal escapes (`\040`).
-fn unescape(field: &str) -> Vec<u8> {
-    let b = field.as_bytes();
+fn unescape(field: &[u8]) -> Vec<u8> {
+    let b = field;
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -331,14 +342,15 @@ mod tests {
 
     #[test]
     fn mount_table_paths_are_unescaped() {
-        assert_eq!(unescape("/tmp/a\\040b\\134c"), b"/tmp/a b\\c");
-        assert_eq!(unescape("/plain"), b"/plain");
-        assert_eq!(unescape("/x\\09"), b"/x\\09");
+        assert_eq!(unescape(b"/tmp/a\\040b\\134c"), b"/tmp/a b\\c");
+        assert_eq!(unescape(b"/plain"), b"/plain");
+        assert_eq!(unescape(b"/x\\09"), b"/x\\09");
+        assert_eq!(unescape(b"/\xff\\040"), b"/\xff ");
     }
 
     #[test]
     fn a_connection_is_found_in_a_mount_table() {
-        let table = "36 35 0:71 / /tmp/m rw - fuse.unionfs unionfs rw\n";
+        let table = b"35 1 0:9 / /tmp/\xff rw - ext4 x rw\n36 35 0:71 / /tmp/m rw - fuse.unionfs unionfs rw\n";
         assert!(lists_connection(table, 71));
         assert!(!lists_connection(table, 7));
     }
