@@ -190,6 +190,11 @@ pub fn index_unavailable(test: &str) -> bool {
     unavailable
 }
 
+/// Whether this run's mounts have the writeback cache (`UNIONFS_TEST_OPTIONS`).
+pub fn writeback_on() -> bool {
+    !index_by_default()
+}
+
 /// Whether this run's mounts have passthrough off (`UNIONFS_TEST_OPTIONS`).
 pub fn passthrough_off() -> bool {
     test_options().iter().any(|o| o.contains("passthrough=off"))
